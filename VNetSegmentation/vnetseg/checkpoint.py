@@ -1,0 +1,270 @@
+"""Self-describing model files.
+
+A model file is a ``torch.save`` archive of plain data only (strings, numbers, tensors), so it is
+read with ``torch.load(weights_only=True)``: loading never executes pickled code. It holds:
+
+* ``format`` / ``format_version``: what the file is, so a newer or foreign file is refused;
+* ``metadata``: a JSON string with the architecture config, preprocessing, labels and colours,
+  and the model card (training provenance and metrics);
+* ``weights_sha256``: a digest of every tensor's name, dtype, shape and bytes, checked on load,
+  so a tampered or damaged file is refused even when the caller knows no file checksum;
+* ``state_dict``: the weights (float32 or float16).
+
+The caller may also pass the SHA-256 of the whole file (as published next to a download).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import VNet, VNetConfig
+
+FORMAT_NAME = "vnetseg-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: missing, damaged, tampered, foreign or too new."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the network.
+
+    Attributes:
+        target_spacing: voxel size in mm the network works at, (x, y, z) in RAS order.
+        orientation: axis codes of the network's grid (always "RAS": the closest RAS axes).
+        hu_window: HU values mapped to ``scale`` (values outside are clipped).
+        scale: output range of the intensity window.
+        patch_size: sliding-window size in voxels; each a multiple of the model's size multiple.
+    """
+
+    target_spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    orientation: str = "RAS"
+    hu_window: tuple[float, float] = (-57.0, 164.0)
+    scale: tuple[float, float] = (0.0, 1.0)
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
+        object.__setattr__(self, "hu_window", tuple(float(s) for s in self.hu_window))
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        object.__setattr__(self, "patch_size", tuple(int(s) for s in self.patch_size))
+        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+            raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing}")
+        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}")
+        if self.orientation != "RAS":
+            raise ValueError(f"only orientation 'RAS' is supported, got {self.orientation!r}")
+
+
+@dataclass(frozen=True)
+class Label:
+    """One class of the model's output."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int] = (128, 128, 128)
+    terminology: str = ""
+
+
+SPLEEN_TERMINOLOGY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^123037004^Anatomical Structure~SCT^78961009^Spleen~^^~Anatomic codes - DICOM master list~^^~^^"
+)
+SPLEEN_LABELS: tuple[Label, ...] = (Label(1, "Spleen", (157, 108, 162), SPLEEN_TERMINOLOGY),)
+
+
+@dataclass
+class ModelInfo:
+    """Everything in a model file except the weights."""
+
+    config: VNetConfig
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: tuple[Label, ...] = SPLEEN_LABELS
+    card: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    sha256: str = ""  # of the file it was read from, when read from a file
+    weights_dtype: str = "float32"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "config": self.config.to_dict(),
+                "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.preprocessing).items()},
+                "labels": [{**asdict(lab), "color": list(lab.color)} for lab in self.labels],
+                "card": self.card,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelInfo:
+        data = json.loads(text)
+        labels = tuple(
+            Label(int(d["value"]), str(d["name"]), tuple(int(c) for c in d["color"]), str(d.get("terminology", "")))  # type: ignore[arg-type]
+            for d in data["labels"]
+        )
+        return cls(
+            config=VNetConfig.from_dict(data["config"]),
+            preprocessing=Preprocessing(**data["preprocessing"]),
+            labels=labels,
+            card=dict(data.get("card", {})),
+        )
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        return tuple(lab.value for lab in self.labels)
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of all tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(
+    path: str | os.PathLike[str], model: VNet, info: ModelInfo, *, half: bool = False
+) -> str:
+    """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
+
+    Args:
+        path: destination file (conventionally ``*.pt``).
+        model: the network; its config must equal ``info.config``.
+        info: preprocessing, labels and card.
+        half: store floating-point weights as float16 (half the size).
+    """
+    if model.config != info.config:
+        raise ValueError("model.config differs from info.config; pass the model's own config")
+    if len(info.labels) + 1 != info.config.out_channels:
+        raise ValueError(
+            f"{len(info.labels)} foreground label(s) need out_channels={len(info.labels) + 1}, "
+            f"the model has {info.config.out_channels}"
+        )
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().clone()
+        state[k] = v.half() if half and v.is_floating_point() else v
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "metadata": info.to_json(),
+        "weights_sha256": weights_digest(state),
+        "state_dict": state,
+    }
+    dest = Path(path)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return file_sha256(dest)
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError ...
+        raise ModelFileError(
+            f"{path} is not a readable vnetseg model file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"it may be truncated, damaged or contain code, which is never run"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} is not a vnetseg model file (no '{FORMAT_NAME}' format marker)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses model format version {version}, newer than this vnetseg reads ({FORMAT_VERSION}); "
+            f"update vnetseg"
+        )
+    return payload
+
+
+def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """Read and verify a model file; return its info and state dict (not yet in a network).
+
+    Raises:
+        ModelFileError: missing, truncated, tampered, wrong-format or newer-format file, or
+            file SHA-256 different from ``sha256``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"model file {p} does not exist")
+    actual = file_sha256(p)
+    if sha256 is not None and actual.lower() != sha256.strip().lower():
+        raise ModelFileError(
+            f"{p} has SHA-256 {actual}, expected {sha256.strip()}: the file is damaged or not the expected model; "
+            f"download or copy it again"
+        )
+    payload = _read_payload(p)
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{p} holds no weights")
+    if weights_digest(state) != payload.get("weights_sha256"):
+        raise ModelFileError(f"{p}: the weights do not match their recorded digest; the file was modified or damaged")
+    try:
+        info = ModelInfo.from_json(str(payload["metadata"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"{p} has unreadable metadata: {exc}") from None
+    info.format_version = int(payload["format_version"])
+    info.sha256 = actual
+    info.weights_dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
+    return info, state
+
+
+def load_model(
+    path: str | os.PathLike[str], sha256: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[VNet, ModelInfo]:
+    """Rebuild the network from the file alone, in eval mode, float32, on ``device``."""
+    info, state = read_model_info(path, sha256)
+    model = VNet(info.config)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: the weights do not fit the recorded architecture ({str(exc)[:200]})") from None
+    return model.to(device).eval(), info
+
+
+def describe(info: ModelInfo) -> str:
+    """A human-readable summary of a model file (for ``vnetseg info``)."""
+    cfg, pre = info.config, info.preprocessing
+    lines = [
+        f"format version : {info.format_version}",
+        f"sha256         : {info.sha256}",
+        f"architecture   : V-Net widths={list(cfg.widths)} kernel={cfg.kernel_size} norm={cfg.norm} "
+        f"skip={cfg.skip} dropout={cfg.dropout} classes={cfg.out_channels}",
+        f"weights        : {info.weights_dtype}",
+        f"spacing (mm)   : {' x '.join(f'{s:g}' for s in pre.target_spacing)} ({pre.orientation})",
+        f"HU window      : {pre.hu_window[0]:g} .. {pre.hu_window[1]:g} -> {pre.scale[0]:g} .. {pre.scale[1]:g}",
+        f"patch (voxels) : {' x '.join(str(s) for s in pre.patch_size)}",
+        "labels         : " + ", ".join(f"{lab.value}={lab.name} rgb{lab.color}" for lab in info.labels),
+    ]
+    for key, value in info.card.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        lines.append(f"{key:<15}: {text}")
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""Sliding-window inference, in three layers: ``predict_file -> predict_volume -> sliding_window``.
+
+``sliding_window`` is model-agnostic (any callable from (B, C, *patch) to (B, K, *patch));
+``predict_volume`` adds the model's preprocessing and post-processing around it on arrays;
+``predict_file`` adds reading, checking and atomic writing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io as vio
+from .checkpoint import ModelInfo, load_model
+from .model import VNet
+from .postprocess import QualityReport, clean_mask, quality_report
+from .preprocess import make_grid_map, to_input_grid, to_model_grid, window_hu
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Cancelled(RuntimeError):
+    """The caller's cancel flag was raised; nothing was written."""
+
+
+class DeviceError(ValueError):
+    """A device that was asked for by name is not available."""
+
+
+# ------------------------------------------------------------------------------ devices
+def available_devices() -> list[str]:
+    """Devices torch can use here, best first (always ends with "cpu")."""
+    found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found + ["cpu"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map "auto" | "cpu" | "cuda" | "cuda:N" | "gpu" | "mps" to a torch device.
+
+    "auto" picks CUDA, then Apple MPS, then CPU. A named device that is absent raises
+    :class:`DeviceError`; there is no silent fallback.
+    """
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    if name == "gpu":
+        name = "cuda"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{name}' was requested but no CUDA GPU is available here; use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+        return dev
+    if name == "mps":
+        if "mps" not in available_devices():
+            raise DeviceError("device 'mps' was requested but Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    raise DeviceError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: free GPU memory; otherwise MemAvailable of the host)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def window_memory_bytes(model: VNet, patch: tuple[int, int, int], bytes_per_value: int = 4) -> int:
+    """Rough activation memory of one window in inference (largest two stages' tensors, x4 live)."""
+    voxels = math.prod(patch)
+    widths = model.config.widths
+    per_level = [2 * w * voxels / 8**i for i, w in enumerate(widths)]
+    return int(4 * max(per_level) * bytes_per_value + 2 * voxels * 4)
+
+
+def choose_batch_size(model: VNet, patch: tuple[int, int, int], device: torch.device) -> int:
+    """Windows per forward pass, from the memory that is free now (capped: 2 on CPU, 8 on GPU)."""
+    per_window = window_memory_bytes(model, patch, 2 if device.type == "cuda" else 4)
+    budget = available_memory_bytes(device) // 2
+    cap = 8 if device.type == "cuda" else 2
+    return int(max(1, min(cap, budget // max(per_window, 1))))
+
+
+# ------------------------------------------------------------------------ sliding window
+def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Separable Gaussian weight map (peak 1 at the centre, sigma = ``sigma_scale`` x patch)."""
+    weights = np.ones(patch, dtype=np.float32)
+    for axis, size in enumerate(patch):
+        x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+        g = np.exp(-0.5 * (x / max(sigma_scale * size, 1e-6)) ** 2)
+        shape = [1] * len(patch)
+        shape[axis] = size
+        weights = weights * g.reshape(shape).astype(np.float32)
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)  # never 0: edges still count
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of windows covering ``size`` voxels with at least ``overlap`` overlap."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = math.ceil((size - patch) / step) + 1
+    return sorted({round(i * (size - patch) / (n - 1)) for i in range(n)})
+
+
+def _windows(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> list[tuple[int, int, int]]:
+    starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
+    return [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+
+
+def _batches(items: list[tuple[int, int, int]], size: int) -> Iterator[list[tuple[int, int, int]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class WindowSettings:
+    """Sliding-window settings.
+
+    Attributes:
+        patch: window size in voxels.
+        overlap: fraction of a window shared with its neighbour (0 <= overlap < 1).
+        batch_size: windows per forward pass.
+        pad_value: value used where the window extends past the volume.
+    """
+
+    patch: tuple[int, int, int]
+    overlap: float = 0.25
+    batch_size: int = 1
+    pad_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def sliding_window(
+    volume: np.ndarray,
+    predictor: Predictor,
+    settings: WindowSettings,
+    out_channels: int,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    on_oom: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Gaussian-weighted sliding-window prediction over a whole volume.
+
+    Args:
+        volume: (C, X, Y, Z) float32 input.
+        predictor: maps a (B, C, *patch) tensor on ``device`` to (B, out_channels, *patch).
+        settings: patch, overlap, batch size and padding value.
+        out_channels: channels the predictor returns.
+        progress: called with (fraction done, message) after each batch.
+        cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
+        on_oom: called with the new batch size when CUDA memory runs out and the batch is halved.
+
+    Returns:
+        (out_channels, X, Y, Z) float32: the weighted mean of all window predictions.
+    """
+    if volume.ndim != 4:
+        raise ValueError(f"volume must be (C, X, Y, Z), got shape {volume.shape}")
+    device = torch.device(device)
+    shape = volume.shape[1:]
+    patch = settings.patch
+    padded = tuple(max(s, p) for s, p in zip(shape, patch))
+    if padded != shape:
+        pad = [(0, 0)] + [(0, p - s) for p, s in zip(padded, shape)]
+        volume = np.pad(volume, pad, mode="constant", constant_values=settings.pad_value)
+    acc = np.zeros((out_channels, *padded), dtype=np.float32)  # weighted sum of predictions
+    norm = np.zeros(padded, dtype=np.float32)  # sum of weights
+    weight = gaussian_importance(patch)
+    weight_t = torch.from_numpy(weight).to(device)
+    windows = _windows(padded, patch, settings.overlap)
+    batch_size = settings.batch_size
+    done = 0
+    pending = list(windows)
+    while pending:
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user")
+        batch = pending[:batch_size]
+        tiles = np.stack([volume[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]] for a, b, c in batch])
+        try:
+            with torch.inference_mode():
+                out = predictor(torch.from_numpy(tiles).to(device))  # (B, K, *patch)
+                out = (out.float() * weight_t).cpu().numpy()
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise MemoryError(
+                    "the GPU ran out of memory even with one window per batch; close other GPU programs "
+                    "or use --device cpu"
+                ) from None
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            if on_oom is not None:
+                on_oom(batch_size)
+            continue
+        for (a, b, c), pred in zip(batch, out):
+            acc[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]] += pred
+            norm[a : a + patch[0], b : b + patch[1], c : c + patch[2]] += weight
+        pending = pending[len(batch) :]
+        done += len(batch)
+        if progress is not None:
+            progress(done / len(windows), f"window {done}/{len(windows)}")
+    acc /= norm[None]
+    return acc[(slice(None), *(slice(0, s) for s in shape))]
+
+
+def softmax_foreground(model: VNet, amp: bool) -> Predictor:
+    """Predictor returning the softmax probabilities of the foreground classes (B, K-1, ...)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and x.is_cuda):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1)[:, 1:]
+
+    return run
+
+
+# ----------------------------------------------------------------------------- volumes
+@dataclass
+class InferenceOptions:
+    """User-facing inference settings (the CLI and the Slicer Logic map onto this).
+
+    Attributes:
+        device: "auto", "cpu", "cuda", "cuda:N", "gpu" or "mps".
+        overlap: sliding-window overlap fraction.
+        batch_size: windows per forward pass; None chooses from free memory.
+        postprocess: keep the largest component and fill holes.
+        threshold: foreground probability above which a voxel is foreground (binary models).
+        amp: mixed precision on CUDA.
+    """
+
+    device: str = "auto"
+    overlap: float = 0.25
+    batch_size: int | None = None
+    postprocess: bool = True
+    threshold: float = 0.5
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Prediction:
+    """The result of one case, on the input grid.
+
+    Attributes:
+        labelmap: (I, J, K) uint8 label values (0 = background).
+        affine: voxel-to-RAS matrix (the input's).
+        report: volume (mL), components and warnings.
+        device: the device that ran the network.
+        seconds: wall time of ``predict_volume``.
+    """
+
+    labelmap: np.ndarray
+    affine: np.ndarray
+    report: QualityReport
+    device: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def volume_ml(self) -> float:
+        return self.report.volume_ml
+
+
+def predict_volume(
+    image: vio.Image,
+    model: VNet,
+    info: ModelInfo,
+    options: InferenceOptions | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Prediction:
+    """Segment one CT volume held in memory; the result lies exactly on the input grid."""
+    opts = options or InferenceOptions()
+    t0 = time.perf_counter()
+    vio.validate_image(image, "input")
+    device = resolve_device(opts.device)
+    model = model.to(device).eval()
+    pre = info.preprocessing
+    notes: list[str] = []
+
+    def report_progress(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(0.05 + 0.85 * fraction, message)
+
+    if progress is not None:
+        progress(0.0, "resampling")
+    grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
+    volume = window_hu(to_model_grid(image.array, grid), pre.hu_window, pre.scale)
+    patch = pre.patch_size
+    batch = opts.batch_size or choose_batch_size(model, patch, device)
+    settings = WindowSettings(patch, opts.overlap, batch, pad_value=pre.scale[0])
+    probs = sliding_window(
+        volume[None],
+        softmax_foreground(model, opts.amp),
+        settings,
+        out_channels=info.config.out_channels - 1,
+        device=device,
+        progress=report_progress,
+        cancel=cancel,
+        on_oom=lambda b: notes.append(f"GPU out of memory: retried with batch size {b}"),
+    )  # (K-1, *model_shape) foreground probabilities
+    del volume
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user")
+    if progress is not None:
+        progress(0.9, "resampling to the input grid")
+    labelmap = _labels_on_input_grid(probs, grid, info, opts.threshold)
+    raw = labelmap > 0
+    if opts.postprocess:
+        keep = clean_mask(raw)
+        labelmap = np.where(keep, labelmap if len(info.labels) > 1 else 1, 0).astype(np.uint8)
+    report = quality_report(raw, labelmap > 0, vio.Image(labelmap, image.affine).voxel_volume_ml, info.labels[0].name.lower())
+    if progress is not None:
+        progress(1.0, "done")
+    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes)
+
+
+def _labels_on_input_grid(probs: np.ndarray, grid, info: ModelInfo, threshold: float) -> np.ndarray:
+    """(K-1, model grid) foreground probabilities -> (I, J, K) uint8 labels on the input grid."""
+    values = info.label_values
+    if len(values) == 1:
+        return (to_input_grid(probs[0], grid) > threshold).astype(np.uint8) * np.uint8(values[0])
+    best = np.zeros(grid.input_shape, dtype=np.float32)
+    total = np.zeros(grid.input_shape, dtype=np.float32)
+    labels = np.zeros(grid.input_shape, dtype=np.uint8)
+    for c, value in enumerate(values):
+        p = to_input_grid(probs[c], grid)
+        total += p
+        better = p > best
+        labels[better] = value
+        best[better] = p[better]
+    labels[best <= 1.0 - total] = 0  # argmax: the background probability is 1 - sum(foreground)
+    return labels
+
+
+def segments_of(info: ModelInfo) -> list[vio.SegmentSpec]:
+    return [vio.SegmentSpec(lab.value, lab.name, lab.color, lab.terminology) for lab in info.labels]
+
+
+def predict_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    model: str | os.PathLike[str] | tuple[VNet, ModelInfo],
+    options: InferenceOptions | None = None,
+    *,
+    overwrite: bool = False,
+    sha256: str | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Prediction:
+    """Read a CT, segment it, and write the mask (format from the file name), atomically.
+
+    The output is checked before any work (an existing file is kept unless ``overwrite``), and
+    nothing is written when reading, inference or cancellation fails.
+    """
+    dest = vio.check_writable(output_path, overwrite)
+    if isinstance(model, tuple):
+        net, info = model
+    else:
+        net, info = load_model(model, sha256=sha256)
+    image = vio.read_image(input_path)
+    result = predict_volume(image, net, info, options, progress, cancel)
+    vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite)
+    return result
+
+
+def output_name(input_path: str | os.PathLike[str], suffix: str = ".nii.gz") -> str:
+    """``case.nii.gz`` -> ``case_spleen.nii.gz`` (folders: the folder name)."""
+    p = Path(input_path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return f"{name}_spleen{suffix}"

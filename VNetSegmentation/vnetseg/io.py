@@ -1,0 +1,319 @@
+"""Reading and writing images: the only module that touches nibabel and SimpleITK.
+
+Internal convention everywhere else in vnetseg: an :class:`Image` is a 3D array indexed
+``[i, j, k]`` (voxel order of the file, first index fastest in the file) plus a 4x4 affine that
+maps voxel indices ``(i, j, k, 1)`` to RAS millimetres. SimpleITK works in LPS with arrays indexed
+``[k, j, i]``; both conversions happen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageError(ValueError):
+    """An input that is not a usable 3D image; the message says what is wrong."""
+
+
+@dataclass
+class Image:
+    """A 3D scalar image.
+
+    Attributes:
+        array: (I, J, K) voxel values (float32 for CT in HU).
+        affine: (4, 4) voxel-index to RAS-mm matrix.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along i, j, k."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    name = Path(path).name.lower()
+    for suffix in (".nii.gz", ".seg.nrrd", *NIFTI_SUFFIXES, *SITK_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    return Path(path).suffix.lower()
+
+
+# ---------------------------------------------------------------- SimpleITK <-> (array, affine)
+def sitk_to_array_affine(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image -> ((I, J, K) array, voxel-to-RAS affine). The array is a transposed view."""
+    arr = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0) if img.GetDimension() == 3 else None
+    if arr is None:
+        raise ImageError(f"expected a 3D image, got {img.GetDimension()}D")
+    return np.array(arr), affine_from_sitk(img)
+
+
+def affine_from_sitk(img: sitk.Image) -> np.ndarray:
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.array(img.GetSpacing(), dtype=float)[None, :]
+    lps[:3, 3] = img.GetOrigin()
+    return LPS_TO_RAS @ lps
+
+
+def array_affine_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """(I, J, K) array + voxel-to-RAS affine -> SimpleITK image (LPS)."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise ImageError(f"affine has a zero voxel size {spacing.tolist()}")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in lps[:3, 3]])
+    img.SetDirection([float(d) for d in (lps[:3, :3] / spacing[None, :]).ravel()])
+    return img
+
+
+# ------------------------------------------------------------------------------------- read
+def read_image(path: str | os.PathLike[str], dtype: type = np.float32) -> Image:
+    """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a folder holding one DICOM series.
+
+    Raises:
+        ImageError: missing path, unknown format, unreadable file, not 3D, empty, non-finite
+            values, or a zero/invalid voxel size.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"input {p} does not exist")
+    if p.is_dir():
+        image = _read_dicom_dir(p, dtype)
+    else:
+        suffix = suffix_of(p)
+        if suffix in NIFTI_SUFFIXES:
+            image = _read_nifti(p, dtype)
+        elif suffix in SITK_SUFFIXES or suffix == ".seg.nrrd":
+            image = _read_sitk(p, dtype)
+        else:
+            raise ImageError(
+                f"{p.name}: unknown image format '{suffix or p.name}'; use .nii, .nii.gz, .nrrd, .nhdr, "
+                f".mha, .mhd or a DICOM series folder"
+            )
+    validate_image(image, str(p))
+    return image
+
+
+def _read_nifti(p: Path, dtype: type) -> Image:
+    try:
+        img = nib.load(str(p))
+        array = np.asarray(img.dataobj, dtype=dtype)
+    except Exception as exc:
+        raise ImageError(f"{p.name} is not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ImageError(f"{p.name} is {array.ndim}D with shape {array.shape}; a 3D CT volume is needed")
+    return Image(array, np.asarray(img.affine, dtype=float))
+
+
+def _read_sitk(p: Path, dtype: type) -> Image:
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise ImageError(f"{p.name} is not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from None
+    return _from_sitk(img, p.name, dtype)
+
+
+def _from_sitk(img: sitk.Image, name: str, dtype: type) -> Image:
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{name} has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar CT is needed")
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    if img.GetDimension() != 3:
+        raise ImageError(f"{name} is {img.GetDimension()}D with size {img.GetSize()}; a 3D CT volume is needed")
+    arr, affine = sitk_to_array_affine(img)
+    return Image(arr.astype(dtype, copy=False), affine)
+
+
+def _read_dicom_dir(p: Path, dtype: type) -> Image:
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = reader.GetGDCMSeriesIDs(str(p))
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise ImageError(f"folder {p} holds no DICOM series; give a DICOM folder or an image file")
+    if len(series) > 1:
+        raise ImageError(f"folder {p} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder")
+    files = reader.GetGDCMSeriesFileNames(str(p), series[0])
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise ImageError(f"DICOM series in {p} could not be read ({str(exc).strip().splitlines()[-1][:200]})") from None
+    return _from_sitk(img, p.name, dtype)
+
+
+def validate_image(image: Image, name: str = "image") -> None:
+    """Raise :class:`ImageError` unless ``image`` is a non-empty finite 3D volume with valid geometry."""
+    arr, aff = image.array, image.affine
+    if arr.ndim != 3:
+        raise ImageError(f"{name} is {arr.ndim}D with shape {arr.shape}; a 3D CT volume is needed")
+    if min(arr.shape) < 2:
+        raise ImageError(f"{name} has shape {arr.shape}: a single slice is 2D, a 3D CT volume is needed")
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise ImageError(f"{name} has an invalid voxel-to-world matrix")
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    if np.any(spacing < 1e-6) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise ImageError(f"{name} has zero or degenerate voxel spacing {np.round(spacing, 6).tolist()} mm; fix the header")
+    if not _all_finite(arr):
+        raise ImageError(f"{name} contains NaN or infinite values; it cannot be segmented")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise ImageError(f"{name} is empty: every voxel has the value {lo:g}")
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    if not np.issubdtype(arr.dtype, np.floating):
+        return True
+    flat = arr.reshape(-1)
+    step = 1 << 24  # check in chunks: no full-size boolean temporary
+    return all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step))
+
+
+# ------------------------------------------------------------------------------------ write
+def _atomic_target(path: Path) -> Path:
+    """A temporary file next to ``path`` with the same multi-part suffix (writers look at it)."""
+    suffix = suffix_of(path) or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)] if suffix else path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not overwrite:
+        tmp.unlink(missing_ok=True)
+        raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    os.replace(tmp, dest)
+
+
+def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Raise a clear error now (before any work) if ``path`` cannot be written."""
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+    if not dest.parent.exists():
+        raise FileNotFoundError(f"output folder {dest.parent} does not exist")
+    if suffix_of(dest) not in (*NIFTI_SUFFIXES, ".seg.nrrd", ".nrrd"):
+        raise ValueError(f"output {dest.name}: use a .nii.gz, .nii or .seg.nrrd file name")
+    return dest
+
+
+def write_nifti(
+    path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray, *, overwrite: bool = False
+) -> Path:
+    """Write (I, J, K) ``array`` with ``affine`` (voxel -> RAS) as NIfTI, atomically."""
+    dest = Path(path)
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=float))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = _atomic_target(dest)
+    try:
+        nib.save(img, str(tmp))
+        _commit(tmp, dest, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment of a ``.seg.nrrd`` file."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+    terminology: str = ""
+
+
+def write_seg_nrrd(
+    path: str | os.PathLike[str],
+    labelmap: np.ndarray,
+    affine: np.ndarray,
+    segments: Sequence[SegmentSpec],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label map as a Slicer segmentation (``.seg.nrrd``), atomically.
+
+    Args:
+        labelmap: (I, J, K) integer labels; each ``segments[n].value`` is one segment.
+        affine: voxel-to-RAS matrix of ``labelmap`` (the file is written in LPS, as Slicer does).
+        segments: names, colours (0-255 RGB) and terminology tags.
+    """
+    dest = Path(path)
+    labels = np.asarray(labelmap).astype(np.uint8 if max((s.value for s in segments), default=0) < 256 else np.uint16)
+    img = array_affine_to_sitk(labels, affine)
+    extent = f"0 {labels.shape[0] - 1} 0 {labels.shape[1] - 1} 0 {labels.shape[2] - 1}"
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    for n, seg in enumerate(segments):
+        r, g, b = (c / 255.0 for c in seg.color)
+        present = np.argwhere(labels == seg.value)
+        seg_extent = (
+            " ".join(f"{lo} {hi}" for lo, hi in zip(present.min(0), present.max(0))) if len(present) else "0 -1 0 -1 0 -1"
+        )
+        meta = {
+            "ID": f"Segment_{seg.value}",
+            "Name": seg.name,
+            "NameAutoGenerated": "0",
+            "Color": f"{r:.6f} {g:.6f} {b:.6f}",
+            "ColorAutoGenerated": "0",
+            "LabelValue": str(seg.value),
+            "Layer": "0",
+            "Extent": seg_extent if len(present) else extent,
+            "Tags": (f"TerminologyEntry:{seg.terminology}|" if seg.terminology else "") + "Segmentation.Status:completed|",
+        }
+        for key, value in meta.items():
+            img.SetMetaData(f"Segment{n}_{key}", value)
+    tmp = _atomic_target(dest)
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        _commit(tmp, dest, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def write_mask(
+    path: str | os.PathLike[str],
+    mask: np.ndarray,
+    affine: np.ndarray,
+    segments: Sequence[SegmentSpec],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label map in the format its file name asks for (``.nii``/``.nii.gz`` or ``.seg.nrrd``)."""
+    suffix = suffix_of(path)
+    if suffix in NIFTI_SUFFIXES:
+        return write_nifti(path, np.asarray(mask).astype(np.uint8), affine, overwrite=overwrite)
+    if suffix in (".seg.nrrd", ".nrrd"):
+        return write_seg_nrrd(path, mask, affine, segments, overwrite=overwrite)
+    raise ValueError(f"output {Path(path).name}: use a .nii.gz, .nii or .seg.nrrd file name")

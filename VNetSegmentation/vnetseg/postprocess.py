@@ -1,0 +1,118 @@
+"""Mask clean-up and quality checks on the input grid (pure numpy/scipy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+# Plausible adult spleen volume in mL (normal about 100-300 mL; splenomegaly well above).
+PLAUSIBLE_ML = (30.0, 1500.0)
+# A second component counts as "sizeable" above this share of the largest one, or this many mL.
+SIZEABLE_SHARE = 0.10
+SIZEABLE_ML = 10.0
+
+_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # 6-connectivity
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    objects = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+    return objects[0] if objects else None
+
+
+def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
+    """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
+    box = _bbox(mask)
+    if box is None:
+        return []
+    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
+    sizes = np.bincount(labels.ravel())[1:] if n else np.array([])
+    return sorted((float(s) * voxel_ml for s in sizes), reverse=True)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 6-connected component of a boolean (I, J, K) mask."""
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bbox(mask)
+    if box is None:
+        return out
+    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        out[box] = labels == int(np.argmax(sizes))
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill cavities fully enclosed by ``mask`` (3D), working on its bounding box only."""
+    out = mask.astype(bool, copy=True)
+    box = _bbox(out)
+    if box is not None:
+        out[box] = ndimage.binary_fill_holes(out[box])
+    return out
+
+
+def clean_mask(mask: np.ndarray, largest: bool = True, holes: bool = True) -> np.ndarray:
+    """Largest component, then hole filling (each switchable)."""
+    out = mask.astype(bool, copy=False)
+    if largest:
+        out = largest_component(out)
+    if holes:
+        out = fill_holes(out)
+    return out
+
+
+@dataclass
+class QualityReport:
+    """Numbers and warnings about a binary result on the input grid."""
+
+    volume_ml: float
+    components_ml: list[float] = field(default_factory=list)
+    touches_edge: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def quality_report(
+    raw_mask: np.ndarray, final_mask: np.ndarray, voxel_ml: float, name: str = "spleen"
+) -> QualityReport:
+    """Measure ``final_mask`` and warn about results a reader should double-check.
+
+    Args:
+        raw_mask: the thresholded mask before clean-up (to count components).
+        final_mask: the mask that is returned to the user.
+        voxel_ml: volume of one voxel in mL.
+    """
+    volume = float(np.count_nonzero(final_mask)) * voxel_ml
+    comps = components_ml(raw_mask, voxel_ml)
+    report = QualityReport(volume_ml=volume, components_ml=comps)
+    if volume == 0:
+        report.warnings.append(f"no {name} found: the result is empty (is the {name} in the field of view?)")
+        return report
+    lo, hi = PLAUSIBLE_ML
+    if volume < lo or volume > hi:
+        report.warnings.append(
+            f"implausible {name} volume {volume:.0f} mL (expected {lo:.0f}-{hi:.0f} mL): check the result"
+        )
+    box = _bbox(final_mask)
+    if box is not None and any(s.start == 0 or s.stop == n for s, n in zip(box, final_mask.shape)):
+        report.touches_edge = True
+        report.warnings.append(f"the {name} touches the edge of the image: it may be cut off by the field of view")
+    big = [c for c in comps[1:] if c >= max(SIZEABLE_ML, SIZEABLE_SHARE * comps[0])]
+    if big:
+        report.warnings.append(
+            f"{len(big) + 1} sizeable separate parts were found ({', '.join(f'{c:.0f}' for c in comps[: len(big) + 1])} mL); "
+            f"the largest was kept"
+        )
+    return report
+
+
+def dice(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> float:
+    """Dice coefficient of two boolean masks; ``empty`` when both are empty."""
+    a = a.astype(bool, copy=False)
+    b = b.astype(bool, copy=False)
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    if total == 0:
+        return float(empty)
+    return 2.0 * int(np.count_nonzero(a & b)) / total

@@ -1,0 +1,155 @@
+"""Reorientation, resampling to the model's spacing, HU windowing, and the way back.
+
+The model grid keeps the axes of the input reoriented to the closest RAS axes (a lossless
+permutation and flip of the array) and changes only the voxel size. So the map between the
+input grid and the model grid is a per-axis scale and shift: resampling is separable, cheap, and
+the way back lands exactly on the input grid whatever its orientation (oblique or left-handed
+included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+_IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """How an input grid maps onto the model grid.
+
+    Attributes:
+        input_shape: (I, J, K) of the input array.
+        ornt: nibabel orientation that turns the input array into the canonical (closest-RAS) one.
+        canonical_shape: shape after reorientation.
+        model_shape: shape on the model grid.
+        scale: canonical index per model index, per axis (model spacing / canonical spacing).
+        offset: canonical index of model voxel 0, per axis.
+        model_affine: voxel-to-RAS matrix of the model grid.
+    """
+
+    input_shape: tuple[int, int, int]
+    ornt: np.ndarray
+    canonical_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+    scale: np.ndarray
+    offset: np.ndarray
+    model_affine: np.ndarray
+
+    @property
+    def model_spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.model_affine[:3, :3], axis=0)
+
+    def crop(self, start: tuple[int, int, int], stop: tuple[int, int, int]) -> GridMap:
+        """The same map restricted to model voxels ``start:stop`` (a box of the model grid)."""
+        start_a = np.asarray(start, dtype=float)
+        shift = np.eye(4)
+        shift[:3, 3] = start_a
+        return GridMap(
+            self.input_shape,
+            self.ornt,
+            self.canonical_shape,
+            tuple(int(b - a) for a, b in zip(start, stop)),  # type: ignore[arg-type]
+            self.scale,
+            self.offset + self.scale * start_a,
+            self.model_affine @ shift,
+        )
+
+
+def make_grid_map(shape: tuple[int, ...], affine: np.ndarray, target_spacing: tuple[float, float, float]) -> GridMap:
+    """Plan the model grid for an input of ``shape`` and ``affine`` at ``target_spacing`` mm (RAS order)."""
+    ornt = nib.orientations.io_orientation(affine)
+    canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    canonical_shape = tuple(int(shape[int(ax)]) for ax in ornt[:, 0])
+    # canonical axis n is the input axis ornt[n, 0]; after reorientation axis n points to RAS axis n
+    spacing = np.linalg.norm(canonical_affine[:3, :3], axis=0)
+    target = np.asarray(target_spacing, dtype=float)
+    model_shape = np.maximum(1, np.round(np.asarray(canonical_shape) * spacing / target)).astype(int)
+    scale = np.asarray(canonical_shape, dtype=float) / model_shape  # align the grids' outer edges
+    offset = 0.5 * scale - 0.5
+    to_canonical = np.eye(4)
+    to_canonical[:3, :3] = np.diag(scale)
+    to_canonical[:3, 3] = offset
+    return GridMap(
+        tuple(int(s) for s in shape),  # type: ignore[arg-type]
+        ornt,
+        canonical_shape,  # type: ignore[arg-type]
+        tuple(int(s) for s in model_shape),  # type: ignore[arg-type]
+        scale,
+        offset,
+        canonical_affine @ to_canonical,
+    )
+
+
+def _canonical_ornt_inverse(ornt: np.ndarray) -> np.ndarray:
+    return nib.orientations.ornt_transform(_IDENTITY_ORNT, ornt)
+
+
+def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1) -> np.ndarray:
+    """Resample an (I, J, K) input array onto the model grid (float32, trilinear by default)."""
+    canonical = nib.orientations.apply_orientation(array, grid.ornt)
+    return ndimage.affine_transform(
+        np.asarray(canonical, dtype=np.float32),
+        grid.scale,
+        offset=grid.offset,
+        output_shape=grid.model_shape,
+        order=order,
+        mode="nearest",
+        output=np.float32,
+        prefilter=False,
+    )
+
+
+def to_input_grid(values: np.ndarray, grid: GridMap, order: int = 1, fill: float = 0.0, slab: int = 32) -> np.ndarray:
+    """Resample a model-grid array (or a crop described by ``grid``) back onto the input grid.
+
+    Works slab by slab along the last canonical axis, so memory stays at one input-sized float32
+    array. Input voxels whose centre lies outside the model voxels of ``values`` get ``fill``.
+
+    Returns:
+        (I, J, K) float32 array in the input's own voxel order.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    out = np.full(grid.canonical_shape, fill, dtype=np.float32)
+    inv_scale = 1.0 / grid.scale
+    inside = []  # per canonical axis: the input index range covered by the model voxels
+    for axis in range(3):
+        centre = (np.arange(grid.canonical_shape[axis]) - grid.offset[axis]) * inv_scale[axis]
+        hit = np.nonzero((centre >= -0.5) & (centre < values.shape[axis] - 0.5))[0]
+        inside.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0))
+    (i0, i1), (j0, j1), (k0, k1) = inside
+    for s0 in range(k0, k1, slab):
+        s1 = min(s0 + slab, k1)
+        start = np.array([i0, j0, s0], dtype=float)
+        ndimage.affine_transform(
+            values,
+            inv_scale,
+            offset=(start - grid.offset) * inv_scale,
+            output_shape=(i1 - i0, j1 - j0, s1 - s0),
+            order=order,
+            mode="nearest",
+            output=out[i0:i1, j0:j1, s0:s1],
+            prefilter=False,
+        )
+    return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
+
+
+def window_hu(array: np.ndarray, hu_window: tuple[float, float], scale: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Clip HU to ``hu_window`` and map it linearly onto ``scale`` (in place when float32)."""
+    lo, hi = hu_window
+    a, b = scale
+    out = np.asarray(array, dtype=np.float32)
+    np.clip(out, lo, hi, out=out)
+    out -= lo
+    out *= (b - a) / (hi - lo)
+    out += a
+    return out
+
+
+def pad_to_multiple(shape: tuple[int, ...], patch: tuple[int, ...], multiple: int) -> tuple[int, ...]:
+    """Smallest shape >= max(shape, patch) per axis that is a multiple of ``multiple``."""
+    return tuple(int(np.ceil(max(s, p) / multiple) * multiple) for s, p in zip(shape, patch))
