@@ -188,9 +188,10 @@ def _read_payload(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError ...
+        kind = "contains objects other than plain data" if "Unpickl" in type(exc).__name__ else "is truncated or damaged"
         raise ModelFileError(
-            f"{path} is not a readable vnetseg model file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            f"it may be truncated, damaged or contain code, which is never run"
+            f"{path} is not a usable vnetseg model file: it {kind} ({type(exc).__name__}); "
+            f"code in model files is never run. Use a model file made by vnetseg's training"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path} is not a vnetseg model file (no '{FORMAT_NAME}' format marker)")

@@ -1,0 +1,258 @@
+"""The ``vnetseg`` command: ``vnetseg predict`` for one or many CTs, ``vnetseg info`` for model files.
+
+Errors are one line on stderr (``vnetseg: error: ...``) and a non-zero exit status, never a
+traceback; no partial output is left behind and no existing file is replaced without
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+@dataclass
+class PredictArgs:
+    inputs: list[str]
+    output: str | None = None
+    output_dir: str | None = None
+    model: str | None = None
+    sha256: str | None = None
+    device: str = "auto"
+    overlap: float = 0.25
+    batch_size: int | None = None
+    postprocess: bool = True
+    threshold: float = 0.5
+    overwrite: bool = False
+    report: str | None = None
+    progress: str = "auto"
+    format: str = "nii.gz"
+    overlay_dir: str | None = None
+
+
+@dataclass
+class CaseResult:
+    input: str
+    output: str | None = None
+    volume_ml: float | None = None
+    seconds: float | None = None
+    device: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+# -------------------------------------------------------------------------- progress
+class Progress:
+    """Progress output: a bar on a terminal, JSON lines for programs (Slicer), or nothing."""
+
+    def __init__(self, mode: str, stream: TextIO, events: TextIO) -> None:
+        if mode == "auto":
+            mode = "bar" if stream.isatty() else "none"
+        self.mode, self.stream, self.events = mode, stream, events
+        self.prefix = ""
+
+    def emit(self, event: str, **data: Any) -> None:
+        if self.mode == "json":
+            self.events.write(json.dumps({"event": event, **data}) + "\n")
+            self.events.flush()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.mode == "json":
+            self.emit("progress", fraction=round(float(fraction), 4), message=message, case=self.prefix)
+        elif self.mode == "bar":
+            filled = int(30 * fraction)
+            self.stream.write(f"\r{self.prefix} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} {message:<24}")
+            if fraction >= 1.0:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- inputs
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith("._")
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files stay; a folder of image files gives its images; a folder with DICOM files is one series."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise CliError(f"input {p} does not exist")
+        if p.is_dir():
+            images = sorted(f for f in p.iterdir() if is_image_file(f))
+            found.extend(images if images else [p])  # no image files: treat as a DICOM series folder
+        else:
+            found.append(p)
+    return found
+
+
+def output_for(case: Path, args: PredictArgs, many: bool) -> Path:
+    from .inference import output_name
+
+    if args.output and not many:
+        return Path(args.output)
+    if not args.output_dir:
+        raise CliError("several inputs need --output-dir DIR (or give one input with -o FILE)")
+    return Path(args.output_dir) / output_name(case, "." + args.format)
+
+
+def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
+    if args.model:
+        return args.model, args.sha256
+    from .registry import default_model
+
+    entry = default_model()
+    if entry is None:
+        raise CliError("no model given and no default model is installed; pass --model MODEL.pt (see README)")
+    return str(entry.path), entry.sha256
+
+
+# ---------------------------------------------------------------------------- commands
+def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
+    from . import io as vio
+    from .checkpoint import load_model
+    from .inference import Cancelled, InferenceOptions, predict_file
+
+    progress = Progress(args.progress, err, out)
+    cases = expand_inputs(args.inputs)
+    many = len(cases) > 1 or args.output_dir is not None
+    if args.output_dir:
+        if not Path(args.output_dir).is_dir():
+            raise CliError(f"output folder {args.output_dir} does not exist")
+    elif not args.output:
+        raise CliError("give -o OUTPUT (or --output-dir DIR)")
+    destinations = [output_for(c, args, many) for c in cases]
+    for dest in destinations:  # every output problem is reported before any work starts
+        vio.check_writable(dest, args.overwrite)
+    options = InferenceOptions(args.device, args.overlap, args.batch_size, args.postprocess, args.threshold)
+    model_path, sha = resolve_model(args)
+    net, info = load_model(model_path, sha256=sha)
+    model_name = info.card.get("name", Path(model_path).name)
+    progress.emit("model", path=model_path, name=model_name, sha256=info.sha256)
+    results: list[CaseResult] = []
+    for case, dest in zip(cases, destinations):
+        progress.prefix = case.name
+        res = CaseResult(str(case))
+        try:
+            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress)
+        except Cancelled:
+            raise
+        except (vio.ImageError, ValueError, OSError, MemoryError) as exc:
+            if not many:
+                raise
+            res.error = str(exc)
+            err.write(f"vnetseg: {case.name}: error: {exc}\n")
+            results.append(res)
+            continue
+        res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
+        res.device, res.warnings = pred.device, pred.report.warnings + pred.notes
+        results.append(res)
+        if args.overlay_dir:
+            _write_overlay(case, pred, Path(args.overlay_dir), err)
+        if progress.mode == "json":
+            progress.emit("done", **res.__dict__)
+        else:
+            out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} -> {dest}\n")
+            for w in res.warnings:
+                out.write(f"  warning: {w}\n")
+    if args.report:
+        report = {"version": __version__, "model": model_path, "model_sha256": info.sha256, "cases": [r.__dict__ for r in results]}
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    failed = [r for r in results if r.error]
+    return EXIT_ERROR if failed else 0
+
+
+def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO) -> None:
+    try:
+        from .overlay import save_overlay
+    except ImportError as exc:
+        err.write(f"vnetseg: warning: no overlay written ({exc})\n")
+        return
+    from .io import read_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = case.name.split(".")[0] + "_overlay.png"
+    save_overlay(read_image(case), pred.labelmap, folder / name, title=f"{case.name}: spleen {pred.volume_ml:.0f} mL")
+
+
+def run_info(model: str, sha256: str | None, out: TextIO) -> int:
+    from .checkpoint import describe, read_model_info
+
+    info, _ = read_model_info(model, sha256)
+    out.write(describe(info) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vnetseg", description="Spleen segmentation in abdominal CT with a V-Net.")
+    parser.add_argument("--version", action="version", version=f"vnetseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="segment the spleen in one or more CT images")
+    p.add_argument("inputs", nargs="+", help="CT image(s) (.nii.gz, .nii, .nrrd, .mha), DICOM series folder(s), or folder(s) of images")
+    p.add_argument("-o", "--output", help="output mask for a single input (.nii.gz, .nii or .seg.nrrd)")
+    p.add_argument("--output-dir", help="folder for the masks of several inputs (named <case>_spleen.<format>)")
+    p.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "seg.nrrd"], help="mask format with --output-dir (default nii.gz)")
+    p.add_argument("--model", help="model file (.pt); default: the model shipped with vnetseg")
+    p.add_argument("--sha256", help="expected SHA-256 of the model file; refuse it if it differs")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: chosen from free memory)")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help="keep all components and holes")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--report", help="write a JSON report of all cases to this file")
+    p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"], help="progress display (json: one event per line on stdout)")
+    i = sub.add_parser("info", help="print what a model file contains")
+    i.add_argument("model", help="model file (.pt)")
+    i.add_argument("--sha256", help="expected SHA-256 of the file")
+    return parser
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    ns = build_parser().parse_args(argv)
+    json_mode = getattr(ns, "progress", "") == "json"
+    started = time.perf_counter()
+    try:
+        if ns.command == "info":
+            return run_info(ns.model, ns.sha256, out)
+        fields = {k: v for k, v in vars(ns).items() if k in PredictArgs.__dataclass_fields__}
+        return run_predict(PredictArgs(**fields), out, err)
+    except KeyboardInterrupt:
+        err.write("vnetseg: cancelled\n")
+        return EXIT_CANCELLED
+    except Exception as exc:  # every failure becomes one line, never a traceback
+        from .inference import Cancelled
+
+        if isinstance(exc, Cancelled):
+            err.write("vnetseg: cancelled\n")
+            return EXIT_CANCELLED
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, (CliError, ValueError, OSError, MemoryError)):
+            message = f"unexpected {type(exc).__name__}: {message}"
+        if json_mode:
+            out.write(json.dumps({"event": "error", "message": message, "seconds": round(time.perf_counter() - started, 2)}) + "\n")
+        err.write(f"vnetseg: error: {message}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
