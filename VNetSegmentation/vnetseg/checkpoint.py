@@ -132,7 +132,7 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -188,7 +188,14 @@ def _read_payload(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError ...
-        kind = "contains objects other than plain data" if "Unpickl" in type(exc).__name__ else "is truncated or damaged"
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:
+            kind = "is not a PyTorch archive at all"
+        elif "Unpickl" in type(exc).__name__:
+            kind = "contains objects other than plain data"
+        else:
+            kind = "is truncated or damaged"
         raise ModelFileError(
             f"{path} is not a usable vnetseg model file: it {kind} ({type(exc).__name__}); "
             f"code in model files is never run. Use a model file made by vnetseg's training"

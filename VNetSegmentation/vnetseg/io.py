@@ -119,7 +119,29 @@ def read_image(path: str | os.PathLike[str], dtype: type = np.float32) -> Image:
     return image
 
 
+def _raw_nifti_voxel_size(p: Path) -> np.ndarray | None:
+    """pixdim[1:4] as stored in the file (nibabel silently replaces zeros by 1 when loading)."""
+    import gzip
+
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(p, "rb") as f:
+            head = f.read(540)
+    except OSError:
+        return None
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0]) if len(head) >= 4 else 0
+        if size == 348 and len(head) >= 108:
+            return np.frombuffer(head[76:108], dtype=f"{order}f4")[1:4].astype(float)
+        if size == 540 and len(head) >= 168:
+            return np.frombuffer(head[104:168], dtype=f"{order}f8")[1:4].astype(float)
+    return None
+
+
 def _read_nifti(p: Path, dtype: type) -> Image:
+    raw = _raw_nifti_voxel_size(p)
+    if raw is not None and np.any(np.abs(raw) < 1e-6):
+        raise ImageError(f"{p.name} has zero or degenerate voxel spacing {raw.round(6).tolist()} mm in its header; fix the header")
     try:
         img = nib.load(str(p))
         array = np.asarray(img.dataobj, dtype=dtype)

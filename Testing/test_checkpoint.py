@@ -1,0 +1,154 @@
+"""Model files: round trip, checksums, tampering, foreign and newer formats, pickled code."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from vnetseg.checkpoint import (
+    FORMAT_VERSION,
+    ModelFileError,
+    ModelInfo,
+    Preprocessing,
+    describe,
+    file_sha256,
+    load_model,
+    read_model_info,
+    save_model,
+)
+from vnetseg.model import VNet, VNetConfig
+
+CFG = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch")
+
+
+def _model(seed: int = 0) -> VNet:
+    torch.manual_seed(seed)
+    net = VNet(CFG)
+    for m in net.modules():  # non-trivial running stats must survive too
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def _info() -> ModelInfo:
+    return ModelInfo(
+        CFG,
+        Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57, 164), patch_size=(64, 64, 32)),
+        card={"data": "synthetic", "fold": 0, "epochs": 3, "val_dice": {"case_1": 0.91}, "date": "2026-11-28"},
+    )
+
+
+def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path: Path) -> None:
+    net, info = _model(), _info()
+    sha = save_model(tmp_path / "m.pt", net, info)
+    assert sha == file_sha256(tmp_path / "m.pt")
+    loaded, info2 = load_model(tmp_path / "m.pt", sha256=sha)
+    assert info2.config == CFG
+    assert info2.preprocessing == info.preprocessing
+    assert info2.labels == info.labels and info2.labels[0].name == "Spleen" and info2.labels[0].color == (157, 108, 162)
+    assert info2.card == info.card and info2.format_version == FORMAT_VERSION and info2.sha256 == sha
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded(x))
+    text = describe(info2)
+    assert "widths=[4, 8, 16, 32, 64]" in text and "1.5 x 1.5 x 2" in text and "val_dice" in text
+
+
+def test_half_precision_file_is_smaller_and_close(tmp_path: Path) -> None:
+    net, info = _model(), _info()
+    save_model(tmp_path / "f32.pt", net, info)
+    save_model(tmp_path / "f16.pt", net, info, half=True)
+    assert (tmp_path / "f16.pt").stat().st_size < 0.7 * (tmp_path / "f32.pt").stat().st_size
+    loaded, info16 = load_model(tmp_path / "f16.pt")
+    assert info16.weights_dtype == "float16"
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        a, b = torch.softmax(net(x), 1), torch.softmax(loaded(x), 1)
+    assert (a - b).abs().max() < 1e-2
+
+
+def test_wrong_sha256_is_refused(tmp_path: Path) -> None:
+    save_model(tmp_path / "m.pt", _model(), _info())
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        load_model(tmp_path / "m.pt", sha256="0" * 64)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    save_model(tmp_path / "m.pt", _model(), _info())
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or damaged"):
+        load_model(tmp_path / "cut.pt")
+
+
+def _rewrite_payload(src: Path, dest: Path, change) -> None:
+    payload = torch.load(src, weights_only=True)
+    change(payload)
+    torch.save(payload, dest)
+
+
+def test_tampered_weights_are_refused_without_a_file_checksum(tmp_path: Path) -> None:
+    save_model(tmp_path / "m.pt", _model(), _info())
+
+    def tamper(p: dict) -> None:
+        key = next(k for k in p["state_dict"] if k.endswith("weight"))
+        p["state_dict"][key] = p["state_dict"][key] + 1e-3
+
+    _rewrite_payload(tmp_path / "m.pt", tmp_path / "t.pt", tamper)
+    with pytest.raises(ModelFileError, match="modified or damaged"):
+        load_model(tmp_path / "t.pt")
+
+
+def test_newer_and_foreign_formats_are_refused(tmp_path: Path) -> None:
+    save_model(tmp_path / "m.pt", _model(), _info())
+    _rewrite_payload(tmp_path / "m.pt", tmp_path / "new.pt", lambda p: p.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ModelFileError, match="newer than this vnetseg reads"):
+        load_model(tmp_path / "new.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")  # a plain torch file, not ours
+    with pytest.raises(ModelFileError, match="not a vnetseg model file"):
+        load_model(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ModelFileError, match="not a PyTorch archive"):
+        load_model(tmp_path / "text.pt")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+class _Exploit:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "vnetseg-model", "format_version": 1, "metadata": _Exploit(marker)}, evil)
+    with zipfile.ZipFile(evil) as z:  # really a torch archive carrying a code-running pickle
+        assert any(name.endswith("data.pkl") for name in z.namelist())
+    with pytest.raises(ModelFileError, match="other than plain data"):
+        load_model(evil)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Exploit(marker)))  # the same object, unpickled normally, does run code
+    assert marker.exists()
+
+
+def test_inconsistent_save_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="differs from info.config"):
+        save_model(tmp_path / "m.pt", VNet(VNetConfig(widths=(4, 8, 16, 32, 64))), _info())
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_read_info_without_building(tmp_path: Path) -> None:
+    save_model(tmp_path / "m.pt", _model(), _info())
+    info, state = read_model_info(tmp_path / "m.pt")
+    assert info.card["fold"] == 0 and all(isinstance(v, torch.Tensor) for v in state.values())
