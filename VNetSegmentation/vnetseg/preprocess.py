@@ -64,8 +64,11 @@ def make_grid_map(shape: tuple[int, ...], affine: np.ndarray, target_spacing: tu
     """Plan the model grid for an input of ``shape`` and ``affine`` at ``target_spacing`` mm (RAS order)."""
     ornt = nib.orientations.io_orientation(affine)
     canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-    canonical_shape = tuple(int(shape[int(ax)]) for ax in ornt[:, 0])
-    # canonical axis n is the input axis ornt[n, 0]; after reorientation axis n points to RAS axis n
+    # row i of ornt: input axis i becomes canonical axis ornt[i, 0] (flipped if ornt[i, 1] == -1)
+    canonical = [0, 0, 0]
+    for i, (axis, _) in enumerate(ornt):
+        canonical[int(axis)] = int(shape[i])
+    canonical_shape = tuple(canonical)
     spacing = np.linalg.norm(canonical_affine[:3, :3], axis=0)
     target = np.asarray(target_spacing, dtype=float)
     model_shape = np.maximum(1, np.round(np.asarray(canonical_shape) * spacing / target)).astype(int)
