@@ -1,0 +1,148 @@
+"""Patch sampling with a foreground ratio, and MONAI augmentation of the patches.
+
+Every patch is a pure function of ``(seed, epoch, index)``: its case, its centre and its random
+augmentation are drawn from a generator seeded with those three numbers. So a run is identical
+whatever the number of DataLoader workers, and resuming at epoch ``e`` draws exactly the patches
+an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .cache import CachedCase
+from .config import AugmentConfig
+
+
+def build_augmentation(aug: AugmentConfig, patch: tuple[int, int, int]):
+    """MONAI dictionary transforms for keys "image" (C, X, Y, Z) and "label" (1, X, Y, Z).
+
+    The input is a crop larger than ``patch`` (see :func:`crop_margin`); the spatial transform
+    resamples its centre to exactly ``patch``, so rotated patches have no empty corners.
+    """
+    from monai.transforms import (
+        Compose,
+        Rand3DElasticd,
+        RandAffined,
+        RandAxisFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    from monai.data import set_track_meta
+
+    set_track_meta(False)  # plain tensors out: no metadata bookkeeping per patch
+    rot = [math.radians(d) for d in aug.rotate_deg]
+    transforms = [
+        RandAffined(
+            keys=("image", "label"), prob=aug.affine_prob, spatial_size=patch, rotate_range=rot,
+            scale_range=[aug.scale] * 3, mode=("bilinear", "nearest"), padding_mode="border",
+        )
+    ]
+    if aug.elastic_prob > 0:
+        transforms.append(Rand3DElasticd(
+            keys=("image", "label"), sigma_range=aug.elastic_sigma, magnitude_range=aug.elastic_magnitude,
+            prob=aug.elastic_prob, mode=("bilinear", "nearest"), padding_mode="border",
+        ))
+    if aug.flip_lr:
+        transforms.append(RandAxisFlipd(keys=("image", "label"), prob=0.5))  # only with flip_lr: see config
+    transforms += [
+        RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
+        RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
+        RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.noise_prob),
+        RandGaussianSmoothd(keys="image", sigma_x=aug.blur_sigma, sigma_y=aug.blur_sigma, sigma_z=aug.blur_sigma,
+                            prob=aug.blur_prob),
+    ]
+    return Compose(transforms)
+
+
+def crop_margin(patch: tuple[int, int, int], aug: AugmentConfig | None) -> tuple[int, int, int]:
+    """Crop size that still fills ``patch`` after the largest rotation and zoom-out."""
+    if aug is None or aug.affine_prob <= 0:
+        return patch
+    grow = (1.0 + aug.scale) * (1.0 + math.sin(math.radians(max(aug.rotate_deg))))
+    return tuple(int(math.ceil(p * grow / 2) * 2) for p in patch)  # type: ignore[return-value]
+
+
+def crop(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], pad_value: float) -> np.ndarray:
+    """(X, Y, Z) box of ``size`` centred on ``centre``; outside the volume gets ``pad_value``."""
+    start = np.asarray(centre) - np.asarray(size) // 2
+    out = np.full(size, pad_value, dtype=volume.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, volume.shape):
+        a, b = max(0, s), min(dim, s + n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - s, a - s + max(0, b - a)))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+class PatchDataset(Dataset):
+    """``length`` random patches per epoch from cached cases.
+
+    Each item is a dict with "image" (1, X, Y, Z) float32 and "label" (X, Y, Z) int64 tensors.
+
+    Args:
+        cases: cached training cases.
+        patch: patch size in voxels.
+        length: patches per epoch (all processes together).
+        fg_ratio: share of patches centred on a random foreground voxel.
+        seed: base seed.
+        augment: augmentation settings, or None for none.
+        pad_value: value outside the volume (the lower end of the intensity scale).
+    """
+
+    def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int], length: int, fg_ratio: float,
+                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0) -> None:
+        if not cases:
+            raise ValueError("PatchDataset needs at least one training case")
+        self.cases = cases
+        self.patch = tuple(int(p) for p in patch)
+        self.length = int(length)
+        self.fg_ratio = float(fg_ratio)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.pad_value = float(pad_value)
+        self.aug_cfg = augment
+        self.crop_size = crop_margin(self.patch, augment)  # type: ignore[arg-type]
+        self._transform = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample_centre(self, case: CachedCase, rng: np.random.Generator) -> np.ndarray:
+        if len(case.foreground) and rng.random() < self.fg_ratio:
+            return case.foreground[rng.integers(len(case.foreground))].astype(int)
+        # uniform centre such that the patch stays inside the volume where the volume is large enough
+        half = np.asarray(self.patch) // 2
+        shape = np.asarray(case.image.shape)
+        lo = np.minimum(half, shape // 2)
+        hi = np.maximum(shape - (np.asarray(self.patch) - half), lo + 1)
+        return np.array([rng.integers(a, b) for a, b in zip(lo, hi)])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        centre = self.sample_centre(case, rng)
+        image = crop(case.image, centre, self.crop_size, self.pad_value)[None]  # (1, X, Y, Z)
+        label = crop(case.label, centre, self.crop_size, 0)[None]
+        if self.aug_cfg is not None:
+            if self._transform is None:
+                self._transform = build_augmentation(self.aug_cfg, self.patch)  # type: ignore[arg-type]
+            self._transform.set_random_state(seed=int(rng.integers(2**31)))
+            out = self._transform({"image": image.astype(np.float32), "label": label.astype(np.float32)})
+            image_t = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)
+            label_t = torch.as_tensor(np.asarray(out["label"])).round().long()[0]
+        else:
+            image_t = torch.from_numpy(image.astype(np.float32))
+            label_t = torch.from_numpy(label[0].astype(np.int64))
+        return {"image": image_t, "label": label_t}
