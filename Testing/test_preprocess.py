@@ -85,3 +85,13 @@ def test_window_hu_known_values() -> None:
     hu = np.array([-1000.0, -57.0, 53.5, 164.0, 3000.0])
     np.testing.assert_allclose(window_hu(hu, (-57, 164)), [0.0, 0.0, 0.5, 1.0, 1.0])
     np.testing.assert_allclose(window_hu(hu, (-57, 164), (-1.0, 1.0)), [-1.0, -1.0, 0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["LPS", "oblique"])
+def test_thresholded_way_back_equals_threshold_of_the_float_way_back(kind: str) -> None:
+    shape, aff = (25, 21, 12), make_affine(kind, spacing=(0.9, 0.9, 2.5))
+    grid = make_grid_map(shape, aff, (1.5, 1.5, 2.0))
+    probs = np.random.default_rng(5).random(grid.model_shape).astype(np.float32)
+    mask = to_input_grid(probs, grid, threshold=0.5, slab=4)
+    assert mask.dtype == np.uint8 and mask.shape == shape
+    np.testing.assert_array_equal(mask, to_input_grid(probs, grid) > 0.5)

@@ -353,7 +353,7 @@ def _labels_on_input_grid(probs: np.ndarray, grid, info: ModelInfo, threshold: f
     """(K-1, model grid) foreground probabilities -> (I, J, K) uint8 labels on the input grid."""
     values = info.label_values
     if len(values) == 1:
-        return (to_input_grid(probs[0], grid) > threshold).astype(np.uint8) * np.uint8(values[0])
+        return to_input_grid(probs[0], grid, threshold=threshold) * np.uint8(values[0])
     best = np.zeros(grid.input_shape, dtype=np.float32)
     total = np.zeros(grid.input_shape, dtype=np.float32)
     labels = np.zeros(grid.input_shape, dtype=np.uint8)

@@ -107,17 +107,28 @@ def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1) -> np.ndarra
     )
 
 
-def to_input_grid(values: np.ndarray, grid: GridMap, order: int = 1, fill: float = 0.0, slab: int = 32) -> np.ndarray:
+def to_input_grid(
+    values: np.ndarray,
+    grid: GridMap,
+    order: int = 1,
+    fill: float = 0.0,
+    threshold: float | None = None,
+    slab: int = 16,
+) -> np.ndarray:
     """Resample a model-grid array (or a crop described by ``grid``) back onto the input grid.
 
-    Works slab by slab along the last canonical axis, so memory stays at one input-sized float32
-    array. Input voxels whose centre lies outside the model voxels of ``values`` get ``fill``.
+    Works slab by slab along the last canonical axis. Input voxels whose centre lies outside the
+    model voxels of ``values`` get ``fill``. With ``threshold``, each slab is thresholded as it is
+    made and the result is a uint8 mask: no input-sized float array is ever allocated.
 
     Returns:
-        (I, J, K) float32 array in the input's own voxel order.
+        (I, J, K) array in the input's own voxel order: float32, or uint8 (0/1) with ``threshold``.
     """
     values = np.asarray(values, dtype=np.float32)
-    out = np.full(grid.canonical_shape, fill, dtype=np.float32)
+    if threshold is None:
+        out = np.full(grid.canonical_shape, fill, dtype=np.float32)
+    else:
+        out = np.full(grid.canonical_shape, fill > threshold, dtype=np.uint8)
     inv_scale = 1.0 / grid.scale
     inside = []  # per canonical axis: the input index range covered by the model voxels
     for axis in range(3):
@@ -128,16 +139,17 @@ def to_input_grid(values: np.ndarray, grid: GridMap, order: int = 1, fill: float
     for s0 in range(k0, k1, slab):
         s1 = min(s0 + slab, k1)
         start = np.array([i0, j0, s0], dtype=float)
-        ndimage.affine_transform(
+        part = ndimage.affine_transform(
             values,
             inv_scale,
             offset=(start - grid.offset) * inv_scale,
             output_shape=(i1 - i0, j1 - j0, s1 - s0),
             order=order,
             mode="nearest",
-            output=out[i0:i1, j0:j1, s0:s1],
+            output=np.float32,
             prefilter=False,
         )
+        out[i0:i1, j0:j1, s0:s1] = part if threshold is None else part > threshold
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
 
 
