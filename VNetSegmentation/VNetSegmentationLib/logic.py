@@ -1,0 +1,441 @@
+"""VNetSegmentationLogic: CT volume node -> core -> segmentation node with a "Spleen" segment.
+
+Qt-free and scriptable: it never opens a dialog, takes its scene as an argument (default
+``slicer.mrmlScene``), and runs on Slicer's real MRML classes with or without the application.
+Two ways to run:
+
+* :meth:`VNetSegmentationLogic.segment` - synchronous, for scripts and tests (in this process, or
+  ``background=True`` to go through the separate process and wait for it);
+* :meth:`~VNetSegmentationLogic.startSegmentation` -> :class:`BackgroundRun` (``poll()`` /
+  ``cancel()``) -> :meth:`~VNetSegmentationLogic.finishSegmentation` - what the panel uses, from a
+  timer, so Slicer never freezes.
+
+A node is added to the scene only when a run has succeeded; a failed or cancelled run leaves the
+scene as it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import checks, nodes, parameters
+from .environment import TorchStatus, detectDevices, installTorch, torchStatus
+from .export import ExportResult, caseNameFrom, exportCase
+from .models import ModelEntry, ModelStore, modelCardText
+from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand
+
+
+class SegmentationCancelled(RuntimeError):
+    """The user cancelled the run; nothing was added to the scene."""
+
+
+class PreRunCheckError(ValueError):
+    """A check before the run failed (see ``messages``); nothing was started."""
+
+    def __init__(self, messages: list[checks.CheckMessage]) -> None:
+        super().__init__(" ".join(m.message for m in messages))
+        self.messages = messages
+
+
+@dataclass
+class SegmentationOptions:
+    """What the Advanced section sets.
+
+    Attributes:
+        device: "auto" (GPU when there is one), "gpu", "cpu", or a torch name ("cuda:1", "mps").
+        overlap: sliding-window overlap fraction in [0, 1).
+        postprocess: keep the largest component and fill holes.
+    """
+
+    device: str = "auto"
+    overlap: float = 0.25
+    postprocess: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError(f"device must be 'auto', 'gpu', 'cpu' or a torch device name, got {self.device!r}")
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+
+    def coreDevice(self) -> str:
+        """The device name for the core ("gpu" is CUDA, or Apple MPS on a Mac without CUDA)."""
+        name = self.device.strip().lower()
+        if name == "gpu":
+            found = detectDevices()
+            return "mps" if not found.get("cuda") and found.get("mps") else "cuda"
+        return name
+
+
+@dataclass
+class SegmentationResult:
+    """What one successful run produced.
+
+    Attributes:
+        segmentationNodeID: the output node; segmentIDs: its segments written by this run.
+        volumeMl: volume of the (first) segment in mL; seconds: wall time of the whole run.
+        device: what ran the network ("cuda:0", "cpu"...).
+        warnings: post-run warnings; preRunWarnings: the pre-run warnings the user accepted.
+        modelName: the model used; background: True when it ran in a separate process.
+    """
+
+    segmentationNodeID: str
+    segmentIDs: list[str]
+    volumeMl: float
+    seconds: float
+    device: str
+    warnings: list[checks.CheckMessage] = field(default_factory=list)
+    preRunWarnings: list[checks.CheckMessage] = field(default_factory=list)
+    modelName: str = ""
+    background: bool = False
+
+    def summary(self) -> str:
+        """The text the panel shows after a run."""
+        lines = [f"Spleen volume: {self.volumeMl:.1f} mL", f"Time: {self.seconds:.1f} s on {self.device}",
+                 f"Model: {self.modelName}"]
+        lines += [f"Warning: {w.message}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class BackgroundRun:
+    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time."""
+
+    process: BackgroundProcess
+    tempDir: Path
+    outputPath: Path
+    volumeNodeID: str
+    model: ModelEntry
+    info: Any
+    options: SegmentationOptions
+    outputSegmentationID: str | None
+    replace: bool
+    preRunWarnings: list[checks.CheckMessage]
+    started: float = field(default_factory=time.monotonic)
+
+    def poll(self) -> list[dict[str, Any]]:
+        events = self.process.poll()
+        if self.process.finished and self.process.state != SUCCEEDED:
+            self.cleanup()
+        return events
+
+    def cancel(self) -> None:
+        """Kill the process and delete its files; the scene is not touched."""
+        self.process.cancel()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    @property
+    def state(self) -> str:
+        return self.process.state
+
+    @property
+    def finished(self) -> bool:
+        return self.process.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.process.fraction
+
+    @property
+    def message(self) -> str:
+        return self.process.message
+
+    @property
+    def error(self) -> str:
+        return self.process.error
+
+
+class VNetSegmentationLogic:
+    """Everything the panel does, without the panel.
+
+    Args:
+        scene: the MRML scene; default ``slicer.mrmlScene`` (looked up at each use).
+        modelFolder: the user's model folder; default ``models.defaultModelFolder()``.
+        includeShippedModels: also offer the models shipped with the core.
+    """
+
+    def __init__(self, scene=None, modelFolder=None, includeShippedModels: bool = True) -> None:
+        self._scene = scene
+        self.models = ModelStore(modelFolder, includeShippedModels)
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise RuntimeError("no MRML scene: pass scene= to VNetSegmentationLogic outside Slicer")
+        return scene
+
+    def getParameterNode(self):
+        """The module's vtkMRMLScriptedModuleNode (the Widget wraps it with parameterNodeWrapper)."""
+        return parameters.getParameterNode(self.scene)
+
+    # ----------------------------------------------------------------------- environment
+    torchStatus = staticmethod(torchStatus)
+    installTorch = staticmethod(installTorch)
+    detectDevices = staticmethod(detectDevices)
+
+    def torchReady(self) -> TorchStatus:
+        """Like :func:`torchStatus`, raising RuntimeError with the install advice when torch is missing."""
+        status = torchStatus()
+        if not status.installed:
+            raise RuntimeError(status.message)
+        return status
+
+    # ---------------------------------------------------------------------------- models
+    def listModels(self) -> list[ModelEntry]:
+        return self.models.listModels()
+
+    def importModel(self, path, sha256: str | None = None, overwrite: bool = False) -> ModelEntry:
+        return self.models.importModel(path, sha256, overwrite)
+
+    def resolveModel(self, model) -> ModelEntry:
+        """A ModelEntry from an entry, a listed model name, or a model file path."""
+        if isinstance(model, ModelEntry):
+            return model
+        if model is None or str(model) == "":
+            raise ValueError(self.models.noModelMessage())
+        entry = self.models.findModel(str(model))
+        if entry is not None:
+            return entry
+        path = Path(model)
+        if path.is_file():
+            return ModelEntry(path.stem, path, "", "file")
+        names = ", ".join(e.name for e in self.listModels()) or "none installed"
+        raise ValueError(f"model {model!r} is neither an installed model ({names}) nor a model file")
+
+    def modelCardText(self, model) -> str:
+        return modelCardText(self.models.readInfo(self.resolveModel(model)))
+
+    # ---------------------------------------------------------------------------- checks
+    def preRunChecks(self, volumeNode, model=None, options: SegmentationOptions | None = None,
+                     availableBytes: int | None = None) -> list[checks.CheckMessage]:
+        """Every check before a run; errors first. ``availableBytes`` overrides the free memory found."""
+        missing = checks.checkVolumePresent(volumeNode)
+        if missing:
+            return [missing]
+        try:
+            shape = nodes.volumeShape(volumeNode)
+            array = nodes.volumeArrayIJK(volumeNode)
+        except ValueError as exc:
+            return [checks.CheckMessage("noVolume", checks.ERROR, str(exc))]
+        spacing = np.linalg.norm(nodes.ijkToRas(volumeNode)[:3, :3], axis=0)
+        found = [checks.checkShape(shape, spacing)]
+        if found[0] is None or found[0].level != checks.ERROR:
+            found.append(checks.checkCtLike(array))
+            if model is not None:
+                found.append(self._memoryCheck(shape, spacing, model, options or SegmentationOptions(), availableBytes))
+        messages = [m for m in found if m is not None]
+        return sorted(messages, key=lambda m: m.level != checks.ERROR)
+
+    def _memoryCheck(self, shape, spacing, model, options, availableBytes):
+        from types import SimpleNamespace
+
+        from vnetseg.inference import window_memory_bytes
+
+        info = self.models.readInfo(self.resolveModel(model))
+        windowBytes = window_memory_bytes(SimpleNamespace(config=info.config), info.preprocessing.patch_size)
+        device = options.device.lower()
+        onGpu = device.startswith(("cuda", "gpu")) or (device == "auto" and bool(detectDevices().get("cuda")))
+        host = checks.estimateMemoryBytes(shape, spacing, info.preprocessing, info.config.out_channels,
+                                          0 if onGpu else windowBytes)
+        if onGpu:
+            free = availableBytes if availableBytes is not None else detectDevices().get("cudaFreeBytes", 0)
+            gpuCheck = checks.checkMemory(windowBytes, free, "cuda") if free else None
+            if gpuCheck:
+                return gpuCheck
+        return checks.checkMemory(host, availableBytes if availableBytes is not None else checks.hostAvailableBytes(), "cpu")
+
+    def _prepare(self, volumeNode, model, options, outputSegmentation, replace):
+        entry = self.resolveModel(model)
+        messages = self.preRunChecks(volumeNode, entry, options)
+        errors = [m for m in messages if m.level == checks.ERROR]
+        if errors:
+            raise PreRunCheckError(errors)
+        info = self.models.readInfo(entry)
+        if outputSegmentation is not None and not replace:
+            taken = [lab.name for lab in info.labels
+                     if outputSegmentation.GetSegmentation().GetSegmentIdBySegmentName(lab.name)]
+            if taken:
+                raise FileExistsError(
+                    f"segmentation '{outputSegmentation.GetName()}' already has a segment named {', '.join(taken)}; "
+                    "confirm replacing it (replace=True) or choose 'Create new segmentation'"
+                )
+        return entry, info, messages
+
+    # --------------------------------------------------------------------------- running
+    def segment(self, volumeNode, model, options: SegmentationOptions | None = None, outputSegmentation=None,
+                replace: bool = False, progress: Callable[[float, str], None] | None = None,
+                cancel: Callable[[], bool] | None = None, background: bool = False, timeout: float | None = None):
+        """Segment ``volumeNode`` and return ``(segmentationNode, SegmentationResult)``, blocking.
+
+        Args:
+            volumeNode: the CT (vtkMRMLScalarVolumeNode).
+            model: a model name from :meth:`listModels`, a ModelEntry, or a model file path.
+            options: device, overlap, post-processing.
+            outputSegmentation: fill this node instead of creating one; with ``replace=False`` it
+                must not already hold a segment of the model's labels.
+            progress: called with (fraction 0-1, message); cancel: polled, True stops the run.
+            background: run in a separate process (the path the panel uses) and wait for it.
+            timeout: seconds to wait in background mode before the run is stopped.
+
+        Raises:
+            PreRunCheckError, FileExistsError, SegmentationCancelled, RuntimeError (process failed).
+        """
+        options = options or SegmentationOptions()
+        if background:
+            run = self.startSegmentation(volumeNode, model, options, outputSegmentation, replace)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not run.finished:
+                for event in run.poll():
+                    if progress is not None and event.get("event") == "progress":
+                        progress(float(event.get("fraction", 0.0)), str(event.get("message", "")))
+                if (cancel is not None and cancel()) or (deadline is not None and time.monotonic() > deadline):
+                    run.cancel()
+                    break
+                time.sleep(0.05)
+            return self.finishSegmentation(run)
+        return self._segmentHere(volumeNode, model, options, outputSegmentation, replace, progress, cancel)
+
+    def _segmentHere(self, volumeNode, model, options, outputSegmentation, replace, progress, cancel):
+        started = time.monotonic()
+        entry, info, warnings = self._prepare(volumeNode, model, options, outputSegmentation, replace)
+        self.torchReady()
+        from vnetseg.checkpoint import load_model
+        from vnetseg.inference import Cancelled, InferenceOptions, predict_volume
+
+        net, info = load_model(entry.path, sha256=entry.sha256 or None)
+        image = nodes.imageFromVolumeNode(volumeNode)
+        core = InferenceOptions(options.coreDevice(), float(options.overlap), postprocess=options.postprocess)
+        try:
+            prediction = predict_volume(image, net, info, core, progress, cancel)
+        except Cancelled:
+            raise SegmentationCancelled("the segmentation was cancelled; nothing was added to the scene") from None
+        del image
+        return self._output(volumeNode, prediction.labelmap, info, outputSegmentation,
+                            SegmentationResult("", [], prediction.volume_ml, 0.0, prediction.device,
+                                               checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
+                                               warnings, entry.name, False), started)
+
+    def startSegmentation(self, volumeNode, model, options: SegmentationOptions | None = None,
+                          outputSegmentation=None, replace: bool = False) -> BackgroundRun:
+        """Check, write the CT to a temporary file, and start the core in a separate process."""
+        from vnetseg import io as vio
+
+        options = options or SegmentationOptions()
+        entry, info, warnings = self._prepare(volumeNode, model, options, outputSegmentation, replace)
+        self.torchReady()
+        tempDir = Path(tempfile.mkdtemp(prefix="vnetseg-"))
+        try:
+            inputPath = tempDir / "input.nii"
+            vio.write_nifti(inputPath, _niftiSafe(nodes.volumeArrayIJK(volumeNode)), nodes.ijkToRas(volumeNode))
+            command = PredictCommand(inputPath, tempDir / "mask.nii", entry.path, options.coreDevice(),
+                                     float(options.overlap), options.postprocess, tempDir / "report.json",
+                                     entry.sha256 or None)
+            process = BackgroundProcess(command.arguments())
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        return BackgroundRun(process, tempDir, command.outputPath, volumeNode.GetID(), entry, info, options,
+                             outputSegmentation.GetID() if outputSegmentation is not None else None, replace, warnings)
+
+    def finishSegmentation(self, run: BackgroundRun):
+        """Turn a finished run into ``(segmentationNode, SegmentationResult)``; always deletes its files."""
+        try:
+            if not run.finished:
+                raise RuntimeError("the segmentation is still running; poll() until it has finished")
+            if run.state == CANCELLED:
+                raise SegmentationCancelled("the segmentation was cancelled; nothing was added to the scene")
+            if run.state != SUCCEEDED:
+                raise RuntimeError(f"the segmentation failed: {run.error}")
+            volumeNode = self.scene.GetNodeByID(run.volumeNodeID)
+            if volumeNode is None:
+                raise RuntimeError("the input volume was removed from the scene while it was being segmented")
+            labelmap = _readMask(run.outputPath, volumeNode)
+            output = self.scene.GetNodeByID(run.outputSegmentationID) if run.outputSegmentationID else None
+            done = run.process.result or {}
+            result = SegmentationResult("", [], float(done.get("volume_ml") or 0.0), 0.0, str(done.get("device", "")),
+                                        checks.warningsFromTexts(done.get("warnings") or []), run.preRunWarnings,
+                                        run.model.name, True)
+            return self._output(volumeNode, labelmap, run.info, output, result, run.started)
+        finally:
+            run.cleanup()
+
+    def _output(self, volumeNode, labelmap, info, outputSegmentation, result: SegmentationResult, started: float):
+        scene = self.scene
+        if outputSegmentation is None:
+            name = scene.GenerateUniqueName(f"{volumeNode.GetName()} segmentation")
+            node = nodes.createSegmentationNode(scene, volumeNode, labelmap, info.labels, name)
+            ids = [node.GetSegmentation().GetSegmentIdBySegmentName(lab.name) for lab in info.labels]
+        else:
+            node = outputSegmentation
+            nodes.ensureConverterRules()
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            ids = nodes.fillSegments(node, volumeNode, labelmap, info.labels)
+            node.CreateClosedSurfaceRepresentation()
+        result.segmentationNodeID, result.segmentIDs = node.GetID(), ids
+        result.volumeMl = float(np.count_nonzero(labelmap == info.labels[0].value)) * _voxelMl(volumeNode)
+        result.seconds = time.monotonic() - started
+        return node, result
+
+    # ----------------------------------------------------------------------- after a run
+    def qualityWarnings(self, segmentationNode, volumeNode, segmentName: str = "Spleen"):
+        """Post-run warnings for a segment as it is now (e.g. after correction): (QualityReport, messages)."""
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
+        if not segmentId:
+            raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment named {segmentName!r}")
+        mask = nodes.segmentMask(segmentationNode, segmentId, volumeNode)
+        return checks.postRunWarnings(mask, _voxelMl(volumeNode), name=segmentName.lower())
+
+    def exportForTraining(self, volumeNode, segmentationNode, folder, caseName: str | None = None,
+                          overwrite: bool = False, segmentName: str = "Spleen") -> ExportResult:
+        """Write the CT and the segment (as corrected now) as an MSD training case; see ``export.exportCase``."""
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("exportForTraining needs the CT volume and the segmentation; select both")
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
+        if not segmentId:
+            raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment named {segmentName!r}")
+        mask = nodes.segmentMask(segmentationNode, segmentId, volumeNode)
+        image = _niftiSafe(nodes.volumeArrayIJK(volumeNode))
+        return exportCase(folder, caseName or caseNameFrom(volumeNode.GetName()), image, mask,
+                          nodes.ijkToRas(volumeNode), overwrite)
+
+
+def _voxelMl(volumeNode) -> float:
+    return float(abs(np.linalg.det(nodes.ijkToRas(volumeNode)[:3, :3]))) / 1000.0
+
+
+def _niftiSafe(array: np.ndarray) -> np.ndarray:
+    """A copy NIfTI stores compactly: 64-bit integers become int32 when they fit, else float32."""
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 8:
+        lo, hi = int(array.min()), int(array.max())
+        return np.array(array, dtype=np.int32 if -2**31 <= lo and hi < 2**31 else np.float32)
+    return np.array(array)
+
+
+def _readMask(path: Path, volumeNode) -> np.ndarray:
+    """Read the process's mask and check it lies on the volume's grid: (I, J, K) uint8."""
+    import nibabel
+
+    if not path.is_file():
+        raise RuntimeError(f"the segmentation process reported success but wrote no mask ({path.name})")
+    image = nibabel.load(str(path))
+    labelmap = np.asarray(image.dataobj).astype(np.uint8)
+    difference = nodes.geometryDifference(image.affine, labelmap.shape, nodes.ijkToRas(volumeNode),
+                                          nodes.volumeShape(volumeNode))
+    if difference:
+        raise RuntimeError(f"the mask does not lie on the CT's grid ({difference}); it was not loaded")
+    return labelmap

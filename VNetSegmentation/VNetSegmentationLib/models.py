@@ -1,0 +1,203 @@
+"""The models the panel offers: those shipped with the core plus the user's model folder.
+
+"Import model file" copies a model made by ``training/`` into the user's folder, after checking
+that it loads (architecture rebuilt, weights digest verified) and, when one is given, that its
+SHA-256 matches; a ``<file>.sha256`` note next to the copy lets every later run verify it again.
+Qt-free; torch is imported only when a model is read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_SUFFIX = ".pt"
+MODEL_FOLDER_ENV = "VNETSEG_MODEL_DIR"
+
+NO_MODEL_MESSAGE = (
+    "No segmentation model is installed. Train one with the training/ folder of this extension "
+    "(see its README), or get a model file (.pt) from a colleague, then click 'Import model file...'."
+)
+
+
+def defaultModelFolder() -> Path:
+    """``$VNETSEG_MODEL_DIR``; inside Slicer ``<settings folder>/VNetSegmentation/models``; else ``~/.vnetseg/models``."""
+    env = os.environ.get(MODEL_FOLDER_ENV)
+    if env:
+        return Path(env)
+    try:
+        import slicer
+
+        settingsFile = slicer.app.slicerUserSettingsFilePath  # type: ignore[attr-defined]
+        return Path(settingsFile).parent / "VNetSegmentation" / "models"
+    except (ImportError, AttributeError):
+        return Path.home() / ".vnetseg" / "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the user can pick.
+
+    Attributes:
+        name: what the panel shows (the file name without ``.pt``; shipped models: their registry name).
+        path: the model file.
+        sha256: its recorded SHA-256 (verified on every load), or "" when none was recorded.
+        source: "shipped" (comes with the extension) or "user" (imported into the model folder).
+    """
+
+    name: str
+    path: Path
+    sha256: str = ""
+    source: str = "user"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _readSidecar(path: Path) -> str:
+    note = _sidecar(path)
+    if not note.is_file():
+        return ""
+    text = note.read_text(encoding="utf-8").split()
+    return text[0].lower() if text else ""
+
+
+class ModelStore:
+    """The shipped models and a model folder.
+
+    Args:
+        folder: the user's model folder (created when the first model is imported);
+            default :func:`defaultModelFolder`.
+        includeShipped: also list the models shipped with the core (``vnetseg.registry``).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None, includeShipped: bool = True) -> None:
+        self.folder = Path(folder) if folder is not None else defaultModelFolder()
+        self.includeShipped = includeShipped
+        self._infoCache: dict[tuple[str, float, int], Any] = {}
+
+    def listModels(self) -> list[ModelEntry]:
+        """Shipped models first (default first), then the user's models by name."""
+        entries: list[ModelEntry] = []
+        if self.includeShipped:
+            from vnetseg.registry import shipped_models
+
+            entries += [ModelEntry(m.name, m.path, m.sha256, "shipped") for m in shipped_models()]
+        if self.folder.is_dir():
+            for path in sorted(self.folder.glob("*" + MODEL_SUFFIX)):
+                if path.is_file() and not path.name.startswith("."):
+                    entries.append(ModelEntry(path.stem, path, _readSidecar(path), "user"))
+        return entries
+
+    def findModel(self, name: str) -> ModelEntry | None:
+        """The entry called ``name`` (as shown in the panel), or None."""
+        return next((entry for entry in self.listModels() if entry.name == name), None)
+
+    def noModelMessage(self) -> str:
+        return NO_MODEL_MESSAGE + f" Imported models are kept in {self.folder}."
+
+    def importModel(self, source: str | os.PathLike[str], sha256: str | None = None, overwrite: bool = False) -> ModelEntry:
+        """Check a model file and copy it into the model folder.
+
+        Args:
+            source: a model file written by ``training/`` (``vnetseg.checkpoint.save_model``).
+            sha256: the SHA-256 published with the file, if known; the import is refused if it differs.
+            overwrite: replace a different model file of the same name already in the folder.
+
+        Returns:
+            The entry of the copy.
+
+        Raises:
+            vnetseg.checkpoint.ModelFileError: not a usable model file, or wrong checksum.
+            FileExistsError: a different model of the same name is installed and not ``overwrite``.
+        """
+        from vnetseg.checkpoint import file_sha256, load_model
+
+        src = Path(source)
+        if src.suffix.lower() != MODEL_SUFFIX:
+            raise ValueError(f"model file must end in {MODEL_SUFFIX}, got {src.name!r}")
+        _, info = load_model(src, sha256=sha256)  # rebuilds the network: proves the file is usable
+        dest = self.folder / src.name
+        if dest.exists():
+            if file_sha256(dest) == info.sha256:
+                self._writeSidecar(dest, info.sha256)
+                return ModelEntry(dest.stem, dest, info.sha256, "user")
+            if not overwrite:
+                raise FileExistsError(
+                    f"a different model named {dest.name} is already installed in {self.folder}; "
+                    "rename the file or confirm replacing it"
+                )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmpName = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".part", dir=self.folder)
+        os.close(fd)
+        tmp = Path(tmpName)
+        try:
+            shutil.copyfile(src, tmp)
+            copied = file_sha256(tmp)
+            if copied != info.sha256:
+                raise OSError(f"copying {src} to {self.folder} produced a different file (SHA-256 {copied}); try again")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._writeSidecar(dest, info.sha256)
+        return ModelEntry(dest.stem, dest, info.sha256, "user")
+
+    @staticmethod
+    def _writeSidecar(path: Path, sha256: str) -> None:
+        _sidecar(path).write_text(f"{sha256}  {path.name}\n", encoding="utf-8")
+
+    def readInfo(self, entry: ModelEntry | str | os.PathLike[str]):
+        """The model's ``ModelInfo`` (config, preprocessing, labels, card), verified; cached per file version."""
+        from vnetseg.checkpoint import read_model_info
+
+        path = Path(entry.path if isinstance(entry, ModelEntry) else entry)
+        sha = entry.sha256 if isinstance(entry, ModelEntry) else ""
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+        if key not in self._infoCache:
+            self._infoCache[key] = read_model_info(path, sha or None)[0]
+        return self._infoCache[key]
+
+
+def _dice(card: dict[str, Any]) -> str:
+    """The validation Dice recorded in a model card, as text ("not recorded" when absent)."""
+    metrics = card.get("metrics") if isinstance(card.get("metrics"), dict) else {}
+    for source in (metrics, card):
+        for key in ("val_dice", "validation_dice", "dice", "mean_dice"):
+            value = source.get(key)
+            if isinstance(value, (int, float)):
+                return f"{value:.3f}"
+        for key, value in source.items():
+            if "dice" in str(key).lower() and isinstance(value, (int, float)):
+                return f"{value:.3f} ({key})"
+    return "not recorded"
+
+
+def modelCardText(info) -> str:
+    """A short human-readable card: what the model was trained on and how well it validated."""
+    card = dict(info.card)
+    lines = [f"Model: {card.get('name', 'unnamed model')}"]
+    if card.get("trained") is False:
+        lines.append("WARNING: this model has random weights (it was never trained); its masks are meaningless.")
+    data = card.get("data") or card.get("dataset") or card.get("trained_on")
+    lines.append(f"Trained on: {data if data else 'not recorded'}")
+    lines.append(f"Validation Dice: {_dice(card)}")
+    for key, label in (("fold", "Fold"), ("epochs", "Epochs"), ("date", "Date")):
+        if key in card:
+            lines.append(f"{label}: {card[key]}")
+    cfg, pre = info.config, info.preprocessing
+    lines.append(
+        f"Network: V-Net widths {list(cfg.widths)}, kernel {cfg.kernel_size}, "
+        f"spacing {' x '.join(f'{s:g}' for s in pre.target_spacing)} mm, HU window {pre.hu_window[0]:g}..{pre.hu_window[1]:g}"
+    )
+    lines.append("Labels: " + ", ".join(label.name for label in info.labels))
+    if info.sha256:
+        lines.append(f"SHA-256: {info.sha256[:16]}...")
+    return "\n".join(lines)
