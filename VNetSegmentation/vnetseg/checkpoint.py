@@ -44,6 +44,8 @@ class Preprocessing:
         hu_window: HU values mapped to ``scale`` (values outside are clipped).
         scale: output range of the intensity window.
         patch_size: sliding-window size in voxels; each a multiple of the model's size multiple.
+        coarse_spacing: voxel size in mm at which the model was also trained to find the organ,
+            for the coarse pass of fast mode; None when the model does not support fast mode.
     """
 
     target_spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
@@ -51,6 +53,7 @@ class Preprocessing:
     hu_window: tuple[float, float] = (-57.0, 164.0)
     scale: tuple[float, float] = (0.0, 1.0)
     patch_size: tuple[int, int, int] = (96, 96, 96)
+    coarse_spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
@@ -63,6 +66,10 @@ class Preprocessing:
             raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}")
+        if self.coarse_spacing is not None:
+            object.__setattr__(self, "coarse_spacing", tuple(float(c) for c in self.coarse_spacing))
+            if len(self.coarse_spacing) != 3 or min(self.coarse_spacing) <= 0:
+                raise ValueError(f"coarse_spacing must be 3 positive mm values or None, got {self.coarse_spacing}")
         if self.orientation != "RAS":
             raise ValueError(f"only orientation 'RAS' is supported, got {self.orientation!r}")
 
@@ -270,6 +277,8 @@ def describe(info: ModelInfo) -> str:
         f"spacing (mm)   : {' x '.join(f'{s:g}' for s in pre.target_spacing)} ({pre.orientation})",
         f"HU window      : {pre.hu_window[0]:g} .. {pre.hu_window[1]:g} -> {pre.scale[0]:g} .. {pre.scale[1]:g}",
         f"patch (voxels) : {' x '.join(str(s) for s in pre.patch_size)}",
+        "fast mode      : "
+        + (f"coarse pass at {' x '.join(f'{s:g}' for s in pre.coarse_spacing)} mm" if pre.coarse_spacing else "not supported"),
         "labels         : " + ", ".join(f"{lab.value}={lab.name} rgb{lab.color}" for lab in info.labels),
     ]
     for key, value in info.card.items():

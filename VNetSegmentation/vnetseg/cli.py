@@ -43,6 +43,7 @@ class PredictArgs:
     progress: str = "auto"
     format: str = "nii.gz"
     overlay_dir: str | None = None
+    mode: str = "auto"
 
 
 @dataclass
@@ -52,6 +53,7 @@ class CaseResult:
     volume_ml: float | None = None
     seconds: float | None = None
     device: str | None = None
+    mode: str | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -140,7 +142,9 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     destinations = [output_for(c, args, many) for c in cases]
     for dest in destinations:  # every output problem is reported before any work starts
         vio.check_writable(dest, args.overwrite)
-    options = InferenceOptions(args.device, args.overlap, args.batch_size, args.postprocess, args.threshold)
+    options = InferenceOptions(
+        args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode
+    )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
     model_name = info.card.get("name", Path(model_path).name)
@@ -161,14 +165,14 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             results.append(res)
             continue
         res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
-        res.device, res.warnings = pred.device, pred.report.warnings + pred.notes
+        res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
         results.append(res)
         if args.overlay_dir:
             _write_overlay(case, pred, Path(args.overlay_dir), err)
         if progress.mode == "json":
             progress.emit("done", **res.__dict__)
         else:
-            out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} -> {dest}\n")
+            out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
             for w in res.warnings:
                 out.write(f"  warning: {w}\n")
     if args.report:
@@ -214,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: chosen from free memory)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
+    p.add_argument(
+        "--mode", default="auto", choices=["auto", "fast", "full"],
+        help="fast: locate the spleen at low resolution, then segment its box at full resolution; full: whole volume "
+        "at full resolution; auto (default): fast on CPU when the model supports it, else full",
+    )
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help="keep all components and holes")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")

@@ -20,8 +20,9 @@ import torch
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .model import VNet
-from .postprocess import QualityReport, clean_mask, quality_report
-from .preprocess import make_grid_map, to_input_grid, to_model_grid, window_hu
+from .fast import box_from_coarse_mask, single_window_patch
+from .postprocess import QualityReport, clean_mask, largest_component, quality_report
+from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -253,6 +254,8 @@ class InferenceOptions:
         postprocess: keep the largest component and fill holes.
         threshold: foreground probability above which a voxel is foreground (binary models).
         amp: mixed precision on CUDA.
+        mode: "fast" (coarse pass, then full resolution on the organ's box), "full" (whole
+            volume at full resolution) or "auto" (fast on CPU when the model supports it).
     """
 
     device: str = "auto"
@@ -261,6 +264,7 @@ class InferenceOptions:
     postprocess: bool = True
     threshold: float = 0.5
     amp: bool = True
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -289,10 +293,62 @@ class Prediction:
     device: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    mode: str = "full"
 
     @property
     def volume_ml(self) -> float:
         return self.report.volume_ml
+
+
+def choose_mode(requested: str, device: torch.device, info: ModelInfo) -> str:
+    """"auto" -> "fast" on CPU when the model supports it, else "full"; "fast" needs model support."""
+    if requested not in ("auto", "fast", "full"):
+        raise ValueError(f"mode must be auto, fast or full, got {requested!r}")
+    supported = info.preprocessing.coarse_spacing is not None
+    if requested == "fast" and not supported:
+        raise ValueError("--mode fast needs a model trained for a coarse pass (this model file has no coarse_spacing); use --mode full")
+    if requested == "auto":
+        return "fast" if supported and device.type == "cpu" else "full"
+    return requested
+
+
+def _run_network(
+    array: np.ndarray,
+    region: GridMap,
+    model: VNet,
+    info: ModelInfo,
+    opts: InferenceOptions,
+    device: torch.device,
+    progress: ProgressFn | None,
+    cancel: CancelFn | None,
+    notes: list[str],
+    single_window: bool,
+) -> np.ndarray:
+    """Resample ``array`` onto ``region`` (a model grid or a box of it), window HU, run the network.
+
+    Returns:
+        (K-1, *region.model_shape) float32 foreground probabilities.
+    """
+    pre = info.preprocessing
+    volume = window_hu(to_model_grid(array, region), pre.hu_window, pre.scale)
+    patch = (single_window_patch(region.model_shape, model.config.size_multiple) if single_window else None) or pre.patch_size
+    batch = opts.batch_size or choose_batch_size(model, patch, device)
+    return sliding_window(
+        volume[None],
+        softmax_foreground(model, opts.amp),
+        WindowSettings(patch, opts.overlap, batch, pad_value=pre.scale[0]),
+        out_channels=info.config.out_channels - 1,
+        device=device,
+        progress=progress,
+        cancel=cancel,
+        on_oom=lambda b: notes.append(f"GPU out of memory: retried with batch size {b}"),
+    )
+
+
+def _stage(progress: ProgressFn | None, lo: float, hi: float, label: str) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda f, m: progress(lo + (hi - lo) * f, f"{label}: {m}")
 
 
 def predict_volume(
@@ -303,42 +359,37 @@ def predict_volume(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> Prediction:
-    """Segment one CT volume held in memory; the result lies exactly on the input grid."""
+    """Segment one CT volume held in memory; the result lies exactly on the input grid.
+
+    In fast mode a coarse pass over the whole CT finds the organ and the full-resolution pass
+    runs on its box only (see :mod:`vnetseg.fast`); otherwise the whole volume is windowed.
+    """
     opts = options or InferenceOptions()
     t0 = time.perf_counter()
     vio.validate_image(image, "input")
     device = resolve_device(opts.device)
+    mode = choose_mode(opts.mode, device, info)
     model = model.to(device).eval()
     pre = info.preprocessing
     notes: list[str] = []
-
-    def report_progress(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(0.05 + 0.85 * fraction, message)
-
     if progress is not None:
         progress(0.0, "resampling")
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
-    volume = window_hu(to_model_grid(image.array, grid), pre.hu_window, pre.scale)
-    patch = pre.patch_size
-    batch = opts.batch_size or choose_batch_size(model, patch, device)
-    settings = WindowSettings(patch, opts.overlap, batch, pad_value=pre.scale[0])
-    probs = sliding_window(
-        volume[None],
-        softmax_foreground(model, opts.amp),
-        settings,
-        out_channels=info.config.out_channels - 1,
-        device=device,
-        progress=report_progress,
-        cancel=cancel,
-        on_oom=lambda b: notes.append(f"GPU out of memory: retried with batch size {b}"),
-    )  # (K-1, *model_shape) foreground probabilities
-    del volume
+    region, fine_from = grid, 0.05
+    if mode == "fast":
+        coarse = make_grid_map(image.shape, image.affine, pre.coarse_spacing)  # type: ignore[arg-type]
+        found = _run_network(image.array, coarse, model, info, opts, device, _stage(progress, 0.02, 0.2, "locating"), cancel, notes, True)
+        box, reason = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
+        if box is None:
+            notes.append(f"fast mode: {reason}; the whole volume was segmented at full resolution")
+        else:
+            region, fine_from = grid.crop(box.start, box.stop), 0.2
+    probs = _run_network(image.array, region, model, info, opts, device, _stage(progress, fine_from, 0.9, "segmenting"), cancel, notes, mode == "fast")
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress is not None:
         progress(0.9, "resampling to the input grid")
-    labelmap = _labels_on_input_grid(probs, grid, info, opts.threshold)
+    labelmap = _labels_on_input_grid(probs, region, info, opts.threshold)
     raw = labelmap > 0
     if opts.postprocess:
         keep = clean_mask(raw)
@@ -346,10 +397,10 @@ def predict_volume(
     report = quality_report(raw, labelmap > 0, vio.Image(labelmap, image.affine).voxel_volume_ml, info.labels[0].name.lower())
     if progress is not None:
         progress(1.0, "done")
-    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes)
+    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode)
 
 
-def _labels_on_input_grid(probs: np.ndarray, grid, info: ModelInfo, threshold: float) -> np.ndarray:
+def _labels_on_input_grid(probs: np.ndarray, grid: GridMap, info: ModelInfo, threshold: float) -> np.ndarray:
     """(K-1, model grid) foreground probabilities -> (I, J, K) uint8 labels on the input grid."""
     values = info.label_values
     if len(values) == 1:

@@ -1,0 +1,84 @@
+"""Fast (coarse-to-fine) mode: same answer as the full pass on a phantom, honest fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_inference import ThresholdNet
+from test_io import make_affine
+
+from vnetseg.checkpoint import ModelInfo, Preprocessing
+from vnetseg.fast import box_from_coarse_mask, single_window_patch
+from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
+from vnetseg.io import Image
+from vnetseg.model import VNetConfig
+from vnetseg.postprocess import dice
+from vnetseg.preprocess import make_grid_map
+
+FAST = ModelInfo(
+    VNetConfig(widths=(4, 8, 16, 32, 64)),
+    Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48), coarse_spacing=(4.0, 4.0, 4.0)),
+)
+
+
+def _phantom(centre_mm=(20.0, 0.0, 15.0), radii_mm=(40.0, 30.0, 45.0), kind="LPS") -> Image:
+    """A -50 HU body with a 120 HU ellipsoid 'spleen'; ThresholdNet finds exactly the ellipsoid."""
+    shape, aff = (200, 180, 60), make_affine(kind, spacing=(0.8, 0.8, 2.5), origin=(80.0, 70.0, -60.0))
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    ras = ijk @ aff[:3, :3].T + aff[:3, 3]
+    inside = (((ras - centre_mm) / radii_mm) ** 2).sum(-1) <= 1.0
+    return Image(np.where(inside, 120.0, -50.0).astype(np.float32), aff)
+
+
+def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
+    ct = _phantom()
+    full = predict_volume(ct, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="full"))
+    fast = predict_volume(ct, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
+    assert full.mode == "full" and fast.mode == "fast" and fast.notes == []
+    truth = ct.array > 0
+    assert dice(full.labelmap > 0, truth) > 0.98
+    assert dice(fast.labelmap > 0, full.labelmap > 0) >= 0.99
+    assert abs(fast.volume_ml - full.volume_ml) / full.volume_ml < 0.02
+
+
+def test_fast_falls_back_when_nothing_or_edge_is_found() -> None:
+    empty = Image(np.full((120, 100, 40), -50.0, np.float32) + np.arange(40, dtype=np.float32), make_affine("RAS", spacing=(1.0, 1.0, 2.5)))
+    res = predict_volume(empty, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
+    assert res.labelmap.sum() == 0 and any("found no spleen" in n for n in res.notes)
+    edge = _phantom(centre_mm=(60.0, 0.0, 15.0))  # reaches the image's right-left border
+    res = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
+    assert any("edge of the field of view" in n for n in res.notes)
+    assert dice(res.labelmap > 0, edge.array > 0) > 0.98  # the whole-volume pass did the work
+
+
+def test_mode_choice() -> None:
+    import torch
+
+    cpu = torch.device("cpu")
+    assert choose_mode("auto", cpu, FAST) == "fast"
+    no_fast = ModelInfo(FAST.config, Preprocessing())
+    assert choose_mode("auto", cpu, no_fast) == "full"
+    with pytest.raises(ValueError, match="--mode fast needs a model"):
+        choose_mode("fast", cpu, no_fast)
+    with pytest.raises(ValueError, match="mode must be"):
+        choose_mode("quick", cpu, FAST)
+
+
+def test_box_covers_the_coarse_mask_in_physical_space_with_margin() -> None:
+    shape, aff = (100, 100, 40), make_affine("LPS", spacing=(1.0, 1.0, 3.0))
+    coarse = make_grid_map(shape, aff, (4.0, 4.0, 4.0))
+    fine = make_grid_map(shape, aff, (1.5, 1.5, 2.0))
+    mask = np.zeros(coarse.model_shape, bool)
+    mask[5:10, 8:12, 6:9] = True
+    box, reason = box_from_coarse_mask(mask, coarse, fine, margin_mm=10.0)
+    assert reason == "" and box is not None
+    # RAS extent of the coarse mask (voxel edges) must lie inside the fine box minus the margin
+    lo = coarse.model_affine @ [4.5, 7.5, 5.5, 1]
+    hi = coarse.model_affine @ [9.5, 11.5, 8.5, 1]
+    box_lo = fine.model_affine @ [*box.start, 1]
+    box_hi = fine.model_affine @ [*(np.array(box.stop) - 1), 1]
+    assert np.all(box_lo[:3] <= np.minimum(lo, hi)[:3] - 9.0) and np.all(box_hi[:3] >= np.maximum(lo, hi)[:3] + 9.0)
+    big, _ = box_from_coarse_mask(mask, coarse, fine, min_shape=(64, 64, 64))
+    assert all(s >= min(64, n) for s, n in zip(big.shape, fine.model_shape))
+    assert single_window_patch((70, 50, 33), 16) == (80, 64, 48)
+    assert single_window_patch((400, 400, 300), 16) is None
