@@ -82,3 +82,30 @@ def test_box_covers_the_coarse_mask_in_physical_space_with_margin() -> None:
     assert all(s >= min(64, n) for s, n in zip(big.shape, fine.model_shape))
     assert single_window_patch((70, 50, 33), 16) == (80, 64, 48)
     assert single_window_patch((400, 400, 300), 16) is None
+
+
+def test_a_locator_carried_in_the_model_file_drives_fast_mode(tmp_path) -> None:
+    """Round trip of a model file with a locator; fast mode then uses the locator's own spacing."""
+    import torch
+
+    from vnetseg.checkpoint import describe, load_model, save_model
+    from vnetseg.model import VNet
+
+    torch.manual_seed(0)
+    main_cfg = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3)
+    loc_cfg = VNetConfig(widths=(2, 4, 8, 16, 32), kernel_size=3)
+    main_info = ModelInfo(main_cfg, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    loc_info = ModelInfo(loc_cfg, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(32, 32, 32)), card={"role": "locator"})
+    main_net, loc_net = VNet(main_cfg), VNet(loc_cfg)
+    save_model(tmp_path / "m.pt", main_net, main_info, locator=(loc_net, loc_info), half=True)
+    net, info = load_model(tmp_path / "m.pt")
+    assert info.locator is not None and info.locator[1].card == {"role": "locator"}
+    assert info.locator[1].preprocessing.target_spacing == (6.0, 6.0, 6.0)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(info.locator[0](x), 1), torch.softmax(loc_net(x), 1), atol=1e-2)
+    assert "locator V-Net widths=[2, 4, 8, 16, 32] at 6 x 6 x 6 mm" in describe(info)
+    assert choose_mode("auto", torch.device("cpu"), info) == "fast"
+    seen: list[str] = []
+    res = predict_volume(_phantom(), net, info, InferenceOptions(device="cpu"), progress=lambda f, m: seen.append(m))
+    assert res.mode == "fast" and any(m.startswith("locating") for m in seen)

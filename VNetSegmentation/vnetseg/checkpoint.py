@@ -102,6 +102,9 @@ class ModelInfo:
     format_version: int = FORMAT_VERSION
     sha256: str = ""  # of the file it was read from, when read from a file
     weights_dtype: str = "float32"
+    # a small network carried in the same file that finds the organ at low resolution (fast mode);
+    # filled by load_model, never serialised as part of this metadata
+    locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -151,17 +154,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def save_model(
-    path: str | os.PathLike[str], model: VNet, info: ModelInfo, *, half: bool = False
-) -> str:
-    """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
-
-    Args:
-        path: destination file (conventionally ``*.pt``).
-        model: the network; its config must equal ``info.config``.
-        info: preprocessing, labels and card.
-        half: store floating-point weights as float16 (half the size).
-    """
+def _pack(model: VNet, info: ModelInfo, half: bool) -> dict[str, Any]:
     if model.config != info.config:
         raise ValueError("model.config differs from info.config; pass the model's own config")
     if len(info.labels) + 1 != info.config.out_channels:
@@ -173,13 +166,30 @@ def save_model(
     for k, v in model.state_dict().items():
         v = v.detach().cpu().clone()
         state[k] = v.half() if half and v.is_floating_point() else v
-    payload = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "metadata": info.to_json(),
-        "weights_sha256": weights_digest(state),
-        "state_dict": state,
-    }
+    return {"metadata": info.to_json(), "weights_sha256": weights_digest(state), "state_dict": state}
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: VNet,
+    info: ModelInfo,
+    *,
+    half: bool = False,
+    locator: tuple[VNet, ModelInfo] | None = None,
+) -> str:
+    """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
+
+    Args:
+        path: destination file (conventionally ``*.pt``).
+        model: the network; its config must equal ``info.config``.
+        info: preprocessing, labels and card.
+        half: store floating-point weights as float16 (half the size).
+        locator: optional (network, info) that finds the organ at a coarse spacing (its
+            ``info.preprocessing.target_spacing``) for fast mode; stored in the same file.
+    """
+    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **_pack(model, info, half)}
+    if locator is not None:
+        payload["locator"] = _pack(locator[0], locator[1], half)
     dest = Path(path)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
@@ -220,8 +230,24 @@ def _read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _unpack(entry: Any, p: Path, what: str) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    state = entry.get("state_dict") if isinstance(entry, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{p} holds no {what} weights")
+    if weights_digest(state) != entry.get("weights_sha256"):
+        raise ModelFileError(f"{p}: the {what} weights do not match their recorded digest; the file was modified or damaged")
+    try:
+        info = ModelInfo.from_json(str(entry["metadata"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"{p} has unreadable {what} metadata: {exc}") from None
+    info.weights_dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    return info, state
+
+
 def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     """Read and verify a model file; return its info and state dict (not yet in a network).
+
+    A locator carried in the file is verified too and built into ``info.locator``.
 
     Raises:
         ModelFileError: missing, truncated, tampered, wrong-format or newer-format file, or
@@ -237,32 +263,42 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
             f"download or copy it again"
         )
     payload = _read_payload(p)
-    state = payload.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"{p} holds no weights")
-    if weights_digest(state) != payload.get("weights_sha256"):
-        raise ModelFileError(f"{p}: the weights do not match their recorded digest; the file was modified or damaged")
-    try:
-        info = ModelInfo.from_json(str(payload["metadata"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ModelFileError(f"{p} has unreadable metadata: {exc}") from None
+    info, state = _unpack(payload, p, "model")
+    if payload.get("locator") is not None:
+        loc_info, loc_state = _unpack(payload["locator"], p, "locator")
+        info.locator = (_build(loc_info, loc_state, p), loc_info)
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
-    info.weights_dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
     return info, state
 
 
-def load_model(
-    path: str | os.PathLike[str], sha256: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[VNet, ModelInfo]:
-    """Rebuild the network from the file alone, in eval mode, float32, on ``device``."""
-    info, state = read_model_info(path, sha256)
+def _build(info: ModelInfo, state: dict[str, torch.Tensor], path: Path) -> VNet:
     model = VNet(info.config)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: the weights do not fit the recorded architecture ({str(exc)[:200]})") from None
-    return model.to(device).eval(), info
+    return model.eval()
+
+
+def load_model(
+    path: str | os.PathLike[str], sha256: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[VNet, ModelInfo]:
+    """Rebuild the network (and its locator, if any) from the file alone, in eval mode, float32."""
+    info, state = read_model_info(path, sha256)
+    if info.locator is not None:
+        info.locator[0].to(device)
+    return _build(info, state, Path(path)).to(device), info
+
+
+def _fast_mode_text(info: ModelInfo) -> str:
+    if info.locator is not None:
+        loc = info.locator[1]
+        spacing = " x ".join(f"{s:g}" for s in loc.preprocessing.target_spacing)
+        return f"locator V-Net widths={list(loc.config.widths)} at {spacing} mm"
+    if info.preprocessing.coarse_spacing:
+        return f"coarse pass at {' x '.join(f'{s:g}' for s in info.preprocessing.coarse_spacing)} mm"
+    return "not supported (full pass only)"
 
 
 def describe(info: ModelInfo) -> str:
@@ -277,8 +313,7 @@ def describe(info: ModelInfo) -> str:
         f"spacing (mm)   : {' x '.join(f'{s:g}' for s in pre.target_spacing)} ({pre.orientation})",
         f"HU window      : {pre.hu_window[0]:g} .. {pre.hu_window[1]:g} -> {pre.scale[0]:g} .. {pre.scale[1]:g}",
         f"patch (voxels) : {' x '.join(str(s) for s in pre.patch_size)}",
-        "fast mode      : "
-        + (f"coarse pass at {' x '.join(f'{s:g}' for s in pre.coarse_spacing)} mm" if pre.coarse_spacing else "not supported"),
+        f"fast mode      : {_fast_mode_text(info)}",
         "labels         : " + ", ".join(f"{lab.value}={lab.name} rgb{lab.color}" for lab in info.labels),
     ]
     for key, value in info.card.items():

@@ -304,9 +304,11 @@ def choose_mode(requested: str, device: torch.device, info: ModelInfo) -> str:
     """"auto" -> "fast" on CPU when the model supports it, else "full"; "fast" needs model support."""
     if requested not in ("auto", "fast", "full"):
         raise ValueError(f"mode must be auto, fast or full, got {requested!r}")
-    supported = info.preprocessing.coarse_spacing is not None
+    supported = info.locator is not None or info.preprocessing.coarse_spacing is not None
     if requested == "fast" and not supported:
-        raise ValueError("--mode fast needs a model trained for a coarse pass (this model file has no coarse_spacing); use --mode full")
+        raise ValueError(
+            "--mode fast needs a model file with a locator or a coarse_spacing (this one has neither); use --mode full"
+        )
     if requested == "auto":
         return "fast" if supported and device.type == "cpu" else "full"
     return requested
@@ -377,8 +379,14 @@ def predict_volume(
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
     region, fine_from = grid, 0.05
     if mode == "fast":
-        coarse = make_grid_map(image.shape, image.affine, pre.coarse_spacing)  # type: ignore[arg-type]
-        found = _run_network(image.array, coarse, model, info, opts, device, _stage(progress, 0.02, 0.2, "locating"), cancel, notes, True)
+        if info.locator is not None:  # a small network of its own, at its own spacing
+            loc_net, loc_info = info.locator[0].to(device).eval(), info.locator[1]
+            spacing = loc_info.preprocessing.target_spacing
+        else:  # the model itself, trained to work at the coarse spacing too
+            loc_net, loc_info, spacing = model, info, pre.coarse_spacing  # type: ignore[assignment]
+        coarse = make_grid_map(image.shape, image.affine, spacing)
+        locating = _stage(progress, 0.02, 0.2, "locating")
+        found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, locating, cancel, notes, True)
         box, reason = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
         if box is None:
             notes.append(f"fast mode: {reason}; the whole volume was segmented at full resolution")
