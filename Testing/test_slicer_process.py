@@ -1,0 +1,163 @@
+"""The background process: events, failures, cancellation; the scene is untouched unless a run succeeds.
+
+The child processes here are real Python processes (small scripts, or the real ``vnetseg`` CLI).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from slicer_helpers import make_scene
+
+from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions, VNetSegmentationLogic  # noqa: E402
+from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(before)
+
+
+def script(code: str) -> BackgroundProcess:
+    return BackgroundProcess(["-c", code], python=sys.executable)
+
+
+def test_events_are_read_line_by_line():
+    proc = script(
+        "import json\n"
+        "print(json.dumps({'event': 'progress', 'fraction': 0.5, 'message': 'half'}))\n"
+        "print('not json')\n"
+        "print(json.dumps({'event': 'done', 'volume_ml': 12.5, 'warnings': []}))\n"
+    )
+    events = proc.wait(timeout=30)
+    assert [e["event"] for e in events] == ["progress", "output", "done"]
+    assert events[1]["message"] == "not json"
+    assert proc.state == "succeeded" and proc.fraction == 1.0 and proc.result["volume_ml"] == 12.5
+
+
+def test_error_event_and_exit_code_give_a_clear_message():
+    proc = script(
+        "import json, sys\n"
+        "print(json.dumps({'event': 'error', 'message': 'input ct.nii does not exist'}))\n"
+        "sys.stderr.write('vnetseg: error: input ct.nii does not exist\\n')\n"
+        "sys.exit(2)\n"
+    )
+    proc.wait(timeout=30)
+    assert proc.state == "failed" and proc.error == "input ct.nii does not exist"
+
+
+def test_crash_without_output_reports_stderr_tail():
+    proc = script("import sys\nsys.stderr.write('Segmentation fault in libfoo\\n')\nsys.exit(139)\n")
+    proc.wait(timeout=30)
+    assert proc.state == "failed" and proc.error == "Segmentation fault in libfoo"
+    silent = script("import sys\nsys.exit(3)\n")
+    silent.wait(timeout=30)
+    assert silent.error == "the segmentation process ended with exit code 3"
+
+
+def test_exit_zero_without_done_is_a_failure():
+    proc = script("print('{\"event\": \"progress\", \"fraction\": 0.1}')\n")
+    proc.wait(timeout=30)
+    assert proc.state == "failed"
+
+
+def test_cancel_kills_the_process():
+    proc = script("import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(60)\n")
+    deadline = time.monotonic() + 30
+    while not proc.poll() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    proc.cancel()
+    assert proc.state == "cancelled"
+    assert proc._process.poll() is not None, "the child must be gone"
+    assert time.monotonic() - started < 5
+
+
+def test_predict_command_is_what_the_cli_accepts(tmp_path):
+    from vnetseg.cli import build_parser
+
+    cmd = PredictCommand(tmp_path / "in.nii", tmp_path / "out.nii", tmp_path / "m.pt", "cpu", 0.5, False,
+                         tmp_path / "r.json", "ab" * 32)
+    args = cmd.arguments()
+    assert args[:2] == ["-m", "vnetseg"]
+    ns = build_parser().parse_args(args[2:])
+    assert ns.command == "predict" and ns.inputs == [str(tmp_path / "in.nii")]
+    assert (ns.output, ns.model, ns.device, ns.overlap) == (str(tmp_path / "out.nii"), str(tmp_path / "m.pt"), "cpu", 0.5)
+    assert ns.postprocess is False and ns.overwrite and ns.progress == "json"
+    assert ns.report == str(tmp_path / "r.json") and ns.sha256 == "ab" * 32
+
+
+def test_child_finds_the_core():
+    import vnetseg
+
+    env = childEnvironment()
+    proc = BackgroundProcess(["-c", "import json, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__}))"],
+                             python=sys.executable)
+    proc.wait(timeout=60)
+    assert proc.state == "succeeded" and proc.result["path"] == vnetseg.__file__
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+# ------------------------------------------------------------------------------- with the Logic
+@pytest.fixture(scope="module")
+def env():
+    return make_scene()
+
+
+@pytest.fixture
+def logic(env, tmp_path):
+    return VNetSegmentationLogic(env.scene, tmp_path / "models", includeShippedModels=False)
+
+
+def test_cancel_background_run_leaves_scene_unchanged(ct_dir, tiny_model_file, env, logic):
+    volume = env.load_volume(ct_dir / "example_ct.nii.gz", "ct")
+    before = env.node_ids()
+    run = logic.startSegmentation(volume, tiny_model_file, SegmentationOptions("cpu", 0.5))
+    assert run.tempDir.exists() and (run.tempDir / "input.nii").is_file()
+    deadline = time.monotonic() + 120
+    while not any(e.get("event") == "progress" for e in run.poll()) and time.monotonic() < deadline:
+        assert not run.finished, run.error
+        time.sleep(0.05)
+    run.cancel()
+    assert run.state == "cancelled" and run.process._process.poll() is not None
+    assert not run.tempDir.exists()
+    with pytest.raises(SegmentationCancelled):
+        logic.finishSegmentation(run)
+    assert env.node_ids() == before
+
+
+def test_failed_background_run_is_a_clear_error_and_leaves_scene_unchanged(ct_dir, tiny_model_file, env, logic):
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "sm")
+    before = env.node_ids()
+    with pytest.raises(RuntimeError, match=r"the segmentation failed: device 'cuda:99'"):
+        logic.segment(volume, tiny_model_file, SegmentationOptions("cuda:99"), background=True, timeout=120)
+    assert env.node_ids() == before
+
+
+def test_cancel_synchronous_run_leaves_scene_unchanged(ct_dir, tiny_model_file, env, logic):
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "sm2")
+    before = env.node_ids()
+    seen = []
+    with pytest.raises(SegmentationCancelled):
+        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", 0.0),
+                      progress=lambda f, m: seen.append(f), cancel=lambda: len(seen) > 1)
+    assert seen and env.node_ids() == before
+
+
+def test_cancel_callback_in_background_mode(ct_dir, tiny_model_file, env, logic):
+    volume = env.load_volume(ct_dir / "example_ct.nii.gz", "ct2")
+    before = env.node_ids()
+    seen = []
+    with pytest.raises(SegmentationCancelled):
+        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", 0.5), background=True,
+                      progress=lambda f, m: seen.append(f), cancel=lambda: bool(seen))
+    assert seen and env.node_ids() == before
