@@ -62,12 +62,17 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
 
 
 # ---------------------------------------------------------------- SimpleITK <-> (array, affine)
-def sitk_to_array_affine(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """SimpleITK image -> ((I, J, K) array, voxel-to-RAS affine). The array is a transposed view."""
-    arr = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0) if img.GetDimension() == 3 else None
-    if arr is None:
+def sitk_to_array_affine(img: sitk.Image, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image -> ((I, J, K) array, voxel-to-RAS affine).
+
+    The array is one copy of the voxels (converted to ``dtype`` on the way), seen transposed:
+    no second full-size temporary is made.
+    """
+    if img.GetDimension() != 3:
         raise ImageError(f"expected a 3D image, got {img.GetDimension()}D")
-    return np.array(arr), affine_from_sitk(img)
+    view = sitk.GetArrayViewFromImage(img)  # (K, J, I), valid while img lives
+    arr = view.astype(dtype or view.dtype, copy=True)
+    return arr.transpose(2, 1, 0), affine_from_sitk(img)
 
 
 def affine_from_sitk(img: sitk.Image) -> np.ndarray:
@@ -169,8 +174,8 @@ def _from_sitk(img: sitk.Image, name: str, dtype: type) -> Image:
         img = img[:, :, :, 0]
     if img.GetDimension() != 3:
         raise ImageError(f"{name} is {img.GetDimension()}D with size {img.GetSize()}; a 3D CT volume is needed")
-    arr, affine = sitk_to_array_affine(img)
-    return Image(arr.astype(dtype, copy=False), affine)
+    arr, affine = sitk_to_array_affine(img, dtype)
+    return Image(arr, affine)
 
 
 def _read_dicom_dir(p: Path, dtype: type) -> Image:
