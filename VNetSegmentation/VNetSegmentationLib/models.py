@@ -74,20 +74,24 @@ class ModelStore:
         folder: the user's model folder (created when the first model is imported);
             default :func:`defaultModelFolder`.
         includeShipped: also list the models shipped with the core (``vnetseg.registry``).
+        registryFile: the shipped models' ``registry.json``; default the core's own.
     """
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None, includeShipped: bool = True) -> None:
+    def __init__(self, folder: str | os.PathLike[str] | None = None, includeShipped: bool = True,
+                 registryFile: str | os.PathLike[str] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else defaultModelFolder()
         self.includeShipped = includeShipped
+        self.registryFile = Path(registryFile) if registryFile is not None else None
         self._infoCache: dict[tuple[str, float, int], Any] = {}
 
     def listModels(self) -> list[ModelEntry]:
         """Shipped models first (default first), then the user's models by name."""
         entries: list[ModelEntry] = []
         if self.includeShipped:
-            from vnetseg.registry import shipped_models
+            from vnetseg.registry import REGISTRY_FILE, shipped_models
 
-            entries += [ModelEntry(m.name, m.path, m.sha256, "shipped") for m in shipped_models()]
+            shipped = shipped_models(self.registryFile or REGISTRY_FILE)
+            entries += [ModelEntry(m.name, m.path, m.sha256, "shipped") for m in shipped]
         if self.folder.is_dir():
             for path in sorted(self.folder.glob("*" + MODEL_SUFFIX)):
                 if path.is_file() and not path.name.startswith("."):
