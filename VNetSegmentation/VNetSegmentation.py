@@ -30,7 +30,7 @@ from slicer.util import VTKObservationMixin
 
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic
 from VNetSegmentationLib.checks import ERROR
-from VNetSegmentationLib.environment import deviceLabels, pyTorchUtilsLogic
+from VNetSegmentationLib.environment import deviceLabels, installPackages, missingPackages, pyTorchUtilsLogic
 
 __all__ = ["VNetSegmentation", "VNetSegmentationLogic", "VNetSegmentationTest", "VNetSegmentationWidget"]
 
@@ -155,9 +155,12 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --------------------------------------------------------------------- GUI state
     def refreshTorchAndDevices(self) -> None:
         status = self.logic.torchStatus()
-        self.ui.torchStatusLabel.text = "" if status.installed else status.message
-        self.ui.torchStatusLabel.visible = not status.installed
-        self.ui.installTorchButton.visible = not status.installed
+        missing = missingPackages()
+        texts = ([] if status.installed else [status.message]) + (
+            [_("Missing Python packages: {names}.").format(names=", ".join(missing))] if missing else [])
+        self.ui.torchStatusLabel.text = " ".join(texts)
+        self.ui.torchStatusLabel.visible = bool(texts)
+        self.ui.installTorchButton.visible = bool(texts)
         found = self.logic.detectDevices() if status.installed else {}
         labels = deviceLabels(found)
         self._updating = True
@@ -245,7 +248,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def startRun(self) -> None:
         p = self._parameterNode
-        if not self.logic.torchStatus().installed:
+        if not self.logic.torchStatus().installed or missingPackages():
             self.onInstallTorch()
             return
         options = SegmentationOptions(p.device, p.overlap, p.postprocess)
@@ -377,12 +380,19 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallTorch(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("PyTorch could not be installed."), waitCursor=True):
-            if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(_(
-                    "Install PyTorch with pip now (a download of up to a few GB)? For a GPU build that matches your "
-                    "driver, cancel, install the 'PyTorch' extension from the Extensions Manager, and try again.")):
-                return
-            how = self.logic.installTorch(askConfirmation=True)
-            logging.info(f"PyTorch installed through {how}")
+            missing = missingPackages()
+            if missing:
+                if not slicer.util.confirmOkCancelDisplay(
+                        _("Install the missing Python packages ({names}) with pip?").format(names=", ".join(missing))):
+                    return
+                installPackages(missing)
+            if not self.logic.torchStatus().installed:
+                if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(_(
+                        "Install PyTorch with pip now (a download of up to a few GB)? For a GPU build that matches "
+                        "your driver, cancel, install the 'PyTorch' extension from the Extensions Manager, and try again.")):
+                    return
+                how = self.logic.installTorch(askConfirmation=True)
+                logging.info(f"PyTorch installed through {how}")
             self.refreshTorchAndDevices()
             self.updateGui()
 

@@ -19,6 +19,25 @@ TORCH_MISSING = (
 )
 
 
+# import name -> pip requirement of what the core needs besides torch (= Resources/requirements.txt)
+REQUIRED_PACKAGES = {"nibabel": "nibabel>=5.0", "scipy": "scipy>=1.10", "SimpleITK": "SimpleITK>=2.2"}
+
+
+def missingPackages() -> list[str]:
+    """pip requirements of the core's dependencies (besides torch) that cannot be imported here."""
+    return [spec for module, spec in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def installPackages(requirements: list[str]) -> None:
+    """``slicer.util.pip_install`` the given requirements (inside the Slicer application only)."""
+    import slicer
+
+    if not hasattr(slicer, "app"):
+        raise RuntimeError("installPackages needs the 3D Slicer application; elsewhere use pip")
+    if requirements:
+        slicer.util.pip_install(requirements)
+
+
 @dataclass(frozen=True)
 class TorchStatus:
     """Whether torch can be imported, its version, and what to tell the user."""
