@@ -1,0 +1,79 @@
+"""Patch sampling: foreground ratio, determinism, padding, augmentation without left-right flips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.cache import CachedCase
+from training.config import AugmentConfig
+from training.sampling import PatchDataset, build_augmentation, crop, crop_margin
+
+
+def _case(seed: int = 0) -> CachedCase:
+    rng = np.random.default_rng(seed)
+    image = rng.random((40, 36, 30)).astype(np.float32)
+    label = np.zeros((40, 36, 30), np.uint8)
+    label[30:34, 5:9, 20:24] = 1  # a small structure near the +x (patient's left) side
+    return CachedCase("c", image, label, np.argwhere(label > 0).astype(np.int32))
+
+
+def test_crop_pads_outside_the_volume() -> None:
+    vol = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    out = crop(vol, np.array([0, 1, 1]), (3, 3, 3), pad_value=-1.0)
+    assert np.all(out[0] == -1.0)  # x = -1 lies outside
+    np.testing.assert_array_equal(out[1:], vol[:2])
+    assert crop(vol, np.array([10, 10, 10]), (2, 2, 2), 5.0).tolist() == np.full((2, 2, 2), 5.0).tolist()
+
+
+def test_foreground_ratio_one_and_zero() -> None:
+    case = _case()
+    fg = PatchDataset([case], (16, 16, 16), 20, fg_ratio=1.0, seed=0, augment=None)
+    for i in range(20):
+        item = fg[i]
+        assert item["image"].shape == (1, 16, 16, 16) and item["label"].shape == (16, 16, 16)
+        assert item["label"][8, 8, 8] == 1  # centred on a foreground voxel
+    bg = PatchDataset([case], (16, 16, 16), 200, fg_ratio=0.0, seed=0, augment=None)
+    share = np.mean([bg[i]["label"].sum().item() > 0 for i in range(200)])
+    assert share < 0.3  # uniform centres rarely hit a 64-voxel structure
+
+
+def test_patches_are_a_function_of_seed_epoch_and_index() -> None:
+    aug = AugmentConfig(elastic_prob=0.5, elastic_sigma=(2, 3), elastic_magnitude=(1, 2))
+    ds = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=aug)
+    a = ds[5]
+    b = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=aug)[5]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5]["image"], a["image"])
+    ds.set_epoch(0)
+    single = list(DataLoader(ds, batch_size=2, num_workers=0))
+    multi = list(DataLoader(ds, batch_size=2, num_workers=2))
+    # worker processes change nothing (up to float rounding: workers run torch on 1 thread)
+    for s, m in zip(single, multi):
+        torch.testing.assert_close(s["image"], m["image"], atol=1e-5, rtol=0)
+        assert torch.equal(s["label"], m["label"])
+
+
+def test_augmentation_keeps_labels_binary_and_never_flips_by_default() -> None:
+    aug = AugmentConfig()
+    assert not aug.flip_lr
+    names = [type(t).__name__ for t in build_augmentation(aug, (16, 16, 16)).transforms]
+    assert not any("Flip" in n for n in names)
+    assert "RandAffined" in names and "Rand3DElasticd" in names and "RandGaussianNoised" in names
+    assert crop_margin((16, 16, 16), aug) > (16, 16, 16)
+    # patches centred on the structure near +x: with rotation <= 15 degrees and no flip, the
+    # structure's voxels stay in the patch and the label stays a 0/1 map
+    ds = PatchDataset([_case()], (16, 16, 16), 10, fg_ratio=1.0, seed=1, augment=aug)
+    for i in range(10):
+        label = ds[i]["label"]
+        assert set(label.unique().tolist()) <= {0, 1} and label.sum() > 10
+    flip = [type(t).__name__ for t in build_augmentation(AugmentConfig(flip_lr=True), (16, 16, 16)).transforms]
+    assert "RandAxisFlipd" in flip
+
+
+def test_empty_dataset_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        PatchDataset([], (16, 16, 16), 4, 0.5, 0, None)

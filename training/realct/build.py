@@ -1,0 +1,182 @@
+"""Write training subjects made from the real CTs, and MSD task folders that train on them.
+
+Layout under ``OUT`` (a run folder, never committed)::
+
+    OUT/pool/imagesTr/<subject>.nii.gz   every subject (int16 HU, 1.5 x 1.5 x 2.0 mm, RAS)
+    OUT/pool/labelsTr/<subject>.nii.gz   its spleen mask (uint8, 1 = spleen)
+    OUT/pool/subjects.json               how each subject was made (patient, kind, view, phase...)
+    OUT/real/...                         the real CTs with their spleen pseudo-labels (validation)
+    OUT/tasks/<task>/                    MSD task folders (symlinks into pool/ and real/),
+                                         dataset.json and splits.json (one fold: train / val)
+
+Subject names say where they come from: ``p1_real_007`` (a view of P1's real image) or
+``p2_syn_003`` (a synthetic CT drawn from P2's label map). Leaving a patient out therefore means
+dropping every subject whose name starts with its prefix.
+
+Command line: ``python -m training.realct.build --out runs/realct --per-kind 20 --seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vnetseg.io import write_nifti
+
+from ..data import write_dataset_json
+from .augment import ViewSettings, degrade, draw_view, sample_view
+from .sources import Scan, load_scans
+from .synth import group_map, group_means, rephase_real, synthesize
+
+KINDS = ("real", "syn")
+TRAIN_SCANS = ("p1_ct", "p2_dicom")  # p1_sm is a crop of p1_ct: no new voxels to learn from
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What one written subject is."""
+
+    name: str
+    patient: str
+    kind: str
+    spleen_ml: float
+    info: dict
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "patient": self.patient, "kind": self.kind, "spleen_ml": round(self.spleen_ml, 1), **self.info}
+
+
+def make_subject(scan: Scan, kind: str, rng: np.random.Generator, settings: ViewSettings, source_means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One subject from ``scan``: a deformed view, then real (rephased) or synthetic appearance, then degradations.
+
+    Returns:
+        ((X, Y, Z) int16 HU, (X, Y, Z) uint8 spleen mask, 4x4 affine, description).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    view = draw_view(scan, rng, settings)
+    hu, labels = sample_view(scan, view, settings.spacing)
+    groups = group_map(labels, scan.version)
+    if kind == "syn":
+        hu, phase = synthesize(hu, groups, rng)
+    elif rng.random() < 0.7:
+        hu, phase = rephase_real(hu, groups, source_means, rng)
+    else:
+        phase = "as scanned"
+    hu, degraded = degrade(hu, rng, settings.spacing)
+    spleen = (labels == 1).astype(np.uint8)
+    info = {"view": view.mode, "shape": list(view.shape), "phase": phase, **degraded}
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), spleen, view.affine(settings.spacing), info
+
+
+def write_pool(out: str | os.PathLike[str], per_kind: int = 20, seed: int = 0, scans: list[Scan] | None = None,
+               settings: ViewSettings = ViewSettings(), log=print) -> list[Subject]:
+    """Write ``per_kind`` real-view and ``per_kind`` synthetic subjects for each training scan.
+
+    Subjects already on disk (same name) are kept, so an interrupted build resumes; each subject
+    is a pure function of (seed, scan, kind, index).
+    """
+    pool = Path(out) / "pool"
+    (pool / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (pool / "labelsTr").mkdir(parents=True, exist_ok=True)
+    scans = scans if scans is not None else load_scans(names=TRAIN_SCANS)
+    record_path = pool / "subjects.json"
+    records = {r["name"]: r for r in json.loads(record_path.read_text())} if record_path.is_file() else {}
+    subjects = []
+    for s_index, scan in enumerate(scans):
+        means = group_means(scan.image.array, group_map(scan.labels, scan.version))
+        for k_index, kind in enumerate(KINDS):
+            for n in range(per_kind):
+                name = f"{scan.patient.lower()}_{kind}_{n:03d}"
+                img_path, lab_path = pool / "imagesTr" / f"{name}.nii.gz", pool / "labelsTr" / f"{name}.nii.gz"
+                if name in records and img_path.is_file() and lab_path.is_file():
+                    r = records[name]
+                    subjects.append(Subject(name, r["patient"], r["kind"], r["spleen_ml"], {}))
+                    continue
+                t0 = time.perf_counter()
+                rng = np.random.default_rng([seed, s_index, k_index, n])
+                hu, spleen, affine, info = make_subject(scan, kind, rng, settings, means)
+                write_nifti(img_path, hu, affine, overwrite=True)
+                write_nifti(lab_path, spleen, affine, overwrite=True)
+                ml = float(spleen.sum()) * float(np.prod(settings.spacing)) / 1000.0
+                subject = Subject(name, scan.patient, kind, ml, {"scan": scan.name, **info})
+                subjects.append(subject)
+                records[name] = subject.to_dict()
+                record_path.write_text(json.dumps(list(records.values()), indent=1))
+                if log:
+                    log(f"{name}: {info['view']} view {info['shape']}, {info['phase']}, spleen {ml:.0f} mL "
+                        f"({time.perf_counter() - t0:.1f} s)")
+    return subjects
+
+
+def write_real_cases(out: str | os.PathLike[str], scans: list[Scan]) -> dict[str, tuple[Path, Path]]:
+    """Write each real scan and its spleen pseudo-label as NIfTI under ``OUT/real`` (for validation)."""
+    folder = Path(out) / "real"
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    cases = {}
+    for scan in scans:
+        name = f"real_{scan.name}"
+        img, lab = folder / "imagesTr" / f"{name}.nii.gz", folder / "labelsTr" / f"{name}.nii.gz"
+        if not (img.is_file() and lab.is_file()):
+            write_nifti(img, np.round(scan.image.array).astype(np.int16), scan.image.affine, overwrite=True)
+            write_nifti(lab, scan.spleen.astype(np.uint8), scan.image.affine, overwrite=True)
+        cases[name] = (img, lab)
+    return cases
+
+
+def write_task(task_dir: str | os.PathLike[str], train: dict[str, tuple[Path, Path]], val: dict[str, tuple[Path, Path]],
+               description: str) -> Path:
+    """An MSD task folder with symlinks to the cases, ``dataset.json`` and a one-fold ``splits.json``.
+
+    Validation cases may also be training cases (a training-set check); they are listed once.
+    """
+    root = Path(task_dir)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for name, (img, lab) in {**train, **val}.items():
+        for sub, target in (("imagesTr", img), ("labelsTr", lab)):
+            link = root / sub / f"{name}.nii.gz"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path(target).resolve())
+        pairs.append((f"./imagesTr/{name}.nii.gz", f"./labelsTr/{name}.nii.gz"))
+    write_dataset_json(root, pairs, {0: "background", 1: "spleen"}, name="RealCTSpleen", description=description)
+    (root / "splits.json").write_text(json.dumps([{"train": sorted(train), "val": sorted(val)}], indent=1))
+    return root
+
+
+def pool_cases(out: str | os.PathLike[str], subjects: list[Subject], patients: tuple[str, ...]) -> dict[str, tuple[Path, Path]]:
+    """Pool subjects of ``patients`` as name -> (image, label) paths."""
+    pool = Path(out) / "pool"
+    return {s.name: (pool / "imagesTr" / f"{s.name}.nii.gz", pool / "labelsTr" / f"{s.name}.nii.gz")
+            for s in subjects if s.patient in patients}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.realct.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="run folder (pool/ is written into it)")
+    parser.add_argument("--per-kind", type=int, default=20, help="subjects per patient and kind (real views, synthetic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ct-dir", type=Path, help="real-CT folder (default $VNETSEG_CT_DIR or ../shared/data/ct)")
+    args = parser.parse_args(argv)
+    try:
+        scans = load_scans(args.ct_dir, TRAIN_SCANS)
+        subjects = write_pool(args.out, args.per_kind, args.seed, scans)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(subjects)} subjects in {args.out / 'pool'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
