@@ -55,15 +55,14 @@ def logic_result(ct_dir: Path, model: Path | None):
     sys.path[:0] = [str(REPO / "Testing"), str(REPO / "VNetSegmentation")]
     import nibabel as nib
     from slicer_helpers import make_scene, node_array_ijk
-
-    from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
     from vnetseg.checkpoint import SPLEEN_LABELS
+    from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
     env = make_scene()
     volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "example_ct_sm")
     logic = VNetSegmentationLogic(env.scene, includeShippedModels=False)
     if model is not None:
-        seg, result = logic.segment(volume, model, SegmentationOptions("cpu"))
+        seg, _ = logic.segment(volume, model, SegmentationOptions("cpu"))
         source = f"V-Net model {model.name}"
     else:
         label = np.asarray(nib.load(str(ct_dir / "example_ct_sm_multilabel_v2.nii.gz")).dataobj) == 1

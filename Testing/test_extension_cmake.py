@@ -18,7 +18,7 @@ NOT_SHIPPED = ("Testing/", "vnetseg.egg-info/", "__pycache__/")
 def cmake_set(name: str, module_name: str) -> list[str]:
     """The values of ``set(name ...)`` with ${MODULE_NAME} expanded."""
     text = re.sub(r"#[^\n]*", "", (MODULE / "CMakeLists.txt").read_text(encoding="utf-8"))
-    match = re.search(rf"set\(\s*{name}\s+(.*?)\)", text, re.S)
+    match = re.search(rf"set\(\s*{name}\s+(.*?)\)", text, re.DOTALL)
     assert match, f"set({name} ...) not found"
     return [w.replace("${MODULE_NAME}", module_name) for w in match.group(1).split()]
 
@@ -26,7 +26,7 @@ def cmake_set(name: str, module_name: str) -> list[str]:
 def glob_patterns(module_name: str) -> list[str]:
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     patterns = []
-    for block in re.findall(r"file\(\s*GLOB\s+\w+\s+RELATIVE\s+\S+\s+(.*?)\)", text, re.S):
+    for block in re.findall(r"file\(\s*GLOB\s+\w+\s+RELATIVE\s+\S+\s+(.*?)\)", text, re.DOTALL):
         patterns += [p.replace("${MODULE_NAME}", module_name) for p in block.split()]
     return patterns
 
@@ -60,7 +60,7 @@ def test_every_module_file_is_listed_in_cmake():
 
 def test_module_build_macro_tests_and_self_test():
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert re.search(r"slicerMacroBuildScriptedModule\(.*?WITH_GENERIC_TESTS.*?\)", text, re.S)
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*?WITH_GENERIC_TESTS.*?\)", text, re.DOTALL)
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     assert "add_subdirectory(Testing)" in text
     registered = re.findall(r"SCRIPT\s+(\S+)\)", (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text())

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk
-
-from VNetSegmentationLib import PreRunCheckError, SegmentationOptions, VNetSegmentationLogic, checks, nodes  # noqa: E402
-from vnetseg.checkpoint import SPLEEN_LABELS, Preprocessing  # noqa: E402
+from vnetseg.checkpoint import SPLEEN_LABELS, Preprocessing
+from VNetSegmentationLib import PreRunCheckError, SegmentationOptions, VNetSegmentationLogic, checks, nodes
 
 
 @pytest.fixture(scope="module")

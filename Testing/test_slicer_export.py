@@ -6,12 +6,10 @@ import json
 
 import numpy as np
 import pytest
-
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk
-
-from VNetSegmentationLib import VNetSegmentationLogic, nodes  # noqa: E402
-from VNetSegmentationLib.export import caseNameFrom  # noqa: E402
-from vnetseg.checkpoint import SPLEEN_LABELS  # noqa: E402
+from vnetseg.checkpoint import SPLEEN_LABELS
+from VNetSegmentationLib import VNetSegmentationLogic, nodes
+from VNetSegmentationLib.export import caseNameFrom
 
 training_data = pytest.importorskip("training.data", reason="training/data.py (read_msd) is not available")
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk, ras_centroid, resample_nearest, slicer, vtk
-
-from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes  # noqa: E402
+from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
 OPTIONS = SegmentationOptions("cpu", 0.0, postprocess=False)
 
@@ -98,7 +96,7 @@ def segment_volume(env, tiny_model_file, array, affine, name):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_storage_order_does_not_move_the_segment(variant, env, base, base_result, tiny_model_file):
     array, affine = VARIANTS[variant](*base)
-    volume, seg, mask = segment_volume(env, tiny_model_file, array, affine, variant)
+    _, _, mask = segment_volume(env, tiny_model_file, array, affine, variant)
     on_base = resample_nearest(mask, affine, base[0].shape, base[1])
     assert (on_base >= 0).all()
     assert np.count_nonzero(on_base != base_result) == 0
@@ -127,7 +125,7 @@ def test_left_handed_file_flipped_by_slicer_on_load(env, base, base_result, tiny
 def test_oblique_volume_segment_rotates_with_the_image(degrees, axis, env, base, base_result, tiny_model_file):
     array, affine = base
     oblique = rotation(degrees, axis) @ affine
-    volume, seg, mask = segment_volume(env, tiny_model_file, array, oblique, f"oblique {degrees}")
+    _, seg, mask = segment_volume(env, tiny_model_file, array, oblique, f"oblique {degrees}")
     # the network sees the same voxels (closest-RAS axes, same spacing), so the IJK mask is the same
     assert np.count_nonzero(mask != base_result) == 0
     # and the segment lies on the oblique grid: its labelmap geometry is the volume's matrix

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from slicer_helpers import (
     ijk_to_ras,
     make_scene,
@@ -22,9 +21,8 @@ from slicer_helpers import (
     slicer,
     vtk,
 )
-
-from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes  # noqa: E402
-from VNetSegmentationLib.logic import PreRunCheckError  # noqa: E402
+from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
+from VNetSegmentationLib.logic import PreRunCheckError
 
 OVERLAP = 0.0  # fewer windows: the answers are compared with the core run the same way
 SPLEEN_CATEGORY = "SCT^123037004^Anatomical Structure"
@@ -98,7 +96,7 @@ def test_segment_matches_core_in_physical_space(case, ct_dir, tiny_model_file, e
 def test_dicom_series_needs_sorted_files(ct_dir, env):
     """The first file alone gives ITK an unsorted series and a wrong slice spacing; sorted files give 2 mm."""
     folder = ct_dir / "example_ct_dicom"
-    first = sorted(p for p in folder.iterdir())[0]
+    first = min(folder.iterdir())
     naive = env.volumes.AddArchetypeVolume(str(first), "naive", 0, vtk.vtkStringArray())
     sorted_node = env.load_volume(folder, "sorted")
     spacing = np.linalg.norm(ijk_to_ras(sorted_node)[:3, :3], axis=0)
@@ -173,7 +171,7 @@ def test_existing_output_is_replaced_only_when_asked(ct_dir, tiny_model_file, en
         logic.segment(volume, tiny_model_file, options, outputSegmentation=output)
     assert np.array_equal(nodes.segmentMask(output, "Spleen", volume), before)
 
-    seg, result = logic.segment(volume, tiny_model_file, options, outputSegmentation=output, replace=True)
+    seg, _ = logic.segment(volume, tiny_model_file, options, outputSegmentation=output, replace=True)
     assert seg is output and env.node_ids() == ids_before
     assert output.GetSegmentation().GetNumberOfSegments() == 2
     assert np.array_equal(nodes.segmentMask(output, "Liver", volume), liver)
@@ -201,6 +199,37 @@ def test_missing_volume_is_a_clear_error(tiny_model_file, env, logic):
     assert env.node_ids()[: len(ids)] == ids
 
 
+def test_without_torch_the_panel_says_so_and_nothing_imports_it(ct_dir, tiny_model_file, tmp_path):
+    """In a Python where torch cannot be imported: the Lib still imports, checks say what to do."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = f"""
+import json, sys
+sys.modules["torch"] = None  # torch is not installed here
+sys.path[:0] = [{str(repo / "VNetSegmentation")!r}, {str(repo / "Testing")!r}]
+from VNetSegmentationLib import PreRunCheckError, VNetSegmentationLogic
+from slicer_helpers import make_scene
+env = make_scene()
+ct = env.load_volume({str(ct_dir / "example_ct_sm.nii.gz")!r})
+logic = VNetSegmentationLogic(env.scene, {str(tmp_path / "models")!r}, includeShippedModels=False)
+out = {{"status": logic.torchStatus().installed, "codes": [m.code for m in logic.preRunChecks(ct, {str(tiny_model_file)!r})]}}
+try:
+    logic.segment(ct, {str(tiny_model_file)!r})
+except PreRunCheckError as exc:
+    out["error"] = str(exc)
+out["nodes"] = env.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["status"] is False and out["codes"] == ["torchMissing"] and out["nodes"] == 0
+    assert "PyTorch is not installed" in out["error"] and "Install PyTorch" in out["error"]
+
+
 def test_no_torch_message_and_status():
     from VNetSegmentationLib.environment import TORCH_MISSING, deviceLabels, torchStatus
 
@@ -215,7 +244,7 @@ def test_no_torch_message_and_status():
 
 def test_vnetseg_core_is_importable_from_module_folder():
     """The module folder (what Slicer puts on sys.path) holds both the Lib and the core."""
-    import VNetSegmentationLib
     import vnetseg
+    import VNetSegmentationLib
 
     assert Path(vnetseg.__file__).parent.parent == Path(VNetSegmentationLib.__file__).parent.parent

@@ -8,10 +8,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from slicer_helpers import slicer
-
-from VNetSegmentationLib.parameters import (  # noqa: E402
+from VNetSegmentationLib.parameters import (
     DEVICES,
     NODE_PARAMETERS,
     VNetSegmentationParameters,

@@ -9,11 +9,9 @@ import sys
 import time
 
 import pytest
-
 from slicer_helpers import make_scene
-
-from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions, VNetSegmentationLogic  # noqa: E402
-from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment  # noqa: E402
+from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions, VNetSegmentationLogic
+from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +40,22 @@ def test_events_are_read_line_by_line():
     assert [e["event"] for e in events] == ["progress", "output", "done"]
     assert events[1]["message"] == "not json"
     assert proc.state == "succeeded" and proc.fraction == 1.0 and proc.result["volume_ml"] == 12.5
+    assert not proc.workDir.exists(), "its own temporary folder is removed at the end"
+
+
+def test_last_line_without_newline_and_partial_writes():
+    proc = script(
+        "import sys, time\n"
+        "sys.stdout.write('{\"event\": \"progress\", \"fra'); sys.stdout.flush(); time.sleep(0.3)\n"
+        "sys.stdout.write('ction\": 0.25}\\n'); sys.stdout.flush()\n"
+        "sys.stdout.write('{\"event\": \"done\"}')\n"
+    )
+    seen = []
+    while not proc.finished:
+        seen += proc.poll()
+        time.sleep(0.05)
+    assert seen == [{"event": "progress", "fraction": 0.25}, {"event": "done"}]
+    assert proc.state == "succeeded"
 
 
 def test_error_event_and_exit_code_give_a_clear_message():

@@ -27,7 +27,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic
 from VNetSegmentationLib.checks import ERROR
 from VNetSegmentationLib.environment import deviceLabels, installPackages, missingPackages, pyTorchUtilsLogic
@@ -280,7 +279,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         run.poll()
-        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.ui.progressBar.value = round(100 * run.fraction)
         self.ui.statusLabel.text = run.message
         if not run.finished:
             return
@@ -411,7 +410,6 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SampleData
         import torch
-
         from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
         from vnetseg.model import VNetConfig, build_model
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -233,9 +234,12 @@ class VNetSegmentationLogic:
             return [checks.CheckMessage("noVolume", checks.ERROR, str(exc))]
         spacing = np.linalg.norm(nodes.ijkToRas(volumeNode)[:3, :3], axis=0)
         found = [checks.checkShape(shape, spacing)]
+        torch = torchStatus()
+        if model is not None and not torch.installed:
+            found.append(checks.CheckMessage("torchMissing", checks.ERROR, torch.message))
         if found[0] is None or found[0].level != checks.ERROR:
             found.append(checks.checkCtLike(array))
-            if model is not None:
+            if model is not None and torch.installed:
                 found.append(self._memoryCheck(shape, spacing, model, options or SegmentationOptions(), availableBytes))
         messages = [m for m in found if m is not None]
         return sorted(messages, key=lambda m: m.level != checks.ERROR)
@@ -344,7 +348,7 @@ class VNetSegmentationLogic:
             command = PredictCommand(inputPath, tempDir / "mask.nii", entry.path, options.coreDevice(),
                                      float(options.overlap), options.postprocess, tempDir / "report.json",
                                      entry.sha256 or None)
-            process = BackgroundProcess(command.arguments())
+            process = BackgroundProcess(command.arguments(), workDir=tempDir)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise

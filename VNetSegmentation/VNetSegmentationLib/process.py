@@ -2,21 +2,21 @@
 
 Inside Slicer the process is ``PythonSlicer -m vnetseg predict ... --progress json`` (Slicer's own
 Python, so torch and the core are the ones Slicer uses); elsewhere it is ``sys.executable -m
-vnetseg``. The process prints one JSON object per line; two reader threads collect stdout and
-stderr, so :meth:`BackgroundProcess.poll` never blocks and a chatty process never fills a pipe.
-Cancelling kills the process; a crash in it cannot take Slicer down. Qt-free: the Slicer Widget
-calls ``poll`` from a ``qt.QTimer``.
+vnetseg``. The process prints one JSON object per line into a file, which
+:meth:`BackgroundProcess.poll` reads incrementally: it never blocks, needs no thread (Python
+threads may not get to run in Slicer's embedded interpreter while Qt waits for events), and a
+chatty process cannot fill a pipe. Cancelling kills the process; a crash in it cannot take
+Slicer down. Qt-free: the Slicer Widget calls ``poll`` from a ``qt.QTimer``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,9 +101,14 @@ class PredictCommand:
 class BackgroundProcess:
     """One child process whose JSON-lines stdout is read as events.
 
+    The child writes its stdout and stderr to files in ``workDir``; :meth:`poll` reads whatever
+    complete lines were added since the last call. No pipes and no threads: nothing can block,
+    and it works the same inside Slicer's embedded Python as anywhere else.
+
     Attributes:
         arguments: arguments after the interpreter (e.g. ``["-m", "vnetseg", ...]``).
         python: interpreter; default :func:`pythonExecutable`.
+        workDir: folder for the output files; default a new temporary folder, removed at the end.
         state: "running", "succeeded", "failed" or "cancelled" (after :meth:`poll` saw the end).
         fraction: last progress fraction (0-1); message: last progress message.
         result: the ``done`` event; error: the failure message.
@@ -111,59 +116,28 @@ class BackgroundProcess:
 
     arguments: Sequence[str]
     python: str = field(default_factory=pythonExecutable)
+    workDir: Path | None = None
     state: str = RUNNING
     fraction: float = 0.0
     message: str = "starting"
     result: dict[str, Any] | None = None
     error: str = ""
-    stderrLines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        creation = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
+        self._ownsWorkDir = self.workDir is None
+        self.workDir = Path(tempfile.mkdtemp(prefix="vnetseg-run-")) if self.workDir is None else Path(self.workDir)
+        self._stdoutPath = self.workDir / "stdout.jsonl"
+        self._stderrPath = self.workDir / "stderr.txt"
+        self._offset = 0
+        self._partial = b""
         self._started = time.monotonic()
-        self._process = subprocess.Popen(
-            [self.python, *self.arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=childEnvironment(),
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            creationflags=creation,
-        )
-        self._readers = [
-            threading.Thread(target=self._readStdout, daemon=True),
-            threading.Thread(target=self._readStderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        creation = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
+        with open(self._stdoutPath, "wb") as out, open(self._stderrPath, "wb") as err:
+            self._process = subprocess.Popen(
+                [self.python, *self.arguments], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                env=childEnvironment(), creationflags=creation,
+            )
 
-    # ------------------------------------------------------------------ reader threads
-    def _readStdout(self) -> None:
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "output", "message": line}
-            if not isinstance(event, dict):
-                event = {"event": "output", "message": line}
-            self._events.put(event)
-        self._events.put(None)  # end of stdout
-
-    def _readStderr(self) -> None:
-        assert self._process.stderr is not None
-        for line in self._process.stderr:
-            if line.strip():
-                self.stderrLines.append(line.rstrip())
-                del self.stderrLines[:-50]  # keep the tail only
-
-    # ---------------------------------------------------------------------- public API
     @property
     def pid(self) -> int:
         return self._process.pid
@@ -176,21 +150,47 @@ class BackgroundProcess:
     def seconds(self) -> float:
         return time.monotonic() - self._started
 
+    @property
+    def stderrLines(self) -> list[str]:
+        """The last 50 non-empty lines the child wrote to stderr."""
+        try:
+            text = self._stderrPath.read_bytes().decode("utf-8", errors="replace")
+        except OSError:
+            return []
+        return [line.rstrip() for line in text.splitlines() if line.strip()][-50:]
+
+    def _readLines(self) -> list[str]:
+        try:
+            with open(self._stdoutPath, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode("utf-8", errors="replace").strip() for line in complete]
+
+    @staticmethod
+    def _parse(line: str) -> dict[str, Any]:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            return {"event": "output", "message": line}
+        return event if isinstance(event, dict) else {"event": "output", "message": line}
+
     def poll(self) -> list[dict[str, Any]]:
-        """Events that arrived since the last call (never blocks); updates state at the end."""
-        events = []
-        ended = False
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event is None:
-                ended = True
-                break
-            events.append(event)
+        """Events written since the last call (never blocks); updates the state when the child has ended."""
+        if self.state != RUNNING:
+            return []
+        ended = self._process.poll() is not None  # before reading: then no line can come after this read
+        lines = self._readLines()
+        if ended and self._partial.strip():
+            lines.append(self._partial.decode("utf-8", errors="replace").strip())
+            self._partial = b""
+        events = [self._parse(line) for line in lines if line]
+        for event in events:
             self._apply(event)
-        if ended and self.state == RUNNING:
+        if ended:
             self._finish()
         return events
 
@@ -207,18 +207,19 @@ class BackgroundProcess:
 
     def _finish(self) -> None:
         code = self._process.wait()
-        for reader in self._readers:
-            reader.join(timeout=5)
-        if self.state != RUNNING:
-            return
         if code == 0 and self.result is not None and not self.result.get("error"):
             self.state = SUCCEEDED
-            return
-        self.state = FAILED
-        if not self.error:
-            detail = self.result.get("error") if self.result else None
-            tail = [line for line in self.stderrLines if line.strip()]
-            self.error = str(detail or (tail[-1] if tail else f"the segmentation process ended with exit code {code}"))
+        else:
+            self.state = FAILED
+            if not self.error:
+                detail = self.result.get("error") if self.result else None
+                tail = self.stderrLines
+                self.error = str(detail or (tail[-1] if tail else f"the segmentation process ended with exit code {code}"))
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._ownsWorkDir:
+            shutil.rmtree(self.workDir, ignore_errors=True)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict[str, Any]]:
         """Block until the process ends (for scripts and tests); return all events seen."""
@@ -226,6 +227,8 @@ class BackgroundProcess:
         events: list[dict[str, Any]] = []
         while not self.finished:
             events += self.poll()
+            if self.finished:
+                break
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
                 raise TimeoutError(f"the segmentation process did not finish within {timeout} s; it was stopped")
@@ -241,5 +244,4 @@ class BackgroundProcess:
         if self._process.poll() is None:
             self._process.kill()
         self._process.wait()
-        for reader in self._readers:
-            reader.join(timeout=5)
+        self._cleanup()

@@ -29,7 +29,6 @@ class VNetSegmentationWidgetTest(unittest.TestCase):
 
     def _makeModel(self, folder: str) -> str:
         import torch
-
         from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
         from vnetseg.model import VNetConfig, build_model
 
