@@ -1,0 +1,136 @@
+"""What a run is made of: its options, its result, the background run handle, and its exceptions (Qt-free)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checks
+from .environment import detectDevices
+from .models import ModelEntry
+from .process import SUCCEEDED, BackgroundProcess
+
+
+class SegmentationCancelled(RuntimeError):
+    """The user cancelled the run; nothing was added to the scene."""
+
+
+class PreRunCheckError(ValueError):
+    """A check before the run failed (see ``messages``); nothing was started."""
+
+    def __init__(self, messages: list[checks.CheckMessage]) -> None:
+        super().__init__(" ".join(m.message for m in messages))
+        self.messages = messages
+
+
+@dataclass
+class SegmentationOptions:
+    """What the Advanced section sets.
+
+    Attributes:
+        device: "auto" (GPU when there is one), "gpu", "cpu", or a torch name ("cuda:1", "mps").
+        overlap: sliding-window overlap fraction in [0, 1).
+        postprocess: keep the largest component and fill holes.
+    """
+
+    device: str = "auto"
+    overlap: float = 0.25
+    postprocess: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError(f"device must be 'auto', 'gpu', 'cpu' or a torch device name, got {self.device!r}")
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+
+    def coreDevice(self) -> str:
+        """The device name for the core ("gpu" is CUDA, or Apple MPS on a Mac without CUDA)."""
+        name = self.device.strip().lower()
+        if name == "gpu":
+            found = detectDevices()
+            return "mps" if not found.get("cuda") and found.get("mps") else "cuda"
+        return name
+
+
+@dataclass
+class SegmentationResult:
+    """What one successful run produced.
+
+    Attributes:
+        segmentationNodeID: the output node; segmentIDs: its segments written by this run.
+        volumeMl: volume of the (first) segment in mL; seconds: wall time of the whole run.
+        device: what ran the network ("cuda:0", "cpu"...).
+        warnings: post-run warnings; preRunWarnings: the pre-run warnings the user accepted.
+        modelName: the model used; background: True when it ran in a separate process.
+    """
+
+    segmentationNodeID: str
+    segmentIDs: list[str]
+    volumeMl: float
+    seconds: float
+    device: str
+    warnings: list[checks.CheckMessage] = field(default_factory=list)
+    preRunWarnings: list[checks.CheckMessage] = field(default_factory=list)
+    modelName: str = ""
+    background: bool = False
+
+    def summary(self) -> str:
+        """The text the panel shows after a run."""
+        lines = [f"Spleen volume: {self.volumeMl:.1f} mL", f"Time: {self.seconds:.1f} s on {self.device}",
+                 f"Model: {self.modelName}"]
+        lines += [f"Warning: {w.message}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class BackgroundRun:
+    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time."""
+
+    process: BackgroundProcess
+    tempDir: Path
+    outputPath: Path
+    volumeNodeID: str
+    model: ModelEntry
+    info: Any
+    options: SegmentationOptions
+    outputSegmentationID: str | None
+    replace: bool
+    preRunWarnings: list[checks.CheckMessage]
+    started: float = field(default_factory=time.monotonic)
+
+    def poll(self) -> list[dict[str, Any]]:
+        events = self.process.poll()
+        if self.process.finished and self.process.state != SUCCEEDED:
+            self.cleanup()
+        return events
+
+    def cancel(self) -> None:
+        """Kill the process and delete its files; the scene is not touched."""
+        self.process.cancel()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    @property
+    def state(self) -> str:
+        return self.process.state
+
+    @property
+    def finished(self) -> bool:
+        return self.process.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.process.fraction
+
+    @property
+    def message(self) -> str:
+        return self.process.message
+
+    @property
+    def error(self) -> str:
+        return self.process.error
