@@ -34,8 +34,12 @@ def make_icon(path: Path, size: int = 128) -> None:
     draw.ellipse([18 * scale, 26 * scale, 110 * scale, 102 * scale], fill=(120, 118, 122, 255))
     draw.ellipse([56 * scale, 78 * scale, 72 * scale, 94 * scale], fill=(235, 235, 235, 255))  # vertebra
     spleen = [(78, 34), (96, 38), (106, 52), (104, 68), (94, 78), (84, 74), (88, 62), (84, 50), (76, 44)]
-    draw.polygon([(x * scale, y * scale) for x, y in spleen], fill=(*SPLEEN_RGB, 255), outline=(250, 230, 250, 255),
-                 width=2 * scale)
+    draw.polygon(
+        [(x * scale, y * scale) for x, y in spleen],
+        fill=(*SPLEEN_RGB, 255),
+        outline=(250, 230, 250, 255),
+        width=2 * scale,
+    )
     # a "V": encoder down, decoder up, joined by skip connections
     left = [(18, 40), (28, 58), (38, 76)]
     right = [(58, 76), (48, 58)][::-1]
@@ -83,9 +87,11 @@ def make_picture(path: Path, ct_dir: Path, model: Path | None) -> None:
     ct, affine, mask, lines, source = logic_result(ct_dir, model)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int)
-    views = [("axial", ct[:, :, centre[2]], mask[:, :, centre[2]], spacing[1] / spacing[0]),
-             ("coronal", ct[:, centre[1], :], mask[:, centre[1], :], spacing[2] / spacing[0]),
-             ("sagittal", ct[centre[0], :, :], mask[centre[0], :, :], spacing[2] / spacing[1])]
+    views = [
+        ("axial", ct[:, :, centre[2]], mask[:, :, centre[2]], spacing[1] / spacing[0]),
+        ("coronal", ct[:, centre[1], :], mask[:, centre[1], :], spacing[2] / spacing[0]),
+        ("sagittal", ct[centre[0], :, :], mask[centre[0], :, :], spacing[2] / spacing[1]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), facecolor="black")
     colour = np.array(SPLEEN_RGB) / 255.0
     for ax, (name, image, seg, aspect) in zip(axes, views):
@@ -97,8 +103,11 @@ def make_picture(path: Path, ct_dir: Path, model: Path | None) -> None:
         ax.invert_xaxis()  # radiological display: patient's right on the left, anterior on the left in sagittal
         ax.set_title(name, color="white")
         ax.axis("off")
-    fig.suptitle("VNet Segmentation Logic on real MRML nodes: CT volume node + 'Spleen' segment\n"
-                 f"mask: {source}", color="white", fontsize=10)
+    fig.suptitle(
+        f"VNet Segmentation Logic on real MRML nodes: CT volume node + 'Spleen' segment\nmask: {source}",
+        color="white",
+        fontsize=10,
+    )
     fig.text(0.01, 0.02, " | ".join(lines), color="white", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, facecolor="black")
@@ -109,8 +118,10 @@ def main() -> None:
     parser.add_argument("--ct-dir", type=Path, default=REPO.parent / "shared" / "data" / "ct")
     parser.add_argument("--model", type=Path, help="a trained model file (default: show the pseudo-label)")
     args = parser.parse_args()
-    for target in (REPO / "Resources" / "Icons" / "VNetSegmentation.png",
-                   REPO / "VNetSegmentation" / "Resources" / "Icons" / "VNetSegmentation.png"):
+    for target in (
+        REPO / "Resources" / "Icons" / "VNetSegmentation.png",
+        REPO / "VNetSegmentation" / "Resources" / "Icons" / "VNetSegmentation.png",
+    ):
         make_icon(target)
     make_picture(REPO / "Resources" / "Screenshots" / "VNetSegmentation_result.png", args.ct_dir, args.model)
 

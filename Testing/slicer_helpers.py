@@ -95,7 +95,9 @@ def node_array_ijk(node) -> np.ndarray:
     return np.array(slicer.util.arrayFromVolume(node)).transpose(2, 1, 0)
 
 
-def resample_nearest(mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray) -> np.ndarray:
+def resample_nearest(
+    mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray
+) -> np.ndarray:
     """``mask`` (on ``affine``) sampled at the voxel centres of the grid (``shape``, ``target_affine``).
 
     Voxels of the target grid that fall outside ``mask`` get -1, so a comparison notices them.
@@ -114,7 +116,9 @@ def same_physical_grid(affine_a: np.ndarray, shape_a, affine_b: np.ndarray, shap
     """True when grid B's voxel centres are exactly grid A's voxel centres (any storage order)."""
     if sorted(shape_a) != sorted(shape_b):
         return False
-    corners_b = np.array([[i, j, k, 1.0] for i in (0, shape_b[0] - 1) for j in (0, shape_b[1] - 1) for k in (0, shape_b[2] - 1)])
+    corners_b = np.array(
+        [[i, j, k, 1.0] for i in (0, shape_b[0] - 1) for j in (0, shape_b[1] - 1) for k in (0, shape_b[2] - 1)]
+    )
     in_a = corners_b @ (np.linalg.inv(affine_a) @ affine_b).T
     return bool(np.allclose(in_a[:, :3], np.rint(in_a[:, :3]), atol=1e-3))
 

@@ -35,7 +35,12 @@ def shipped_files() -> set[str]:
     found = set()
     for path in MODULE.rglob("*"):
         rel = path.relative_to(MODULE).as_posix()
-        if path.is_file() and not rel.startswith(NOT_SHIPPED) and "/__pycache__/" not in rel and rel != "CMakeLists.txt":
+        if (
+            path.is_file()
+            and not rel.startswith(NOT_SHIPPED)
+            and "/__pycache__/" not in rel
+            and rel != "CMakeLists.txt"
+        ):
             if path.suffix == ".py" or path.suffix in RESOURCE_SUFFIXES:
                 found.add(rel)
     return found - {"SLICER_README_SECTION.md"}
@@ -74,8 +79,15 @@ def extension_variables() -> dict[str, str]:
 
 def test_extension_metadata_is_complete():
     variables = extension_variables()
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         assert variables.get(key), key
     assert variables["EXTENSION_CATEGORY"] == "Segmentation"
     assert variables["EXTENSION_ICONURL"].startswith("https://") and variables["EXTENSION_ICONURL"].endswith(".png")
@@ -89,12 +101,24 @@ def test_extension_metadata_is_complete():
 
 def test_catalog_entry_follows_the_extensions_index_schema():
     entry = json.loads((REPO / "VNetSegmentation.json").read_text(encoding="utf-8"))
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "dicom_support_rule",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
     assert entry["category"] == extension_variables()["EXTENSION_CATEGORY"]
-    assert isinstance(entry["build_dependencies"], list) and all(isinstance(d, str) for d in entry["build_dependencies"])
+    assert isinstance(entry["build_dependencies"], list) and all(
+        isinstance(d, str) for d in entry["build_dependencies"]
+    )
     assert entry["build_dependencies"] == extension_variables()["EXTENSION_DEPENDS"].split()
     assert 1 <= entry["tier"] <= 5 and entry["build_subdirectory"] == "."
     assert entry["scm_url"].startswith("https://github.com/")
@@ -107,7 +131,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_icons_are_128_pixel_pngs():
-    for path in (REPO / "Resources" / "Icons" / "VNetSegmentation.png", MODULE / "Resources" / "Icons" / "VNetSegmentation.png"):
+    for path in (
+        REPO / "Resources" / "Icons" / "VNetSegmentation.png",
+        MODULE / "Resources" / "Icons" / "VNetSegmentation.png",
+    ):
         assert png_size(path) == (128, 128)
 
 

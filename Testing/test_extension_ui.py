@@ -100,31 +100,49 @@ def test_parameter_bindings_match_the_parameter_schema(ui):
     assert prop(bound["outputSegmentation"], "noneDisplay").findtext("string") == "Create new segmentation"
     slider = bound["overlap"]
     assert slider.get("class") == "ctkSliderWidget"
-    assert (float(prop(slider, "minimum").findtext("double")), float(prop(slider, "maximum").findtext("double"))) == (0.0, 0.9)
+    assert (float(prop(slider, "minimum").findtext("double")), float(prop(slider, "maximum").findtext("double"))) == (
+        0.0,
+        0.9,
+    )
     assert bound["postprocess"].get("class") == "QCheckBox"
 
 
 def test_node_selectors_get_the_scene(ui):
-    receivers = {c.findtext("receiver") for c in ui.iter("connection")
-                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.findtext("receiver")
+        for c in ui.iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     selectors = {n for n, w in widgets(ui).items() if w.get("class") == "qMRMLNodeComboBox"}
     assert selectors and selectors <= receivers
 
 
 def test_button_texts_the_issue_names(ui):
     found = widgets(ui)
-    texts = {name: prop(found[name], "text").findtext("string") for name in
-             ("segmentButton", "importModelButton", "show3DButton", "editButton", "exportButton")}
-    assert texts == {"segmentButton": "Segment spleen", "importModelButton": "Import model file...",
-                     "show3DButton": "Show 3D", "editButton": "Edit in Segment Editor",
-                     "exportButton": "Export for training..."}
+    texts = {
+        name: prop(found[name], "text").findtext("string")
+        for name in ("segmentButton", "importModelButton", "show3DButton", "editButton", "exportButton")
+    }
+    assert texts == {
+        "segmentButton": "Segment spleen",
+        "importModelButton": "Import model file...",
+        "show3DButton": "Show 3D",
+        "editButton": "Edit in Segment Editor",
+        "exportButton": "Export for training...",
+    }
     assert "Cancel" in MODULE_FILE.read_text(encoding="utf-8")
 
 
 def test_module_file_is_valid_python_with_the_slicer_classes():
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    assert {"VNetSegmentation", "VNetSegmentationWidget", "VNetSegmentationTest", "VNetSegmentationParameterNode"} <= set(classes)
+    assert {
+        "VNetSegmentation",
+        "VNetSegmentationWidget",
+        "VNetSegmentationTest",
+        "VNetSegmentationParameterNode",
+    } <= set(classes)
     bases = {name: [ast.unparse(b) for b in node.bases] for name, node in classes.items()}
     assert bases["VNetSegmentation"] == ["ScriptedLoadableModule"]
     assert bases["VNetSegmentationWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]

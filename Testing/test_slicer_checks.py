@@ -68,7 +68,9 @@ def test_no_volume(env, logic, tiny_model_file):
 @pytest.mark.parametrize("kind", ["MR-like 0..255", "unscaled raw (+1024)"])
 def test_not_ct_like(kind, env, logic, ct, tiny_model_file):
     hu = node_array_ijk(ct).astype(np.float32)
-    array = np.clip((hu + 1024) / 16, 0, 255).astype(np.uint8) if kind.startswith("MR") else (hu + 1024).astype(np.uint16)
+    array = (
+        np.clip((hu + 1024) / 16, 0, 255).astype(np.uint8) if kind.startswith("MR") else (hu + 1024).astype(np.uint16)
+    )
     volume = env.add_volume(array, ijk_to_ras(ct), kind)
     (message,) = logic.preRunChecks(volume, tiny_model_file, SegmentationOptions("cpu"))
     assert message.code == "notCT" and message.level == "warning" and "Hounsfield" in message.message
@@ -91,8 +93,12 @@ def test_thin_slab_is_a_warning(env, logic, ct, tiny_model_file):
 
 
 def test_volume_too_large_for_free_memory(env, logic, ct, tiny_model_file):
-    needed = checks.estimateMemoryBytes(nodes.volumeShape(ct), [3.0, 3.0, 3.0],
-                                        Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(32, 32, 32)), 2)
+    needed = checks.estimateMemoryBytes(
+        nodes.volumeShape(ct),
+        [3.0, 3.0, 3.0],
+        Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(32, 32, 32)),
+        2,
+    )
     (message,) = logic.preRunChecks(ct, tiny_model_file, SegmentationOptions("cpu"), availableBytes=needed // 2)
     assert message.code == "memory" and "crop the volume" in message.message
     gpu = checks.checkMemory(10 << 30, 4 << 30, "cuda")
@@ -110,7 +116,9 @@ def test_memory_estimate_known_answer():
 
 # ------------------------------------------------------------------------------- after a run
 def segmentation_with(env, volume, mask, name):
-    return nodes.createSegmentationNode(env.scene, volume, mask.astype(np.uint8), SPLEEN_LABELS, name, closedSurface=False)
+    return nodes.createSegmentationNode(
+        env.scene, volume, mask.astype(np.uint8), SPLEEN_LABELS, name, closedSurface=False
+    )
 
 
 def ball(shape, centre, radius_vox):
@@ -131,8 +139,10 @@ def test_empty_result(env, logic, padded):
     assert codes(logic.qualityWarnings(seg, volume)[1]) == ["empty"]
 
 
-@pytest.mark.parametrize("box,expected_ml", [((slice(60, 63), slice(50, 53), slice(18, 21)), 0.729),
-                                             ((slice(30, 80), slice(25, 75), slice(4, 34)), 2025.0)])
+@pytest.mark.parametrize(
+    "box,expected_ml",
+    [((slice(60, 63), slice(50, 53), slice(18, 21)), 0.729), ((slice(30, 80), slice(25, 75), slice(4, 34)), 2025.0)],
+)
 def test_implausible_volume(box, expected_ml, env, logic, padded):
     volume, spleen = padded
     mask = np.zeros_like(spleen)

@@ -215,7 +215,8 @@ from slicer_helpers import make_scene
 env = make_scene()
 ct = env.load_volume({str(ct_dir / "example_ct_sm.nii.gz")!r})
 logic = VNetSegmentationLogic(env.scene, {str(tmp_path / "models")!r}, includeShippedModels=False)
-out = {{"status": logic.torchStatus().installed, "codes": [m.code for m in logic.preRunChecks(ct, {str(tiny_model_file)!r})]}}
+codes = [m.code for m in logic.preRunChecks(ct, {str(tiny_model_file)!r})]
+out = {{"status": logic.torchStatus().installed, "codes": codes}}
 try:
     logic.segment(ct, {str(tiny_model_file)!r})
 except PreRunCheckError as exc:

@@ -74,8 +74,14 @@ def test_tampered_installed_model_is_refused_on_use(tmp_path, tiny_model_file):
 
 
 def test_model_card_of_a_trained_model(tmp_path):
-    card = {"name": "spleen-vnet v1", "data": "MSD Task09_Spleen, 32 training cases", "fold": 0, "epochs": 300,
-            "metrics": {"val_dice": 0.9123}, "date": "2026-11-27"}
+    card = {
+        "name": "spleen-vnet v1",
+        "data": "MSD Task09_Spleen, 32 training cases",
+        "fold": 0,
+        "epochs": 300,
+        "metrics": {"val_dice": 0.9123},
+        "date": "2026-11-27",
+    }
     store = ModelStore(tmp_path / "models", includeShipped=False)
     entry = store.importModel(make_model(tmp_path / "spleen.pt", card))
     text = modelCardText(store.readInfo(entry))
@@ -97,8 +103,11 @@ def test_shipped_models_are_listed_first(tmp_path, tiny_model_file):
     weights = tmp_path / "weights"
     weights.mkdir()
     shutil.copyfile(tiny_model_file, weights / "shipped.pt")
-    (weights / "registry.json").write_text(json.dumps(
-        {"default": "spleen", "models": {"spleen": {"file": "shipped.pt", "sha256": file_sha256(tiny_model_file)}}}))
+    (weights / "registry.json").write_text(
+        json.dumps(
+            {"default": "spleen", "models": {"spleen": {"file": "shipped.pt", "sha256": file_sha256(tiny_model_file)}}}
+        )
+    )
     store = ModelStore(tmp_path / "models", registryFile=weights / "registry.json")
     store.importModel(make_model(tmp_path / "mine.pt", {"name": "mine"}))
     assert [(e.name, e.source) for e in store.listModels()] == [("spleen", "shipped"), ("mine", "user")]

@@ -36,7 +36,9 @@ def test_defaults_when_nothing_was_written():
 def test_round_trip_through_the_node():
     scene, volume, seg = scene_with_nodes()
     node = getParameterNode(scene)
-    params = VNetSegmentationParameters(volume, seg, "spleen-v1", "cpu", 0.5, False, "Spleen volume: 250.0 mL\nWarning: x")
+    params = VNetSegmentationParameters(
+        volume, seg, "spleen-v1", "cpu", 0.5, False, "Spleen volume: 250.0 mL\nWarning: x"
+    )
     writeParameters(node, params)
     assert readParameters(node) == params
     # stored exactly as Slicer's parameterNodeWrapper serializers store them
@@ -46,7 +48,9 @@ def test_round_trip_through_the_node():
 
 def test_saved_scene_restores_the_panel():
     scene, volume, seg = scene_with_nodes()
-    params = VNetSegmentationParameters(volume, seg, "spleen-v1", "gpu", 0.75, True, "Spleen volume: 250.0 mL\nTime: 3 s")
+    params = VNetSegmentationParameters(
+        volume, seg, "spleen-v1", "gpu", 0.75, True, "Spleen volume: 250.0 mL\nTime: 3 s"
+    )
     writeParameters(getParameterNode(scene), params)
     scene.SetSaveToXMLString(1)
     scene.Commit()
@@ -60,7 +64,12 @@ def test_saved_scene_restores_the_panel():
     assert back.inputVolume.GetName() == "CT" and back.inputVolume.GetID() == volume.GetID()
     assert back.outputSegmentation.GetName() == "CT segmentation"
     assert (back.modelName, back.device, back.overlap, back.postprocess, back.resultSummary) == (
-        "spleen-v1", "gpu", 0.75, True, "Spleen volume: 250.0 mL\nTime: 3 s")
+        "spleen-v1",
+        "gpu",
+        0.75,
+        True,
+        "Spleen volume: 250.0 mL\nTime: 3 s",
+    )
     assert restored.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
 
 
@@ -81,10 +90,16 @@ def test_invalid_values_are_refused(field, value):
 def wrapper_schema():
     """(name, annotation source, default) of the @parameterNodeWrapper class in VNetSegmentation.py."""
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)
-              and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list)]
-    return [(s.target.id, s.annotation, ast.literal_eval(s.value) if s.value is not None else None)
-            for s in cls.body if isinstance(s, ast.AnnAssign)]
+    (cls,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list)
+    ]
+    return [
+        (s.target.id, s.annotation, ast.literal_eval(s.value) if s.value is not None else None)
+        for s in cls.body
+        if isinstance(s, ast.AnnAssign)
+    ]
 
 
 def test_widget_parameter_class_declares_the_same_schema():

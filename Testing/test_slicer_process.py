@@ -46,9 +46,9 @@ def test_events_are_read_line_by_line():
 def test_last_line_without_newline_and_partial_writes():
     proc = script(
         "import sys, time\n"
-        "sys.stdout.write('{\"event\": \"progress\", \"fra'); sys.stdout.flush(); time.sleep(0.3)\n"
+        'sys.stdout.write(\'{"event": "progress", "fra\'); sys.stdout.flush(); time.sleep(0.3)\n'
         "sys.stdout.write('ction\": 0.25}\\n'); sys.stdout.flush()\n"
-        "sys.stdout.write('{\"event\": \"done\"}')\n"
+        'sys.stdout.write(\'{"event": "done"}\')\n'
     )
     seen = []
     while not proc.finished:
@@ -79,13 +79,15 @@ def test_crash_without_output_reports_stderr_tail():
 
 
 def test_exit_zero_without_done_is_a_failure():
-    proc = script("print('{\"event\": \"progress\", \"fraction\": 0.1}')\n")
+    proc = script('print(\'{"event": "progress", "fraction": 0.1}\')\n')
     proc.wait(timeout=30)
     assert proc.state == "failed"
 
 
 def test_cancel_kills_the_process():
-    proc = script("import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(60)\n")
+    proc = script(
+        "import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(60)\n"
+    )
     deadline = time.monotonic() + 30
     while not proc.poll() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -99,13 +101,19 @@ def test_cancel_kills_the_process():
 def test_predict_command_is_what_the_cli_accepts(tmp_path):
     from vnetseg.cli import build_parser
 
-    cmd = PredictCommand(tmp_path / "in.nii", tmp_path / "out.nii", tmp_path / "m.pt", "cpu", 0.5, False,
-                         tmp_path / "r.json", "ab" * 32)
+    cmd = PredictCommand(
+        tmp_path / "in.nii", tmp_path / "out.nii", tmp_path / "m.pt", "cpu", 0.5, False, tmp_path / "r.json", "ab" * 32
+    )
     args = cmd.arguments()
     assert args[:2] == ["-m", "vnetseg"]
     ns = build_parser().parse_args(args[2:])
     assert ns.command == "predict" and ns.inputs == [str(tmp_path / "in.nii")]
-    assert (ns.output, ns.model, ns.device, ns.overlap) == (str(tmp_path / "out.nii"), str(tmp_path / "m.pt"), "cpu", 0.5)
+    assert (ns.output, ns.model, ns.device, ns.overlap) == (
+        str(tmp_path / "out.nii"),
+        str(tmp_path / "m.pt"),
+        "cpu",
+        0.5,
+    )
     assert ns.postprocess is False and ns.overwrite and ns.progress == "json"
     assert ns.report == str(tmp_path / "r.json") and ns.sha256 == "ab" * 32
 
@@ -114,8 +122,10 @@ def test_child_finds_the_core():
     import vnetseg
 
     env = childEnvironment()
-    proc = BackgroundProcess(["-c", "import json, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__}))"],
-                             python=sys.executable)
+    proc = BackgroundProcess(
+        ["-c", "import json, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__}))"],
+        python=sys.executable,
+    )
     proc.wait(timeout=60)
     assert proc.state == "succeeded" and proc.result["path"] == vnetseg.__file__
     assert env["PYTHONUNBUFFERED"] == "1"
@@ -162,8 +172,13 @@ def test_cancel_synchronous_run_leaves_scene_unchanged(ct_dir, tiny_model_file, 
     before = env.node_ids()
     seen = []
     with pytest.raises(SegmentationCancelled):
-        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", 0.0),
-                      progress=lambda f, m: seen.append(f), cancel=lambda: len(seen) > 1)
+        logic.segment(
+            volume,
+            tiny_model_file,
+            SegmentationOptions("cpu", 0.0),
+            progress=lambda f, m: seen.append(f),
+            cancel=lambda: len(seen) > 1,
+        )
     assert seen and env.node_ids() == before
 
 
@@ -172,6 +187,12 @@ def test_cancel_callback_in_background_mode(ct_dir, tiny_model_file, env, logic)
     before = env.node_ids()
     seen = []
     with pytest.raises(SegmentationCancelled):
-        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", 0.5), background=True,
-                      progress=lambda f, m: seen.append(f), cancel=lambda: bool(seen))
+        logic.segment(
+            volume,
+            tiny_model_file,
+            SegmentationOptions("cpu", 0.5),
+            background=True,
+            progress=lambda f, m: seen.append(f),
+            cancel=lambda: bool(seen),
+        )
     assert seen and env.node_ids() == before

@@ -156,7 +156,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         status = self.logic.torchStatus()
         missing = missingPackages()
         texts = ([] if status.installed else [status.message]) + (
-            [_("Missing Python packages: {names}.").format(names=", ".join(missing))] if missing else [])
+            [_("Missing Python packages: {names}.").format(names=", ".join(missing))] if missing else []
+        )
         self.ui.torchStatusLabel.text = " ".join(texts)
         self.ui.torchStatusLabel.visible = bool(texts)
         self.ui.installTorchButton.visible = bool(texts)
@@ -213,9 +214,16 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment spleen")
         self.ui.segmentButton.enabled = running or bool(p.inputVolume and p.modelName)
-        self.ui.segmentButton.toolTip = "" if self.ui.segmentButton.enabled else _("Select an input CT volume and a model.")
-        for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.importModelButton,
-                       self.ui.outputSegmentationSelector, self.ui.advancedCollapsibleButton):
+        self.ui.segmentButton.toolTip = (
+            "" if self.ui.segmentButton.enabled else _("Select an input CT volume and a model.")
+        )
+        for widget in (
+            self.ui.inputVolumeSelector,
+            self.ui.modelSelector,
+            self.ui.importModelButton,
+            self.ui.outputSegmentationSelector,
+            self.ui.advancedCollapsibleButton,
+        ):
             widget.enabled = not running and (widget is not self.ui.modelSelector or bool(self.logic.listModels()))
         hasOutput = p.outputSegmentation is not None and p.inputVolume is not None
         for button in (self.ui.show3DButton, self.ui.editButton, self.ui.recheckButton, self.ui.exportButton):
@@ -265,7 +273,9 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             taken = [lab.name for lab in labels if output.GetSegmentation().GetSegmentIdBySegmentName(lab.name)]
             if taken:
                 question = _("Replace the segment '{names}' in '{node}'? Any correction made to it will be lost.")
-                if not slicer.util.confirmOkCancelDisplay(question.format(names=", ".join(taken), node=output.GetName())):
+                if not slicer.util.confirmOkCancelDisplay(
+                    question.format(names=", ".join(taken), node=output.GetName())
+                ):
                     return
                 replace = True
         self._run = self.logic.startSegmentation(p.inputVolume, p.modelName, options, output, replace)
@@ -342,15 +352,22 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             settings = qt.QSettings()
             folder = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Training set folder (MSD layout)"),
-                settings.value("VNetSegmentation/exportFolder", os.path.expanduser("~")))
+                slicer.util.mainWindow(),
+                _("Training set folder (MSD layout)"),
+                settings.value("VNetSegmentation/exportFolder", os.path.expanduser("~")),
+            )
             if not folder:
                 return
             settings.setValue("VNetSegmentation/exportFolder", folder)
             from VNetSegmentationLib.export import caseNameFrom
 
-            caseName = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Export for training"), _("Case name:"),
-                                               qt.QLineEdit.Normal, caseNameFrom(p.inputVolume.GetName()))
+            caseName = qt.QInputDialog.getText(
+                slicer.util.mainWindow(),
+                _("Export for training"),
+                _("Case name:"),
+                qt.QLineEdit.Normal,
+                caseNameFrom(p.inputVolume.GetName()),
+            )
             if not caseName:
                 return
             try:
@@ -358,15 +375,19 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except FileExistsError as exc:
                 if not slicer.util.confirmOkCancelDisplay(str(exc) + "\n\n" + _("Replace the existing case?")):
                     return
-                result = self.logic.exportForTraining(p.inputVolume, p.outputSegmentation, folder, caseName, overwrite=True)
+                result = self.logic.exportForTraining(
+                    p.inputVolume, p.outputSegmentation, folder, caseName, overwrite=True
+                )
             self.ui.statusLabel.text = _("Exported '{case}': {n} training case(s) in {folder}").format(
-                case=result.caseName, n=result.numTraining, folder=folder)
+                case=result.caseName, n=result.numTraining, folder=folder
+            )
 
     # -------------------------------------------------------------------- models, torch
     def onImportModel(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
-            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Import model file"), "",
-                                                  _("VNet model (*.pt)"))
+            path = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("Import model file"), "", _("VNet model (*.pt)")
+            )
             if not path:
                 return
             try:
@@ -382,13 +403,18 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             missing = missingPackages()
             if missing:
                 if not slicer.util.confirmOkCancelDisplay(
-                        _("Install the missing Python packages ({names}) with pip?").format(names=", ".join(missing))):
+                    _("Install the missing Python packages ({names}) with pip?").format(names=", ".join(missing))
+                ):
                     return
                 installPackages(missing)
             if not self.logic.torchStatus().installed:
-                if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(_(
+                if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(
+                    _(
                         "Install PyTorch with pip now (a download of up to a few GB)? For a GPU build that matches "
-                        "your driver, cancel, install the 'PyTorch' extension from the Extensions Manager, and try again.")):
+                        "your driver, cancel, install the 'PyTorch' extension from the Extensions Manager, "
+                        "and try again."
+                    )
+                ):
                     return
                 how = self.logic.installTorch(askConfirmation=True)
                 logging.info(f"PyTorch installed through {how}")
@@ -421,8 +447,11 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
         folder = tempfile.mkdtemp(prefix="VNetSegmentationTest-")
         torch.manual_seed(0)
         config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
-        info = ModelInfo(config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
-                         card={"name": "self-test model", "trained": False})
+        info = ModelInfo(
+            config,
+            Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
+            card={"name": "self-test model", "trained": False},
+        )
         modelPath = os.path.join(folder, "selftest.pt")
         save_model(modelPath, build_model(config), info)
         logic = VNetSegmentationLogic(modelFolder=os.path.join(folder, "models"), includeShippedModels=False)

@@ -44,7 +44,9 @@ class CheckMessage:
 # ----------------------------------------------------------------------------- before a run
 def checkVolumePresent(volumeNode) -> CheckMessage | None:
     if volumeNode is None or volumeNode.GetImageData() is None:
-        return CheckMessage("noVolume", ERROR, "No input volume: load an abdominal CT and select it as 'Input CT volume'.")
+        return CheckMessage(
+            "noVolume", ERROR, "No input volume: load an abdominal CT and select it as 'Input CT volume'."
+        )
     return None
 
 
@@ -75,7 +77,9 @@ def checkShape(shape: Sequence[int], spacing: Sequence[float]) -> CheckMessage |
     dims = [int(s) for s in shape]
     if len(dims) != 3 or min(dims) < 2:
         return CheckMessage(
-            "twoD", ERROR, f"The volume is 2D ({' x '.join(map(str, dims))} voxels): a 3D CT series is needed; load the whole series."
+            "twoD",
+            ERROR,
+            f"The volume is 2D ({' x '.join(map(str, dims))} voxels): a 3D CT series is needed; load the whole series.",
         )
     extents = [d * float(s) for d, s in zip(dims, spacing)]
     if min(dims) < MIN_SLICES or min(extents) < MIN_EXTENT_MM:
@@ -83,13 +87,15 @@ def checkShape(shape: Sequence[int], spacing: Sequence[float]) -> CheckMessage |
         return CheckMessage(
             "thin",
             WARNING,
-            f"The volume is very thin ({dims[axis]} slices, {extents[axis]:.0f} mm along axis {'IJK'[axis]}): the spleen "
-            "(about 110 mm long) will be cut off. Load the full abdominal series if you can.",
+            f"The volume is very thin ({dims[axis]} slices, {extents[axis]:.0f} mm along axis {'IJK'[axis]}): "
+            "the spleen (about 110 mm long) will be cut off. Load the full abdominal series if you can.",
         )
     return None
 
 
-def estimateMemoryBytes(shape: Sequence[int], spacing: Sequence[float], preprocessing, outChannels: int, windowBytes: int = 0) -> int:
+def estimateMemoryBytes(
+    shape: Sequence[int], spacing: Sequence[float], preprocessing, outChannels: int, windowBytes: int = 0
+) -> int:
     """Rough peak memory (bytes) of one run on the host, from the grid sizes alone.
 
     Input side: the float32 input, its reoriented copy, the float32 probabilities resampled back,
@@ -98,8 +104,10 @@ def estimateMemoryBytes(shape: Sequence[int], spacing: Sequence[float], preproce
     a patch. Plus ``windowBytes`` for the network's activations when it runs on the host.
     """
     nInput = math.prod(int(s) for s in shape)
-    modelShape = [max(int(round(d * float(s) / t)), p) for d, s, t, p in
-                  zip(shape, spacing, preprocessing.target_spacing, preprocessing.patch_size)]
+    modelShape = [
+        max(int(round(d * float(s) / t)), p)
+        for d, s, t, p in zip(shape, spacing, preprocessing.target_spacing, preprocessing.patch_size)
+    ]
     nModel = math.prod(modelShape)
     return int(15 * nInput + 4 * nModel * (outChannels + 2) + windowBytes)
 

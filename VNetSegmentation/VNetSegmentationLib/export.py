@@ -75,13 +75,16 @@ def _readDataset(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); fix or move it before exporting into this folder") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); fix or move it before exporting into this folder"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("training", []), list):
         raise ValueError(f"{path} is not an MSD dataset.json (no 'training' list); export into another folder")
     labels = data.get("labels", DEFAULT_LABELS)
     if not isinstance(labels, dict) or str(labels.get("1", "")).lower() != "spleen":
         raise ValueError(
-            f"{path} has labels {labels!r}, where label 1 is not 'spleen'; export spleen masks into a spleen task folder"
+            f"{path} has labels {labels!r}, where label 1 is not 'spleen'; "
+            "export spleen masks into a spleen task folder"
         )
     return data
 

@@ -107,8 +107,9 @@ class VNetSegmentationLogic:
         return modelCardText(self.models.readInfo(self.resolveModel(model)))
 
     # ---------------------------------------------------------------------------- checks
-    def preRunChecks(self, volumeNode, model=None, options: SegmentationOptions | None = None,
-                     availableBytes: int | None = None) -> list[checks.CheckMessage]:
+    def preRunChecks(
+        self, volumeNode, model=None, options: SegmentationOptions | None = None, availableBytes: int | None = None
+    ) -> list[checks.CheckMessage]:
         """Every check before a run; errors first. ``availableBytes`` overrides the free memory found."""
         missing = checks.checkVolumePresent(volumeNode)
         if missing:
@@ -139,14 +140,17 @@ class VNetSegmentationLogic:
         windowBytes = window_memory_bytes(SimpleNamespace(config=info.config), info.preprocessing.patch_size)
         device = options.device.lower()
         onGpu = device.startswith(("cuda", "gpu")) or (device == "auto" and bool(detectDevices().get("cuda")))
-        host = checks.estimateMemoryBytes(shape, spacing, info.preprocessing, info.config.out_channels,
-                                          0 if onGpu else windowBytes)
+        host = checks.estimateMemoryBytes(
+            shape, spacing, info.preprocessing, info.config.out_channels, 0 if onGpu else windowBytes
+        )
         if onGpu:
             free = availableBytes if availableBytes is not None else detectDevices().get("cudaFreeBytes", 0)
             gpuCheck = checks.checkMemory(windowBytes, free, "cuda") if free else None
             if gpuCheck:
                 return gpuCheck
-        return checks.checkMemory(host, availableBytes if availableBytes is not None else checks.hostAvailableBytes(), "cpu")
+        return checks.checkMemory(
+            host, availableBytes if availableBytes is not None else checks.hostAvailableBytes(), "cpu"
+        )
 
     def _prepare(self, volumeNode, model, options, outputSegmentation, replace):
         entry = self.resolveModel(model)
@@ -156,8 +160,11 @@ class VNetSegmentationLogic:
             raise PreRunCheckError(errors)
         info = self.models.readInfo(entry)
         if outputSegmentation is not None and not replace:
-            taken = [lab.name for lab in info.labels
-                     if outputSegmentation.GetSegmentation().GetSegmentIdBySegmentName(lab.name)]
+            taken = [
+                lab.name
+                for lab in info.labels
+                if outputSegmentation.GetSegmentation().GetSegmentIdBySegmentName(lab.name)
+            ]
             if taken:
                 raise FileExistsError(
                     f"segmentation '{outputSegmentation.GetName()}' already has a segment named {', '.join(taken)}; "
@@ -166,9 +173,18 @@ class VNetSegmentationLogic:
         return entry, info, messages
 
     # --------------------------------------------------------------------------- running
-    def segment(self, volumeNode, model, options: SegmentationOptions | None = None, outputSegmentation=None,
-                replace: bool = False, progress: Callable[[float, str], None] | None = None,
-                cancel: Callable[[], bool] | None = None, background: bool = False, timeout: float | None = None):
+    def segment(
+        self,
+        volumeNode,
+        model,
+        options: SegmentationOptions | None = None,
+        outputSegmentation=None,
+        replace: bool = False,
+        progress: Callable[[float, str], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        background: bool = False,
+        timeout: float | None = None,
+    ):
         """Segment ``volumeNode`` and return ``(segmentationNode, SegmentationResult)``, blocking.
 
         Args:
@@ -214,13 +230,33 @@ class VNetSegmentationLogic:
         except Cancelled:
             raise SegmentationCancelled("the segmentation was cancelled; nothing was added to the scene") from None
         del image
-        return self._output(volumeNode, prediction.labelmap, info, outputSegmentation,
-                            SegmentationResult("", [], prediction.volume_ml, 0.0, prediction.device,
-                                               checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
-                                               warnings, entry.name, False), started)
+        return self._output(
+            volumeNode,
+            prediction.labelmap,
+            info,
+            outputSegmentation,
+            SegmentationResult(
+                "",
+                [],
+                prediction.volume_ml,
+                0.0,
+                prediction.device,
+                checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
+                warnings,
+                entry.name,
+                False,
+            ),
+            started,
+        )
 
-    def startSegmentation(self, volumeNode, model, options: SegmentationOptions | None = None,
-                          outputSegmentation=None, replace: bool = False) -> BackgroundRun:
+    def startSegmentation(
+        self,
+        volumeNode,
+        model,
+        options: SegmentationOptions | None = None,
+        outputSegmentation=None,
+        replace: bool = False,
+    ) -> BackgroundRun:
         """Check, write the CT to a temporary file, and start the core in a separate process."""
         from vnetseg import io as vio
 
@@ -231,15 +267,32 @@ class VNetSegmentationLogic:
         try:
             inputPath = tempDir / "input.nii"
             vio.write_nifti(inputPath, _niftiSafe(nodes.volumeArrayIJK(volumeNode)), nodes.ijkToRas(volumeNode))
-            command = PredictCommand(inputPath, tempDir / "mask.nii", entry.path, options.coreDevice(),
-                                     float(options.overlap), options.postprocess, tempDir / "report.json",
-                                     entry.sha256 or None)
+            command = PredictCommand(
+                inputPath,
+                tempDir / "mask.nii",
+                entry.path,
+                options.coreDevice(),
+                float(options.overlap),
+                options.postprocess,
+                tempDir / "report.json",
+                entry.sha256 or None,
+            )
             process = BackgroundProcess(command.arguments(), workDir=tempDir)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
-        return BackgroundRun(process, tempDir, command.outputPath, volumeNode.GetID(), entry, info, options,
-                             outputSegmentation.GetID() if outputSegmentation is not None else None, replace, warnings)
+        return BackgroundRun(
+            process,
+            tempDir,
+            command.outputPath,
+            volumeNode.GetID(),
+            entry,
+            info,
+            options,
+            outputSegmentation.GetID() if outputSegmentation is not None else None,
+            replace,
+            warnings,
+        )
 
     def finishSegmentation(self, run: BackgroundRun):
         """Turn a finished run into ``(segmentationNode, SegmentationResult)``; always deletes its files."""
@@ -256,9 +309,17 @@ class VNetSegmentationLogic:
             labelmap = _readMask(run.outputPath, volumeNode)
             output = self.scene.GetNodeByID(run.outputSegmentationID) if run.outputSegmentationID else None
             done = run.process.result or {}
-            result = SegmentationResult("", [], float(done.get("volume_ml") or 0.0), 0.0, str(done.get("device", "")),
-                                        checks.warningsFromTexts(done.get("warnings") or []), run.preRunWarnings,
-                                        run.model.name, True)
+            result = SegmentationResult(
+                "",
+                [],
+                float(done.get("volume_ml") or 0.0),
+                0.0,
+                str(done.get("device", "")),
+                checks.warningsFromTexts(done.get("warnings") or []),
+                run.preRunWarnings,
+                run.model.name,
+                True,
+            )
             return self._output(volumeNode, labelmap, run.info, output, result, run.started)
         finally:
             run.cleanup()
@@ -290,8 +351,15 @@ class VNetSegmentationLogic:
         mask = nodes.segmentMask(segmentationNode, segmentId, volumeNode)
         return checks.postRunWarnings(mask, _voxelMl(volumeNode), name=segmentName.lower())
 
-    def exportForTraining(self, volumeNode, segmentationNode, folder, caseName: str | None = None,
-                          overwrite: bool = False, segmentName: str = "Spleen") -> ExportResult:
+    def exportForTraining(
+        self,
+        volumeNode,
+        segmentationNode,
+        folder,
+        caseName: str | None = None,
+        overwrite: bool = False,
+        segmentName: str = "Spleen",
+    ) -> ExportResult:
         """Write the CT and the segment (as corrected now) as an MSD training case; see ``export.exportCase``."""
         if volumeNode is None or segmentationNode is None:
             raise ValueError("exportForTraining needs the CT volume and the segmentation; select both")
@@ -300,8 +368,9 @@ class VNetSegmentationLogic:
             raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment named {segmentName!r}")
         mask = nodes.segmentMask(segmentationNode, segmentId, volumeNode)
         image = _niftiSafe(nodes.volumeArrayIJK(volumeNode))
-        return exportCase(folder, caseName or caseNameFrom(volumeNode.GetName()), image, mask,
-                          nodes.ijkToRas(volumeNode), overwrite)
+        return exportCase(
+            folder, caseName or caseNameFrom(volumeNode.GetName()), image, mask, nodes.ijkToRas(volumeNode), overwrite
+        )
 
 
 def _voxelMl(volumeNode) -> float:
@@ -312,7 +381,7 @@ def _niftiSafe(array: np.ndarray) -> np.ndarray:
     """A copy NIfTI stores compactly: 64-bit integers become int32 when they fit, else float32."""
     if array.dtype.kind in "iu" and array.dtype.itemsize == 8:
         lo, hi = int(array.min()), int(array.max())
-        return np.array(array, dtype=np.int32 if -2**31 <= lo and hi < 2**31 else np.float32)
+        return np.array(array, dtype=np.int32 if -(2**31) <= lo and hi < 2**31 else np.float32)
     return np.array(array)
 
 
@@ -324,8 +393,9 @@ def _readMask(path: Path, volumeNode) -> np.ndarray:
         raise RuntimeError(f"the segmentation process reported success but wrote no mask ({path.name})")
     image = nibabel.load(str(path))
     labelmap = np.asarray(image.dataobj).astype(np.uint8)
-    difference = nodes.geometryDifference(image.affine, labelmap.shape, nodes.ijkToRas(volumeNode),
-                                          nodes.volumeShape(volumeNode))
+    difference = nodes.geometryDifference(
+        image.affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
+    )
     if difference:
         raise RuntimeError(f"the mask does not lie on the CT's grid ({difference}); it was not loaded")
     return labelmap

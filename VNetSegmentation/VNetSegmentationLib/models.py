@@ -25,7 +25,7 @@ NO_MODEL_MESSAGE = (
 
 
 def defaultModelFolder() -> Path:
-    """``$VNETSEG_MODEL_DIR``; inside Slicer ``<settings folder>/VNetSegmentation/models``; else ``~/.vnetseg/models``."""
+    """``$VNETSEG_MODEL_DIR``; in Slicer ``<settings folder>/VNetSegmentation/models``; else ``~/.vnetseg/models``."""
     env = os.environ.get(MODEL_FOLDER_ENV)
     if env:
         return Path(env)
@@ -77,8 +77,12 @@ class ModelStore:
         registryFile: the shipped models' ``registry.json``; default the core's own.
     """
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None, includeShipped: bool = True,
-                 registryFile: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] | None = None,
+        includeShipped: bool = True,
+        registryFile: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.folder = Path(folder) if folder is not None else defaultModelFolder()
         self.includeShipped = includeShipped
         self.registryFile = Path(registryFile) if registryFile is not None else None
@@ -105,7 +109,9 @@ class ModelStore:
     def noModelMessage(self) -> str:
         return NO_MODEL_MESSAGE + f" Imported models are kept in {self.folder}."
 
-    def importModel(self, source: str | os.PathLike[str], sha256: str | None = None, overwrite: bool = False) -> ModelEntry:
+    def importModel(
+        self, source: str | os.PathLike[str], sha256: str | None = None, overwrite: bool = False
+    ) -> ModelEntry:
         """Check a model file and copy it into the model folder.
 
         Args:
@@ -199,7 +205,8 @@ def modelCardText(info) -> str:
     cfg, pre = info.config, info.preprocessing
     lines.append(
         f"Network: V-Net widths {list(cfg.widths)}, kernel {cfg.kernel_size}, "
-        f"spacing {' x '.join(f'{s:g}' for s in pre.target_spacing)} mm, HU window {pre.hu_window[0]:g}..{pre.hu_window[1]:g}"
+        f"spacing {' x '.join(f'{s:g}' for s in pre.target_spacing)} mm, "
+        f"HU window {pre.hu_window[0]:g}..{pre.hu_window[1]:g}"
     )
     lines.append("Labels: " + ", ".join(label.name for label in info.labels))
     if info.sha256:

@@ -28,7 +28,10 @@ def ensureConverterRules() -> None:
     """
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     present = {rule.GetClassName() for rule in factory.GetConverterRules()}
-    for ruleClass in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule"):
+    for ruleClass in (
+        "vtkBinaryLabelmapToClosedSurfaceConversionRule",
+        "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+    ):
         if ruleClass not in present:
             factory.RegisterConverterRule(getattr(slicer, ruleClass)())
 
@@ -174,7 +177,9 @@ def fillSegments(segmentationNode, volumeNode, labelmap: np.ndarray, labels: Seq
     return ids
 
 
-def createSegmentationNode(scene, volumeNode, labelmap: np.ndarray, labels: Sequence, name: str, closedSurface: bool = True):
+def createSegmentationNode(
+    scene, volumeNode, labelmap: np.ndarray, labels: Sequence, name: str, closedSurface: bool = True
+):
     """Add a new segmentation node holding ``labelmap`` (I, J, K) as one segment per label.
 
     The reference geometry is the volume, the parent transform is the volume's, and a closed
@@ -210,7 +215,9 @@ def geometryDifference(affineA: np.ndarray, shapeA: Sequence[int], affineB: np.n
     if tuple(int(s) for s in shapeA) != tuple(int(s) for s in shapeB):
         return f"grid sizes differ: {tuple(shapeA)} vs {tuple(shapeB)} voxels"
     # compare the physical positions of the grid's corner voxels
-    corners = np.array([[i, j, k, 1.0] for i in (0, shapeA[0] - 1) for j in (0, shapeA[1] - 1) for k in (0, shapeA[2] - 1)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shapeA[0] - 1) for j in (0, shapeA[1] - 1) for k in (0, shapeA[2] - 1)]
+    )
     shift = np.abs((corners @ np.asarray(affineA).T) - (corners @ np.asarray(affineB).T))[:, :3].max()
     if shift > 1e-3 + 1e-5 * float(np.abs(corners @ np.asarray(affineA).T).max()):
         return f"voxel positions differ by up to {shift:.4f} mm"

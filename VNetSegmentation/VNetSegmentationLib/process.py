@@ -85,9 +85,23 @@ class PredictCommand:
     sha256: str | None = None
 
     def arguments(self) -> list[str]:
-        args = ["-m", "vnetseg", "predict", str(self.inputPath), "-o", str(self.outputPath),
-                "--model", str(self.modelPath), "--device", self.device, "--overlap", repr(float(self.overlap)),
-                "--overwrite", "--progress", "json"]
+        args = [
+            "-m",
+            "vnetseg",
+            "predict",
+            str(self.inputPath),
+            "-o",
+            str(self.outputPath),
+            "--model",
+            str(self.modelPath),
+            "--device",
+            self.device,
+            "--overlap",
+            repr(float(self.overlap)),
+            "--overwrite",
+            "--progress",
+            "json",
+        ]
         if not self.postprocess:
             args.append("--no-postprocess")
         if self.reportPath is not None:
@@ -134,8 +148,12 @@ class BackgroundProcess:
         creation = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
         with open(self._stdoutPath, "wb") as out, open(self._stderrPath, "wb") as err:
             self._process = subprocess.Popen(
-                [self.python, *self.arguments], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                env=childEnvironment(), creationflags=creation,
+                [self.python, *self.arguments],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=childEnvironment(),
+                creationflags=creation,
             )
 
     @property
@@ -214,7 +232,9 @@ class BackgroundProcess:
             if not self.error:
                 detail = self.result.get("error") if self.result else None
                 tail = self.stderrLines
-                self.error = str(detail or (tail[-1] if tail else f"the segmentation process ended with exit code {code}"))
+                self.error = str(
+                    detail or (tail[-1] if tail else f"the segmentation process ended with exit code {code}")
+                )
         self._cleanup()
 
     def _cleanup(self) -> None:

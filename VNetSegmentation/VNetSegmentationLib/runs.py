@@ -79,8 +79,11 @@ class SegmentationResult:
 
     def summary(self) -> str:
         """The text the panel shows after a run."""
-        lines = [f"Spleen volume: {self.volumeMl:.1f} mL", f"Time: {self.seconds:.1f} s on {self.device}",
-                 f"Model: {self.modelName}"]
+        lines = [
+            f"Spleen volume: {self.volumeMl:.1f} mL",
+            f"Time: {self.seconds:.1f} s on {self.device}",
+            f"Model: {self.modelName}",
+        ]
         lines += [f"Warning: {w.message}" for w in self.warnings]
         return "\n".join(lines)
 

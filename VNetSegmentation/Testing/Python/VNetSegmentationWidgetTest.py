@@ -34,8 +34,11 @@ class VNetSegmentationWidgetTest(unittest.TestCase):
 
         torch.manual_seed(0)
         config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
-        info = ModelInfo(config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
-                         card={"name": "widget test model", "trained": False})
+        info = ModelInfo(
+            config,
+            Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
+            card={"name": "widget test model", "trained": False},
+        )
         path = os.path.join(folder, "widgettest.pt")
         save_model(path, build_model(config), info)
         return path
