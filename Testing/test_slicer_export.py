@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk
-from vnetseg.checkpoint import SPLEEN_LABELS
+from vnetseg.checkpoint import SPLEEN_LABELS, Label
 from VNetSegmentationLib import VNetSegmentationLogic, nodes
 from VNetSegmentationLib.export import caseNameFrom
 
@@ -26,7 +26,8 @@ def logic(env, tmp_path):
 
 @pytest.fixture(scope="module")
 def case(env, ct_dir):
-    """The real CT with its pseudo-label spleen, then 'corrected': two slices erased, a blob added."""
+    """The real CT with its pseudo-label spleen, then 'corrected': two slices erased, a blob added,
+    and the segment sharing one labelmap layer with a second segment, as the Segment Editor leaves it."""
     nib = pytest.importorskip("nibabel")
     ct = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "patient 7 (CT)")
     spleen = (np.asarray(nib.load(str(ct_dir / "example_ct_sm_multilabel_v2.nii.gz")).dataobj) == 1).astype(np.uint8)
@@ -35,6 +36,11 @@ def case(env, ct_dir):
     corrected[:, :, 0:2] = 0
     corrected[20:24, 30:34, 10:14] = 1
     nodes.fillSegments(seg, ct, corrected, SPLEEN_LABELS)  # what an edit in the Segment Editor leaves
+    other = np.zeros_like(spleen)
+    other[70:100, 40:70, 5:25] = 1
+    nodes.fillSegments(seg, ct, other * 2, [Label(2, "Liver")])
+    seg.GetSegmentation().CollapseBinaryLabelmaps(False)
+    assert seg.GetSegmentation().GetNumberOfLayers() == 1
     return ct, seg, corrected
 
 
@@ -93,8 +99,8 @@ def test_bad_requests_write_nothing(case, logic, tmp_path):
     ct, seg, _ = case
     with pytest.raises(ValueError, match="caseName"):
         logic.exportForTraining(ct, seg, tmp_path / "t", "../escape")
-    with pytest.raises(ValueError, match="no segment named 'Liver'"):
-        logic.exportForTraining(ct, seg, tmp_path / "t", "x", segmentName="Liver")
+    with pytest.raises(ValueError, match="no segment named 'Kidney'"):
+        logic.exportForTraining(ct, seg, tmp_path / "t", "x", segmentName="Kidney")
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "dataset.json").write_text("{not json")

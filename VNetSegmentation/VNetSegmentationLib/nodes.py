@@ -102,11 +102,14 @@ def orientedImageFromMask(mask: np.ndarray, affine: np.ndarray):
     return image
 
 
-def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """Resample a binary vtkOrientedImageData onto the grid (``shape``, ``affine``): (I, J, K) uint8.
+def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray, labelValue: int = 1) -> np.ndarray:
+    """Voxels equal to ``labelValue`` of a vtkOrientedImageData, on the grid (``shape``, ``affine``).
 
     Nearest-neighbour; voxels of the grid outside the image are 0. When the image already lies on
     that grid (the usual case) this is an exact copy.
+
+    Returns:
+        (I, J, K) uint8, 1 where the image holds ``labelValue``.
     """
     reference = geometryImage(shape, affine)
     resampled = slicer.vtkOrientedImageData()
@@ -124,19 +127,24 @@ def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray) -> np
     # clip the resampled extent to the reference extent (it may be padded beyond it)
     src = [slice(max(0, -extent[2 * a]), dims[a] - max(0, extent[2 * a + 1] - (int(shape[a]) - 1))) for a in range(3)]
     dst = [slice(max(0, extent[2 * a]), min(int(shape[a]) - 1, extent[2 * a + 1]) + 1) for a in range(3)]
-    out[tuple(dst)] = voxels[tuple(src)] > 0
+    out[tuple(dst)] = voxels[tuple(src)] == labelValue
     return out
 
 
 def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-    """A segment's binary labelmap on ``volumeNode``'s voxel grid: (I, J, K) uint8 0/1."""
-    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+    """A segment's binary labelmap on ``volumeNode``'s voxel grid: (I, J, K) uint8 0/1.
+
+    Works for segments that share a labelmap layer with others (as the Segment Editor leaves
+    them): the layer holds one label value per segment, and only this segment's value is kept.
+    """
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment is None:
         raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment with ID '{segmentId}'")
     image = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, image):
         raise RuntimeError(f"segment '{segmentId}' has no binary labelmap representation")
-    return maskFromOrientedImage(image, volumeShape(volumeNode), ijkToRas(volumeNode))
+    return maskFromOrientedImage(image, volumeShape(volumeNode), ijkToRas(volumeNode), segment.GetLabelValue())
 
 
 def setSegmentAppearance(segment, label) -> None:
@@ -152,8 +160,8 @@ def setSegmentAppearance(segment, label) -> None:
 def fillSegments(segmentationNode, volumeNode, labelmap: np.ndarray, labels: Sequence) -> list[str]:
     """Write one segment per label of (I, J, K) ``labelmap`` on the volume's grid; return segment IDs.
 
-    An existing segment with the same name is replaced in place (its ID is kept); other segments
-    of the node are left alone.
+    An existing segment with the same name is replaced in place (its ID is kept), also when it
+    shares a labelmap layer with other segments; other segments of the node are left alone.
     """
     affine = ijkToRas(volumeNode)
     if tuple(labelmap.shape) != volumeShape(volumeNode):
@@ -165,7 +173,9 @@ def fillSegments(segmentationNode, volumeNode, labelmap: np.ndarray, labels: Seq
         image = orientedImageFromMask(labelmap == label.value, affine)
         segmentId = segmentation.GetSegmentIdBySegmentName(label.name)
         if segmentId:
-            segmentation.GetSegment(segmentId).AddRepresentation(LABELMAP_REPRESENTATION, image)
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
+                raise RuntimeError(f"segment '{label.name}' of '{segmentationNode.GetName()}' could not be replaced")
         else:
             segment = slicer.vtkSegment()
             segment.AddRepresentation(LABELMAP_REPRESENTATION, image)
