@@ -150,3 +150,38 @@ def test_module_file_is_valid_python_with_the_slicer_classes():
     # every call the Widget makes into the Logic goes through tryWithErrorDisplay or is a pure read
     source = MODULE_FILE.read_text(encoding="utf-8")
     assert source.count("tryWithErrorDisplay") >= 8
+
+
+def logic_calls(path: Path) -> list[tuple[str, ast.Call]]:
+    """(dotted name after 'logic.', call) for every call like ``self.logic.x(...)`` / ``logic.models.y(...)``."""
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            dotted = ast.unparse(node.func)
+            if ".logic." in f".{dotted}" or dotted.startswith("logic."):
+                calls.append((dotted.split("logic.", 1)[1], node))
+    return calls
+
+
+def test_widget_and_in_slicer_tests_call_the_logic_as_it_is():
+    """The Widget cannot run here; at least every Logic call it makes must bind to a real signature."""
+    import inspect
+
+    from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic
+
+    logic = VNetSegmentationLogic(scene=object(), modelFolder="unused", includeShippedModels=False)
+    files = [MODULE_FILE, MODULE_DIR / "Testing" / "Python" / "VNetSegmentationWidgetTest.py"]
+    checked = 0
+    for path in files:
+        for dotted, call in logic_calls(path):
+            target = logic
+            for part in dotted.split("."):
+                assert hasattr(target, part), f"{path.name}: logic.{dotted} does not exist"
+                target = getattr(target, part)
+            inspect.signature(target).bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords})
+            checked += 1
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "SegmentationOptions":
+                keywords = {k.arg: None for k in node.keywords}
+                inspect.signature(SegmentationOptions).bind(*[None] * len(node.args), **keywords)
+    assert checked >= 15

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk
+from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk, slicer
 from vnetseg.checkpoint import SPLEEN_LABELS, Preprocessing
 from VNetSegmentationLib import PreRunCheckError, SegmentationOptions, VNetSegmentationLogic, checks, nodes
 
@@ -63,6 +63,15 @@ def test_no_volume(env, logic, tiny_model_file):
     empty = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no image data")
     (message,) = logic.preRunChecks(empty, tiny_model_file)
     assert message.code == "noVolume" and message.level == "error" and "load an abdominal CT" in message.message
+
+
+def test_colour_volume_is_refused(env, logic, ct, tiny_model_file):
+    rgb = np.repeat(node_array_ijk(ct)[..., None], 3, axis=-1)
+    node = env.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(ct)))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(rgb.transpose(2, 1, 0, 3)))
+    (message,) = logic.preRunChecks(node, tiny_model_file)
+    assert message.code == "notScalar" and message.level == "error" and "3 components" in message.message
 
 
 @pytest.mark.parametrize("kind", ["MR-like 0..255", "unscaled raw (+1024)"])

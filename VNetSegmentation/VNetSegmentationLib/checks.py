@@ -30,7 +30,7 @@ class CheckMessage:
     """One finding.
 
     Attributes:
-        code: machine-readable kind, e.g. "noVolume", "notCT", "twoD", "thin", "memory",
+        code: machine-readable kind, e.g. "noVolume", "notScalar", "torchMissing", "notCT", "twoD", "thin", "memory",
             "empty", "implausibleVolume", "touchesEdge", "multipleComponents".
         level: "error" (cannot run) or "warning" (can run; the user should know).
         message: the sentence shown to the user: what is wrong and what to do.

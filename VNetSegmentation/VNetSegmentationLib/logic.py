@@ -117,8 +117,9 @@ class VNetSegmentationLogic:
         try:
             shape = nodes.volumeShape(volumeNode)
             array = nodes.volumeArrayIJK(volumeNode)
-        except ValueError as exc:
-            return [checks.CheckMessage("noVolume", checks.ERROR, str(exc))]
+        except ValueError as exc:  # no image data, or several components per voxel
+            code = "noVolume" if volumeNode.GetImageData() is None else "notScalar"
+            return [checks.CheckMessage(code, checks.ERROR, str(exc))]
         spacing = np.linalg.norm(nodes.ijkToRas(volumeNode)[:3, :3], axis=0)
         found = [checks.checkShape(shape, spacing)]
         torch = torchStatus()
