@@ -6,8 +6,10 @@ the core package ``vnetseg``. Inference runs in a separate ``PythonSlicer`` proc
 timer, so Slicer never freezes and a run can be cancelled.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations" here: parameterNodeWrapper reads the parameter class's
+# annotations when the class is created, and Slicer's module loader may not have registered this
+# module in sys.modules yet to resolve string annotations. Slicer 5.10 runs Python 3.12, so
+# "X | None" annotations work as they are.
 import logging
 import os
 import tempfile
