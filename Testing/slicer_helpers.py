@@ -141,10 +141,18 @@ def reference_prediction(input_path: str, model_path: str, overlap: float, postp
     return pred, out
 
 
-def limit_torch_threads() -> None:
-    """One torch thread: far faster than two on a shared 2-core machine, and the same numbers in
-    this process and in a background child (which inherits OMP_NUM_THREADS)."""
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    """One torch thread (import this fixture into a test module to use it).
+
+    On a shared 2-core machine one thread is many times faster than two (0.06 s instead of 2 s per
+    window of the tiny model when the cores are busy), and a background child inherits
+    OMP_NUM_THREADS, so both processes compute the same numbers.
+    """
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(before)

@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk, ras_centroid, resample_nearest, slicer, vtk
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
 OPTIONS = SegmentationOptions("cpu", 0.0, postprocess=False)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

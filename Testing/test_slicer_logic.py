@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slicer_helpers import (
+from slicer_helpers import (  # one_torch_thread: autouse fixture
+    one_torch_thread,  # noqa: F401
     ijk_to_ras,
     make_scene,
     ras_centroid,
@@ -28,17 +29,6 @@ OVERLAP = 0.0  # fewer windows: the answers are compared with the core run the s
 SPLEEN_CATEGORY = "SCT^123037004^Anatomical Structure"
 SPLEEN_TYPE = "SCT^78961009^Spleen"
 CASES = ["example_ct_sm.nii.gz", "example_ct.nii.gz", "example_ct_dicom"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,9 @@ import time
 
 import pytest
 from slicer_helpers import make_scene
+from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions, VNetSegmentationLogic
 from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
 
 
 def script(code: str) -> BackgroundProcess:
