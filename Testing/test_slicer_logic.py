@@ -243,3 +243,16 @@ def test_vnetseg_core_is_importable_from_module_folder():
     import VNetSegmentationLib
 
     assert Path(vnetseg.__file__).parent.parent == Path(VNetSegmentationLib.__file__).parent.parent
+
+
+def test_mode_reaches_the_core_in_both_paths(ct_dir, tiny_model_file, env, logic):
+    """The tiny model has no locator: the core refuses "fast" mode, here and in the background process."""
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "sm-mode")
+    before = env.node_ids()
+    with pytest.raises(ValueError, match="fast needs a model file"):
+        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", mode="fast"))
+    with pytest.raises(RuntimeError, match="fast needs a model file"):
+        logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", mode="fast"), background=True, timeout=120)
+    assert env.node_ids() == before
+    with pytest.raises(ValueError, match="mode must be"):
+        SegmentationOptions(mode="quick")

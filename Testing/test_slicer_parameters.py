@@ -11,6 +11,7 @@ import pytest
 from slicer_helpers import slicer
 from VNetSegmentationLib.parameters import (
     DEVICES,
+    MODES,
     NODE_PARAMETERS,
     VNetSegmentationParameters,
     getParameterNode,
@@ -37,7 +38,7 @@ def test_round_trip_through_the_node():
     scene, volume, seg = scene_with_nodes()
     node = getParameterNode(scene)
     params = VNetSegmentationParameters(
-        volume, seg, "spleen-v1", "cpu", 0.5, False, "Spleen volume: 250.0 mL\nWarning: x"
+        volume, seg, "spleen-v1", "cpu", 0.5, False, "full", "Spleen volume: 250.0 mL\nWarning: x"
     )
     writeParameters(node, params)
     assert readParameters(node) == params
@@ -49,7 +50,7 @@ def test_round_trip_through_the_node():
 def test_saved_scene_restores_the_panel():
     scene, volume, seg = scene_with_nodes()
     params = VNetSegmentationParameters(
-        volume, seg, "spleen-v1", "gpu", 0.75, True, "Spleen volume: 250.0 mL\nTime: 3 s"
+        volume, seg, "spleen-v1", "gpu", 0.75, True, "fast", "Spleen volume: 250.0 mL\nTime: 3 s"
     )
     writeParameters(getParameterNode(scene), params)
     scene.SetSaveToXMLString(1)
@@ -63,6 +64,7 @@ def test_saved_scene_restores_the_panel():
     back = readParameters(getParameterNode(restored))
     assert back.inputVolume.GetName() == "CT" and back.inputVolume.GetID() == volume.GetID()
     assert back.outputSegmentation.GetName() == "CT segmentation"
+    assert back.mode == "fast"
     assert (back.modelName, back.device, back.overlap, back.postprocess, back.resultSummary) == (
         "spleen-v1",
         "gpu",
@@ -81,7 +83,7 @@ def test_one_parameter_node_per_scene_found_like_slicer_does():
     assert scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
 
 
-@pytest.mark.parametrize("field,value", [("device", "tpu"), ("overlap", 0.95), ("overlap", -0.1)])
+@pytest.mark.parametrize("field,value", [("device", "tpu"), ("overlap", 0.95), ("overlap", -0.1), ("mode", "slow")])
 def test_invalid_values_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         VNetSegmentationParameters(**{field: value})
@@ -116,4 +118,5 @@ def test_widget_parameter_class_declares_the_same_schema():
             assert text.startswith(("Annotated[" + type(default).__name__, type(default).__name__)), (name, text)
     annotations = {name: ast.unparse(a) for name, a, _ in schema}
     assert annotations["device"] == f"Annotated[str, Choice({list(DEVICES)!r})]"
+    assert annotations["mode"] == f"Annotated[str, Choice({list(MODES)!r})]"
     assert annotations["overlap"] == "Annotated[float, WithinRange(0.0, 0.9)]"

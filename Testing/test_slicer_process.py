@@ -92,7 +92,15 @@ def test_predict_command_is_what_the_cli_accepts(tmp_path):
     from vnetseg.cli import build_parser
 
     cmd = PredictCommand(
-        tmp_path / "in.nii", tmp_path / "out.nii", tmp_path / "m.pt", "cpu", 0.5, False, tmp_path / "r.json", "ab" * 32
+        tmp_path / "in.nii",
+        tmp_path / "out.nii",
+        tmp_path / "m.pt",
+        "cpu",
+        0.5,
+        False,
+        tmp_path / "r.json",
+        "ab" * 32,
+        "full",
     )
     args = cmd.arguments()
     assert args[:2] == ["-m", "vnetseg"]
@@ -105,7 +113,7 @@ def test_predict_command_is_what_the_cli_accepts(tmp_path):
         0.5,
     )
     assert ns.postprocess is False and ns.overwrite and ns.progress == "json"
-    assert ns.report == str(tmp_path / "r.json") and ns.sha256 == "ab" * 32
+    assert ns.report == str(tmp_path / "r.json") and ns.sha256 == "ab" * 32 and ns.mode == "full"
 
 
 def test_child_finds_the_core():

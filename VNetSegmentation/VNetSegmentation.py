@@ -66,6 +66,7 @@ class VNetSegmentationParameterNode:
     device: Annotated[str, Choice(["auto", "gpu", "cpu"])] = "auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     postprocess: bool = True
+    mode: Annotated[str, Choice(["auto", "fast", "full"])] = "auto"
     resultSummary: str = ""
 
 
@@ -260,7 +261,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.torchStatus().installed or missingPackages():
             self.onInstallTorch()
             return
-        options = SegmentationOptions(p.device, p.overlap, p.postprocess)
+        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode)
         messages = self.logic.preRunChecks(p.inputVolume, p.modelName, options)
         errors = [m.message for m in messages if m.level == ERROR]
         if errors:

@@ -225,7 +225,9 @@ class VNetSegmentationLogic:
 
         net, info = load_model(entry.path, sha256=entry.sha256 or None)
         image = nodes.imageFromVolumeNode(volumeNode)
-        core = InferenceOptions(options.coreDevice(), float(options.overlap), postprocess=options.postprocess)
+        core = InferenceOptions(
+            options.coreDevice(), float(options.overlap), postprocess=options.postprocess, mode=options.mode
+        )
         try:
             prediction = predict_volume(image, net, info, core, progress, cancel)
         except Cancelled:
@@ -277,6 +279,7 @@ class VNetSegmentationLogic:
                 options.postprocess,
                 tempDir / "report.json",
                 entry.sha256 or None,
+                options.mode,
             )
             process = BackgroundProcess(command.arguments(), workDir=tempDir)
         except Exception:

@@ -14,6 +14,7 @@ from typing import Any
 
 MODULE_NAME = "VNetSegmentation"
 DEVICES = ("auto", "gpu", "cpu")
+MODES = ("auto", "fast", "full")
 NODE_PARAMETERS = {"inputVolume": "vtkMRMLScalarVolumeNode", "outputSegmentation": "vtkMRMLSegmentationNode"}
 
 
@@ -28,6 +29,7 @@ class VNetSegmentationParameters:
         device: "auto", "gpu" or "cpu".
         overlap: sliding-window overlap fraction in [0, 0.9].
         postprocess: keep the largest component and fill holes.
+        mode: "auto", "fast" or "full" (how the core covers the volume; see SegmentationOptions).
         resultSummary: the last run's result text (volume, time, device, warnings).
     """
 
@@ -37,11 +39,14 @@ class VNetSegmentationParameters:
     device: str = "auto"
     overlap: float = 0.25
     postprocess: bool = True
+    mode: str = "auto"
     resultSummary: str = ""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= float(self.overlap) <= 0.9:
             raise ValueError(f"overlap must be in [0, 0.9], got {self.overlap}")
 

@@ -73,6 +73,7 @@ class PredictCommand:
         postprocess: keep the largest component and fill holes.
         reportPath: JSON report file, or None.
         sha256: expected SHA-256 of the model file, or None.
+        mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).
     """
 
     inputPath: Path
@@ -83,6 +84,7 @@ class PredictCommand:
     postprocess: bool = True
     reportPath: Path | None = None
     sha256: str | None = None
+    mode: str = "auto"
 
     def arguments(self) -> list[str]:
         args = [
@@ -98,6 +100,8 @@ class PredictCommand:
             self.device,
             "--overlap",
             repr(float(self.overlap)),
+            "--mode",
+            self.mode,
             "--overwrite",
             "--progress",
             "json",

@@ -34,17 +34,22 @@ class SegmentationOptions:
         device: "auto" (GPU when there is one), "gpu", "cpu", or a torch name ("cuda:1", "mps").
         overlap: sliding-window overlap fraction in [0, 1).
         postprocess: keep the largest component and fill holes.
+        mode: "auto" (fast on CPU when the model supports it), "fast" (find the spleen at low
+            resolution, then segment its box at full resolution) or "full" (whole volume).
     """
 
     device: str = "auto"
     overlap: float = 0.25
     postprocess: bool = True
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
             raise ValueError(f"device must be 'auto', 'gpu', 'cpu' or a torch device name, got {self.device!r}")
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in ("auto", "fast", "full"):
+            raise ValueError(f"mode must be 'auto', 'fast' or 'full', got {self.mode!r}")
 
     def coreDevice(self) -> str:
         """The device name for the core ("gpu" is CUDA, or Apple MPS on a Mac without CUDA)."""
