@@ -73,22 +73,53 @@ def test_tampered_installed_model_is_refused_on_use(tmp_path, tiny_model_file):
         store.readInfo(store.findModel(entry.name))
 
 
-def test_model_card_of_a_trained_model(tmp_path):
+def test_model_card_of_a_model_trained_with_training_engine(tmp_path):
+    """The card training.engine writes: data (task, cases), validation (Dice per case, mean), fold, epochs."""
     card = {
-        "name": "spleen-vnet v1",
-        "data": "MSD Task09_Spleen, 32 training cases",
+        "name": "V-Net Task09_Spleen fold 0 (best)",
+        "trained": True,
+        "data": {
+            "root": "/data/Task09_Spleen",
+            "task": "Task09_Spleen",
+            "labels": {"0": "background", "1": "spleen"},
+            "num_cases": 41,
+            "train_cases": [f"spleen_{i}" for i in range(32)],
+            "val_cases": [f"spleen_{i}" for i in range(32, 41)],
+        },
         "fold": 0,
         "epochs": 300,
-        "metrics": {"val_dice": 0.9123},
-        "date": "2026-11-27",
+        "validation": {"dice_per_case": {f"spleen_{i}": 0.9 for i in range(32, 41)}, "dice_mean": 0.9123},
+        "date": "2026-11-27T10:00:00+00:00",
     }
     store = ModelStore(tmp_path / "models", includeShipped=False)
     entry = store.importModel(make_model(tmp_path / "spleen.pt", card))
     text = modelCardText(store.readInfo(entry))
-    assert "Model: spleen-vnet v1" in text
-    assert "Trained on: MSD Task09_Spleen, 32 training cases" in text
-    assert "Validation Dice: 0.912" in text and "Epochs: 300" in text and "Fold: 0" in text
+    assert "Model: V-Net Task09_Spleen fold 0 (best)" in text
+    assert "Trained on: Task09_Spleen: 32 training and 9 validation cases" in text
+    assert "Validation Dice: 0.912 (mean of 9 validation cases)" in text
+    assert "Epochs: 300" in text and "Fold: 0" in text
     assert "random weights" not in text and "Labels: Spleen" in text
+
+
+def test_model_card_of_the_shipped_kind_of_model(tmp_path):
+    """The shipped model's card: training_data (source, labels), leave-one-patient-out scores, limits."""
+    card = {
+        "name": "spleen-ct-light",
+        "version": "1.0",
+        "trained": True,
+        "training_data": {"source": "two real abdominal CTs", "labels": "TotalSegmentator pseudo-labels"},
+        "leave_one_patient_out": {
+            "P1": {"trained_on": "P2", "cases": [{"scan": "p1_ct", "dice": 0.81}]},
+            "P2": {"trained_on": "P1", "cases": [{"scan": "p2_dicom", "dice": 0.77}]},
+        },
+        "limits": ["research use only; not for clinical decisions"],
+    }
+    info = ModelStore(tmp_path, includeShipped=False).readInfo(make_model(tmp_path / "light.pt", card))
+    text = modelCardText(info)
+    assert "Model: spleen-ct-light v1.0" in text
+    assert "Trained on: two real abdominal CTs; labels: TotalSegmentator pseudo-labels" in text
+    assert "Validation Dice: leave-one-patient-out p1_ct 0.810, p2_dicom 0.770" in text
+    assert "Limits: research use only; not for clinical decisions" in text
 
 
 def test_model_card_of_an_untrained_model_says_so(tiny_model_file, tmp_path):

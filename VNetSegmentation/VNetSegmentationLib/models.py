@@ -176,16 +176,53 @@ class ModelStore:
         return self._infoCache[key]
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _trainedOn(card: dict[str, Any]) -> str:
+    """What the model was trained on, from the cards ``training/`` writes.
+
+    ``training.engine`` writes ``data`` = {task, num_cases, train_cases, val_cases, ...}; the
+    shipped model's card has ``training_data`` = {source, labels, ...}.
+    """
+    data = card.get("data") or card.get("training_data") or card.get("dataset") or card.get("trained_on")
+    if not data:
+        return "not recorded"
+    if not isinstance(data, dict):
+        return str(data)
+    if data.get("source"):
+        labels = data.get("labels")
+        return str(data["source"]) + (f"; labels: {labels}" if isinstance(labels, str) else "")
+    task = data.get("task") or "an MSD task folder"
+    train, val = data.get("train_cases"), data.get("val_cases")
+    if isinstance(train, list) and isinstance(val, list):
+        return f"{task}: {len(train)} training and {len(val)} validation cases"
+    return f"{task}: {data['num_cases']} cases" if _number(data.get("num_cases")) else str(task)
+
+
 def _dice(card: dict[str, Any]) -> str:
     """The validation Dice recorded in a model card, as text ("not recorded" when absent)."""
+    validation = card.get("validation")
+    if isinstance(validation, dict) and _number(validation.get("dice_mean")):
+        cases = validation.get("dice_per_case")
+        count = f" of {len(cases)} validation cases" if isinstance(cases, dict) and cases else ""
+        return f"{validation['dice_mean']:.3f} (mean{count})"
+    lopo = card.get("leave_one_patient_out")
+    if isinstance(lopo, dict):
+        scores = [
+            f"{c.get('scan', '?')} {c['dice']:.3f}"
+            for fold in lopo.values()
+            if isinstance(fold, dict)
+            for c in fold.get("cases", [])
+            if isinstance(c, dict) and _number(c.get("dice"))
+        ]
+        if scores:
+            return "leave-one-patient-out " + ", ".join(scores)
     metrics = card.get("metrics") if isinstance(card.get("metrics"), dict) else {}
     for source in (metrics, card):
-        for key in ("val_dice", "validation_dice", "dice", "mean_dice"):
-            value = source.get(key)
-            if isinstance(value, (int, float)):
-                return f"{value:.3f}"
         for key, value in source.items():
-            if "dice" in str(key).lower() and isinstance(value, (int, float)):
+            if "dice" in str(key).lower() and _number(value):
                 return f"{value:.3f} ({key})"
     return "not recorded"
 
@@ -193,15 +230,17 @@ def _dice(card: dict[str, Any]) -> str:
 def modelCardText(info) -> str:
     """A short human-readable card: what the model was trained on and how well it validated."""
     card = dict(info.card)
-    lines = [f"Model: {card.get('name', 'unnamed model')}"]
+    version = f" v{card['version']}" if card.get("version") else ""
+    lines = [f"Model: {card.get('name', 'unnamed model')}{version}"]
     if card.get("trained") is False:
         lines.append("WARNING: this model has random weights (it was never trained); its masks are meaningless.")
-    data = card.get("data") or card.get("dataset") or card.get("trained_on")
-    lines.append(f"Trained on: {data if data else 'not recorded'}")
+    lines.append(f"Trained on: {_trainedOn(card)}")
     lines.append(f"Validation Dice: {_dice(card)}")
     for key, label in (("fold", "Fold"), ("epochs", "Epochs"), ("date", "Date")):
         if key in card:
             lines.append(f"{label}: {card[key]}")
+    if isinstance(card.get("limits"), list) and card["limits"]:
+        lines.append("Limits: " + "; ".join(str(x) for x in card["limits"]))
     cfg, pre = info.config, info.preprocessing
     lines.append(
         f"Network: V-Net widths {list(cfg.widths)}, kernel {cfg.kernel_size}, "
