@@ -238,18 +238,12 @@ class VNetSegmentationLogic:
             prediction.labelmap,
             info,
             outputSegmentation,
-            SegmentationResult(
-                "",
-                [],
-                prediction.volume_ml,
-                0.0,
-                prediction.device,
-                checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
-                warnings,
-                entry.name,
-                False,
-            ),
             started,
+            device=prediction.device,
+            warnings=checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
+            preRunWarnings=warnings,
+            modelName=entry.name,
+            background=False,
         )
 
     def startSegmentation(
@@ -313,22 +307,26 @@ class VNetSegmentationLogic:
             labelmap = _readMask(run.outputPath, volumeNode)
             output = self.scene.GetNodeByID(run.outputSegmentationID) if run.outputSegmentationID else None
             done = run.process.result or {}
-            result = SegmentationResult(
-                "",
-                [],
-                float(done.get("volume_ml") or 0.0),
-                0.0,
-                str(done.get("device", "")),
-                checks.warningsFromTexts(done.get("warnings") or []),
-                run.preRunWarnings,
-                run.model.name,
-                True,
+            return self._output(
+                volumeNode,
+                labelmap,
+                run.info,
+                output,
+                run.started,
+                device=str(done.get("device", "")),
+                warnings=checks.warningsFromTexts(done.get("warnings") or []),
+                preRunWarnings=run.preRunWarnings,
+                modelName=run.model.name,
+                background=True,
             )
-            return self._output(volumeNode, labelmap, run.info, output, result, run.started)
         finally:
             run.cleanup()
 
-    def _output(self, volumeNode, labelmap, info, outputSegmentation, result: SegmentationResult, started: float):
+    def _output(self, volumeNode, labelmap, info, outputSegmentation, started: float, **details):
+        """Put (I, J, K) ``labelmap`` into a new or the given segmentation node; return it and the result.
+
+        ``details`` are the remaining SegmentationResult fields (device, warnings, model...).
+        """
         scene = self.scene
         if outputSegmentation is None:
             name = scene.GenerateUniqueName(f"{volumeNode.GetName()} segmentation")
@@ -341,10 +339,8 @@ class VNetSegmentationLogic:
                 node.CreateDefaultDisplayNodes()
             ids = nodes.fillSegments(node, volumeNode, labelmap, info.labels)
             node.CreateClosedSurfaceRepresentation()
-        result.segmentationNodeID, result.segmentIDs = node.GetID(), ids
-        result.volumeMl = float(np.count_nonzero(labelmap == info.labels[0].value)) * _voxelMl(volumeNode)
-        result.seconds = time.monotonic() - started
-        return node, result
+        volumeMl = float(np.count_nonzero(labelmap == info.labels[0].value)) * _voxelMl(volumeNode)
+        return node, SegmentationResult(node.GetID(), ids, volumeMl, time.monotonic() - started, **details)
 
     # ----------------------------------------------------------------------- after a run
     def qualityWarnings(self, segmentationNode, volumeNode, segmentName: str = "Spleen"):
