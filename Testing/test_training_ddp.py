@@ -1,0 +1,43 @@
+"""Two CPU processes under torchrun (gloo): DistributedDataParallel training finishes, rank 0 alone writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from training.checkpointing import load_state
+from training.synthetic import PhantomSettings, write_synthetic_task
+from training_helpers import tiny_config
+from vnetseg.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
+    data = write_synthetic_task(tmp_path / "Task", cases=4, seed=1, settings=PhantomSettings(fov_mm=(300.0, 240.0, 160.0)))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny_config(epochs=2, iters_per_epoch=2, val_every=2, folds=2).to_dict()))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "VNetSegmentation")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         "-m", "training.train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fold = out / "fold_0"
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "fold_0", "splits.json"]
+    assert sorted(p.name for p in fold.glob("*.pth")) == ["checkpoint_best.pth", "checkpoint_last.pth"]
+    assert not list(fold.glob(".*"))  # no leftover temporary files from a second writer
+    rows = list(csv.DictReader(open(fold / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # one writer: each epoch logged once
+    assert proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports progress
+    _, info = load_model(fold / "model_last.pt")
+    assert info.card["world_size"] == 2 and info.card["epochs"] == 2
+    # 2 validation cases shared by the two ranks, reduced into one complete table
+    assert sorted(info.card["validation"]["dice_per_case"]) == json.loads((out / "splits.json").read_text())[0]["val"]
+    assert load_state(fold / "checkpoint_last.pth")["epoch"] == 2

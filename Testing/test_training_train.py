@@ -1,0 +1,141 @@
+"""End-to-end training on synthetic phantoms and on the real CTs: accuracy, export, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from training.cache import cache_dir_for, load_cached
+from training.checkpointing import load_state
+from training.config import load_config
+from training.data import read_msd
+from training.engine import TrainOptions, train
+from training.synthetic import write_synthetic_task
+from training.train import main as train_main
+from training_helpers import real_ct_msd, tiny_config
+from vnetseg.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_task(tmp_path_factory.mktemp("phantoms") / "Task", cases=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The light V-Net trained on 12 phantoms, validated on 4 held-out ones (fold 0 of 4)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("synthetic", {"epochs": 8, "iters_per_epoch": 20, "val_every": 4, "folds": 4})
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = train(TrainOptions(data=phantoms, out=out, fold=0, config=cfg, device="cpu", quiet=True))
+    return result, out
+
+
+def test_light_vnet_reaches_dice_085_on_held_out_phantoms(trained) -> None:
+    result, out = trained
+    assert result.epochs_done == 8
+    assert result.best_dice >= 0.85, f"mean validation Dice {result.best_dice:.3f} < 0.85"
+    assert len(result.last_dice) == 4 and min(result.last_dice.values()) > 0.7
+    splits = json.loads((out / "splits.json").read_text())
+    assert sorted(result.last_dice) == splits[0]["val"]
+    assert not set(splits[0]["val"]) & set(splits[0]["train"])
+
+
+def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: Path, tmp_path: Path) -> None:
+    result, out = trained
+    fold = out / "fold_0"
+    model, info = load_model(fold / "model_best.pt")
+    card = info.card
+    assert card["fold"] == 0 and card["epochs"] == result.best_epoch and card["seed"] == 12345
+    assert card["validation"]["dice_per_case"] == pytest.approx(json.loads((fold / "validation.json").read_text())["last_dice_per_case"]) \
+        or result.best_epoch != result.epochs_done
+    assert card["validation"]["dice_mean"] == pytest.approx(result.best_dice)
+    assert card["data"]["val_cases"] == sorted(result.last_dice) and len(card["data"]["train_cases"]) == 12
+    assert card["config"]["epochs"] == 8 and card["date"].startswith("20")
+    assert info.preprocessing.target_spacing == (4.0, 4.0, 4.0) and info.labels[0].name == "Spleen"
+    assert load_model(fold / "model_last.pt")[1].card["epochs"] == 8
+    # the deployed command line segments a held-out phantom with the exported file
+    case = sorted(result.last_dice)[0]
+    dest = tmp_path / "mask.nii.gz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vnetseg", "predict", str(phantoms / "imagesTr" / f"{case}.nii.gz"), "-o", str(dest),
+         "--model", str(fold / "model_best.pt"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pred = np.asarray(nib.load(str(dest)).dataobj)
+    ref = np.asarray(nib.load(str(phantoms / "labelsTr" / f"{case}.nii.gz")).dataobj)
+    dice = 2 * np.sum((pred == 1) & (ref == 1)) / (np.sum(pred == 1) + np.sum(ref == 1))
+    assert dice == pytest.approx(result.last_dice[case], abs=0.02)
+
+
+def test_logs_and_plots_are_written(trained) -> None:
+    _, out = trained
+    fold = out / "fold_0"
+    rows = list(csv.DictReader(open(fold / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert [r["val_dice_mean"] != "" for r in rows] == [e % 4 == 0 for e in range(1, 9)]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert all(float(r["patches_per_s"]) > 0 for r in rows)
+    assert (fold / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((fold / "config.json").read_text())["epochs"] == 8
+    state = load_state(fold / "checkpoint_last.pth")
+    assert state["epoch"] == 8 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+
+
+def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(phantoms: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(epochs=3, iters_per_epoch=3, val_every=3, folds=4)
+    full = train(TrainOptions(data=phantoms, out=tmp_path / "full", config=cfg, device="cpu", quiet=True))
+    cut = TrainOptions(data=phantoms, out=tmp_path / "cut", config=cfg, device="cpu", quiet=True, max_epochs=2)
+    first = train(cut)
+    assert first.epochs_done == 2
+    # a new process-like start: other RNG draws in between must not matter
+    torch.manual_seed(999)
+    np.random.seed(999)
+    cut.max_epochs, cut.resume = None, True
+    resumed = train(cut)
+    assert resumed.epochs_done == 3
+    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in full.history], rel=1e-6)
+    a = load_model(tmp_path / "full" / "fold_0" / "model_last.pt")[0].state_dict()
+    b = load_model(tmp_path / "cut" / "fold_0" / "model_last.pt")[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_existing_run_is_not_overwritten_without_resume(phantoms: Path, tmp_path: Path, capsys) -> None:
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(tiny_config(epochs=1, iters_per_epoch=1, folds=4).to_dict()))
+    args = ["--data", str(phantoms), "--out", str(tmp_path / "run"), "--config", str(cfg_file), "--device", "cpu", "--quiet"]
+    assert train_main(args) == 0
+    before = (tmp_path / "run" / "fold_0" / "model_last.pt").read_bytes()
+    assert train_main(args) == 2
+    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "fold_0" / "model_last.pt").read_bytes() == before
+    assert train_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--config", "synthetic"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_trains_a_few_iterations_on_an_msd_folder_of_the_real_cts(ct_dir: Path, tmp_path: Path) -> None:
+    root = real_ct_msd(ct_dir, tmp_path / "RealCT")
+    ds = read_msd(root)
+    assert ds.case_names == ["ct_a", "ct_b"]
+    cfg = tiny_config(epochs=1, iters_per_epoch=2, folds=2)
+    result = train(TrainOptions(data=root, out=tmp_path / "run", config=cfg, device="cpu", quiet=True))
+    assert result.epochs_done == 1 and len(result.last_dice) == 1
+    assert 0.0 <= next(iter(result.last_dice.values())) <= 1.0
+    train_case = json.loads((tmp_path / "run" / "splits.json").read_text())[0]["train"][0]
+    cached = load_cached(cache_dir_for(tmp_path / "run" / "cache", cfg.preprocessing), [train_case])[0]
+    # 3 mm voxels resampled to 6 mm: the spleen keeps its volume (9632 / 9452 voxels of 27 mm^3)
+    expected_ml = {"ct_a": 9632 * 27 / 1000, "ct_b": 9452 * 27 / 1000}[train_case]
+    assert cached.label.sum() * 216 / 1000 == pytest.approx(expected_ml, rel=0.15)
+    _, info = load_model(tmp_path / "run" / "fold_0" / "model_last.pt")
+    assert info.card["data"]["train_cases"] == [train_case]
