@@ -1,7 +1,7 @@
 """Make the extension's icon and its result picture (run from the repository root).
 
-    python Resources/make_images.py                   # icon + picture from the pseudo-label
-    python Resources/make_images.py --model M.pt      # picture from a V-Net run of the Logic
+    python Resources/make_images.py                   # icon + picture (shipped model, else pseudo-label)
+    python Resources/make_images.py --model M.pt      # picture from a V-Net run of the Logic with M.pt
 
 The picture is not a screenshot of the Slicer application (which does not run here): it renders
 what the Logic put into a real (headless) MRML scene - the CT volume node and the "Spleen"
@@ -116,8 +116,14 @@ def make_picture(path: Path, ct_dir: Path, model: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct-dir", type=Path, default=REPO.parent / "shared" / "data" / "ct")
-    parser.add_argument("--model", type=Path, help="a trained model file (default: show the pseudo-label)")
+    parser.add_argument("--model", type=Path, help="a trained model file (default: the shipped model, if any)")
     args = parser.parse_args()
+    if args.model is None:
+        sys.path.insert(0, str(REPO / "VNetSegmentation"))
+        from vnetseg.registry import default_model
+
+        shipped = default_model()
+        args.model = shipped.path if shipped is not None else None
     for target in (
         REPO / "Resources" / "Icons" / "VNetSegmentation.png",
         REPO / "VNetSegmentation" / "Resources" / "Icons" / "VNetSegmentation.png",
