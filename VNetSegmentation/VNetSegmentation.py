@@ -252,9 +252,11 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
-        with slicer.util.tryWithErrorDisplay(_("The segmentation could not be started."), waitCursor=True):
-            self.startRun()
-        self.updateGui()
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            with slicer.util.tryWithErrorDisplay(_("The segmentation could not be started."), waitCursor=True):
+                self.startRun()
+        finally:
+            self.updateGui()
 
     def startRun(self) -> None:
         p = self._parameterNode
@@ -304,11 +306,11 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = 0
                 self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
                 return
+            if run.state != "succeeded":
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=run.error)
             with slicer.util.tryWithErrorDisplay(_("The segmentation failed."), waitCursor=True):
                 node, result = self.logic.finishSegmentation(run)
                 self.showResult(node, result)
-            if run.state != "succeeded":
-                self.ui.statusLabel.text = _("Failed: {error}").format(error=run.error)
         finally:
             self.updateGui()
 
