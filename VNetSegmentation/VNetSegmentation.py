@@ -261,7 +261,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def startRun(self) -> None:
         p = self._parameterNode
         if not self.logic.torchStatus().installed or missingPackages():
-            self.onInstallTorch()
+            self.installDependencies()  # errors reach this call's tryWithErrorDisplay
             return
         options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode)
         messages = self.logic.preRunChecks(p.inputVolume, p.modelName, options)
@@ -405,26 +405,29 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallTorch(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("PyTorch could not be installed."), waitCursor=True):
-            missing = missingPackages()
-            if missing:
-                if not slicer.util.confirmOkCancelDisplay(
-                    _("Install the missing Python packages ({names}) with pip?").format(names=", ".join(missing))
-                ):
-                    return
-                installPackages(missing)
-            if not self.logic.torchStatus().installed:
-                if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(
-                    _(
-                        "Install PyTorch with pip now (a download of up to a few GB)? For a GPU build that matches "
-                        "your driver, cancel, install the 'PyTorch' extension from the Extensions Manager, "
-                        "and try again."
-                    )
-                ):
-                    return
-                how = self.logic.installTorch(askConfirmation=True)
-                logging.info(f"PyTorch installed through {how}")
-            self.refreshTorchAndDevices()
-            self.updateGui()
+            self.installDependencies()
+
+    def installDependencies(self) -> None:
+        """Offer to install what is missing (packages, then PyTorch); nothing without the user's OK."""
+        missing = missingPackages()
+        if missing:
+            question = _("Install the missing Python packages ({names}) with pip?").format(names=", ".join(missing))
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return
+            installPackages(missing)
+        if not self.logic.torchStatus().installed:
+            if pyTorchUtilsLogic() is None and not slicer.util.confirmOkCancelDisplay(
+                _(
+                    "Install PyTorch with pip now (a download of up to a few GB)? For a GPU build that matches "
+                    "your driver, cancel, install the 'PyTorch' extension from the Extensions Manager, "
+                    "and try again."
+                )
+            ):
+                return
+            how = self.logic.installTorch(askConfirmation=True)
+            logging.info(f"PyTorch installed through {how}")
+        self.refreshTorchAndDevices()
+        self.updateGui()
 
 
 class VNetSegmentationTest(ScriptedLoadableModuleTest):
