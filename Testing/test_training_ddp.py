@@ -24,7 +24,7 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "VNetSegmentation")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "training.train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--device", "cpu"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
@@ -35,7 +35,7 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
     assert not list(fold.glob(".*"))  # no leftover temporary files from a second writer
     rows = list(csv.DictReader(open(fold / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]  # one writer: each epoch logged once
-    assert proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports progress
+    assert proc.stderr.count("epoch 2/2") == 1 and proc.stderr.count("done:") == 1  # only rank 0 reports
     _, info = load_model(fold / "model_last.pt")
     assert info.card["world_size"] == 2 and info.card["epochs"] == 2
     # 2 validation cases shared by the two ranks, reduced into one complete table

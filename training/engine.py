@@ -112,6 +112,18 @@ def model_labels(dataset: MSDDataset) -> tuple[Label, ...]:
     return tuple(out)
 
 
+def _on_main(info: dd.DistInfo, work) -> None:
+    """Run ``work`` on rank 0 only; every rank raises if it failed there (no rank waits forever)."""
+    error: Exception | None = None
+    if info.is_main:
+        try:
+            work()
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    if not dd.broadcast_flag(error is None, info):
+        raise error if error is not None else RuntimeError("rank 0 failed to prepare the run; see its error message")
+
+
 def _log(info: dd.DistInfo, quiet: bool, message: str) -> None:
     if info.is_main and not quiet:
         print(message, file=sys.stderr, flush=True)
@@ -131,12 +143,8 @@ class Trainer:
             )
         self.fold_dir = Path(opts.out) / f"fold_{opts.fold}"
         splits = opts.splits or Path(opts.out) / "splits.json"
-        if self.dist.is_main:
-            self._check_out_dir()
-            folds = load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed)
-        dd.barrier(self.dist)
-        if not self.dist.is_main:
-            folds = load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed, write=False)
+        _on_main(self.dist, lambda: (self._check_out_dir(), load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed)))
+        folds = load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed, write=False)
         self.train_names, self.val_names = fold_cases(folds, opts.fold)
         self.labels = model_labels(self.dataset)
         seed_everything(cfg.seed)
@@ -172,10 +180,8 @@ class Trainer:
         cfg, opts = self.cfg, self.opts
         cache_root = opts.cache or Path(opts.out) / "cache"
         train_cases = [self.dataset.case(n) for n in self.train_names]
-        if self.dist.is_main:
-            ensure_cached(train_cases, self.dataset.labels, cfg.preprocessing, cache_root,
-                          log=None if opts.quiet else lambda m: print(m, file=sys.stderr, flush=True))
-        dd.barrier(self.dist)
+        log = None if opts.quiet else lambda m: print(m, file=sys.stderr, flush=True)
+        _on_main(self.dist, lambda: ensure_cached(train_cases, self.dataset.labels, cfg.preprocessing, cache_root, log))
         folder = cache_dir_for(cache_root, cfg.preprocessing)
         cached = load_cached(folder, self.train_names)
         per_rank = cfg.iters_per_epoch * cfg.batch_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ModelFileError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
         print(f"done: best mean validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
               f"model files in {result.fold_dir}", file=sys.stderr)
     return 0
