@@ -130,9 +130,15 @@ def test_background_process_gives_the_same_segment(ct_dir, tiny_model_file, env,
     fractions = [e["fraction"] for e in events if e.get("event") == "progress"]
     assert fractions and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert any(e.get("event") == "done" for e in events)
+    assert (run.fraction, run.message) == (1.0, "done")  # what the panel's progress bar and status line show
     seg, result = logic.finishSegmentation(run)
     assert not run.tempDir.exists(), "temporary files must be removed"
     assert result.background and result.device == "cpu"
+    summary = result.summary().splitlines()
+    assert summary[0] == f"Spleen volume: {result.volumeMl:.1f} mL" and summary[1].endswith("s on cpu")
+    assert [line for line in summary if line.startswith("Warning: ")] == [
+        f"Warning: {w.message}" for w in result.warnings
+    ]
     check_spleen_segment(seg, result.segmentIDs[0], volume)
     here, _ = logic.segment(volume, tiny_model_file, options)
     a = nodes.segmentMask(seg, result.segmentIDs[0], volume)
