@@ -197,3 +197,36 @@ def test_reoriented_phantom_preprocesses_to_the_same_model_grid(tmp_path: Path) 
         img, lab = preprocess_case(ds.case(name), ds.labels, pre)
         np.testing.assert_array_equal(lab, ref_lab)
         np.testing.assert_allclose(img, ref_img, atol=1e-5)
+
+
+def test_add_case_to_msd_builds_a_folder_the_reader_accepts(tmp_path: Path) -> None:
+    from training.data import add_case_to_msd
+    from vnetseg.io import Image
+
+    root = tmp_path / "Export"
+    image, label = blob_case()
+    add_case_to_msd(root, "first", Image(image.astype(np.float32), AFFINE), Image(label, AFFINE))
+    src = tmp_path / "src"
+    write_case(src, "second", image + 5, label, AFFINE)
+    case = add_case_to_msd(root, "second", src / "imagesTr/second.nii.gz", src / "labelsTr/second.nii.gz")
+    assert case == Case("second", root / "imagesTr/second.nii.gz", root / "labelsTr/second.nii.gz")
+    ds = read_msd(root)
+    assert ds.case_names == ["first", "second"] and ds.labels == {0: "background", 1: "spleen"}
+    img, lab = load_case(ds.case("second"), ds.labels)
+    np.testing.assert_array_equal(img.array, (image + 5).astype(np.int16))  # as write_case stored it
+    np.testing.assert_array_equal(lab, label)
+    np.testing.assert_allclose(img.affine, AFFINE)
+    with pytest.raises(CaseError, match="case 'first'.*already in"):
+        add_case_to_msd(root, "first", Image(image.astype(np.float32), AFFINE), Image(label, AFFINE))
+    with pytest.raises(CaseError, match="case 'moved'.*grids differ"):
+        add_case_to_msd(root, "moved", Image(image.astype(np.float32), AFFINE), Image(label, AFFINE * 1.5))
+    with pytest.raises(CaseError, match=r"case 'odd'.*values \[3\]"):
+        add_case_to_msd(root, "odd", Image(image.astype(np.float32), AFFINE), Image(label * 3, AFFINE))
+    assert read_msd(root).case_names == ["first", "second"]  # failed additions left nothing behind
+
+
+def test_nnunet_v2_style_label_names_are_accepted(blob_msd: Path) -> None:
+    meta = json.loads((blob_msd / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "spleen": 1}
+    (blob_msd / "dataset.json").write_text(json.dumps(meta))
+    assert read_msd(blob_msd).labels == {0: "background", 1: "spleen"}

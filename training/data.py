@@ -148,7 +148,10 @@ def _parse_labels(meta: dict[str, Any], meta_path: Path) -> dict[int, str]:
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{meta_path} needs 'labels', e.g. {{\"0\": \"background\", \"1\": \"spleen\"}}")
     try:
-        labels = {int(k): str(v) for k, v in raw.items()}
+        if all(isinstance(v, int) for v in raw.values()):  # nnU-Net v2 style {"background": 0, "spleen": 1}
+            labels = {int(v): str(k) for k, v in raw.items()}
+        else:
+            labels = {int(k): str(v) for k, v in raw.items()}
     except ValueError:
         raise DatasetError(f"{meta_path}: label keys must be integers, got {sorted(raw)}") from None
     if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
@@ -183,11 +186,9 @@ def load_case(case: Case, labels: dict[int, str]) -> tuple[vio.Image, np.ndarray
     except vio.ImageError as exc:
         raise CaseError(case.name, f"image {case.image}: {exc}") from None
     try:
-        lab = vio.read_image(case.label)
+        lab = _read_any_label(case.label)
     except vio.ImageError as exc:
-        if "is empty" not in str(exc):  # an all-background label is legitimate
-            raise CaseError(case.name, f"label {case.label}: {exc}") from None
-        lab = _read_label_raw(case)
+        raise CaseError(case.name, f"label {case.label}: {exc}") from None
     check_same_grid(case.name, image, lab)
     values = np.unique(lab.array)
     if np.any(values != np.round(values)):
@@ -199,13 +200,6 @@ def load_case(case: Case, labels: dict[int, str]) -> tuple[vio.Image, np.ndarray
             f"label {case.label} holds values {unknown} that dataset.json does not name (known: {sorted(labels)})",
         )
     return image, lab.array.astype(np.uint8)
-
-
-def _read_label_raw(case: Case) -> vio.Image:
-    import nibabel as nib
-
-    img = nib.load(str(case.label))
-    return vio.Image(np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=float))
 
 
 def check_same_grid(name: str, image: vio.Image, label: vio.Image, tol_mm: float = 1e-2) -> None:
@@ -293,3 +287,71 @@ def write_dataset_json(root: str | os.PathLike[str], cases: list[tuple[str, str]
     path = Path(root) / "dataset.json"
     path.write_text(json.dumps(meta, indent=1))
     return path
+
+
+def add_case_to_msd(
+    root: str | os.PathLike[str],
+    name: str,
+    image: str | os.PathLike[str] | vio.Image,
+    label: str | os.PathLike[str] | vio.Image,
+    labels: dict[int, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Case:
+    """Add one image/label pair to an MSD folder (created with its ``dataset.json`` when missing).
+
+    Args:
+        root: the MSD task folder.
+        name: case name; files become ``imagesTr/<name>.nii.gz`` and ``labelsTr/<name>.nii.gz``.
+        image: a CT file (any format :func:`vnetseg.io.read_image` reads) or an :class:`Image` in HU.
+        label: a label file or an :class:`Image` holding integer labels on the image's grid.
+        labels: label names for a new folder (default ``{0: "background", 1: "spleen"}``).
+        overwrite: replace an existing case of that name (otherwise :class:`CaseError`).
+
+    Returns:
+        The new :class:`Case`.
+    """
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise ValueError(f"name must be a plain file name without '/' or a leading dot, got {name!r}")
+    root_p = Path(root)
+    meta_path = root_p / "dataset.json"
+    if meta_path.is_file():
+        known = read_msd(root_p).labels
+        meta = json.loads(meta_path.read_text())
+    else:
+        known = dict(labels or {0: "background", 1: "spleen"})
+        write_dataset_json(root_p.mkdir(parents=True, exist_ok=True) or root_p, [], known, name=root_p.name)
+        meta = json.loads(meta_path.read_text())
+    rel = (f"./imagesTr/{name}.nii.gz", f"./labelsTr/{name}.nii.gz")
+    listed = any(case_name(e.get("image", "")) == name for e in meta["training"])
+    if listed and not overwrite:
+        raise CaseError(name, f"already in {meta_path}; pass overwrite=True to replace it")
+    img = image if isinstance(image, vio.Image) else vio.read_image(image)
+    lab = label if isinstance(label, vio.Image) else _read_any_label(Path(label))
+    check_same_grid(name, img, lab)
+    unknown = sorted(set(int(v) for v in np.unique(lab.array)) - set(known))
+    if unknown:
+        raise CaseError(name, f"label holds values {unknown} that the dataset does not name (known: {sorted(known)})")
+    (root_p / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root_p / "labelsTr").mkdir(parents=True, exist_ok=True)
+    vio.write_nifti(root_p / rel[0], img.array, img.affine, overwrite=overwrite)
+    vio.write_nifti(root_p / rel[1], np.asarray(lab.array).astype(np.uint8), lab.affine, overwrite=overwrite)
+    if not listed:
+        meta["training"].append({"image": rel[0], "label": rel[1]})
+    meta["numTraining"] = len(meta["training"])
+    tmp = meta_path.with_name(f".dataset.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    return Case(name, root_p / rel[0], root_p / rel[1])
+
+
+def _read_any_label(path: Path) -> vio.Image:
+    try:
+        return vio.read_image(path)
+    except vio.ImageError as exc:
+        if "is empty" in str(exc) and path.name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return vio.Image(np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=float))
+        raise

@@ -66,6 +66,22 @@ def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[st
     return {"cases": cases, "fast_vs_full": agreement, "pelvis": pelvis_rows}
 
 
+def cached_scores(out: Path, net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`score_all`, reused from ``out`` when the same weights and settings were scored before."""
+    from vnetseg.checkpoint import weights_digest
+
+    assert info.locator is not None
+    key = weights_digest({**net.state_dict(), **{f"loc.{k}": v for k, v in info.locator[0].state_dict().items()}})
+    path = out / f"scores_{key[:16]}_{'x'.join(map(str, info.preprocessing.patch_size))}.json"
+    if path.is_file():
+        log(f"reusing the scores in {path}")
+        return json.loads(path.read_text())
+    log("scoring the shipped weights on the real CTs")
+    results = score_all(net, info, log)
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
 def _train_minutes(run_dir: Path) -> float | None:
     path = run_dir / "train_time.json"
     return json.loads(path.read_text())["minutes"] if path.is_file() else None
@@ -88,8 +104,7 @@ def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int
     loc_info = _with_patch(loc_info, INFERENCE_PATCH, loc_card)
     info = _with_patch(main_info, INFERENCE_PATCH)
     info.locator = (loc_net, loc_info)
-    log("scoring the shipped weights on the real CTs")
-    results = score_all(main_net, info, log)
+    results = cached_scores(out, main_net, info, log)
     lopo_path = out / "lopo.json"
     lopo = json.loads(lopo_path.read_text()) if lopo_path.is_file() else None
     subjects = json.loads((out / "pool" / "subjects.json").read_text())
