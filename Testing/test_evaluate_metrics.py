@@ -90,9 +90,12 @@ def test_evaluate_command_line_on_folders(tmp_path: Path, capsys) -> None:
     summary = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert float(summary["dice"]["mean"]) == pytest.approx(0.875)
     assert (out / "boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    assert evaluate_main(["--pred", str(pred), "--labels", str(labels)]) == 0
+    default = {r["case"]: r for r in csv.DictReader(open(tmp_path / "pred_eval" / "metrics.csv"))}  # default --out
+    assert float(default["case_1"]["surface_dice"]) == 1.0  # default tolerance 2 mm covers the 2 mm shift
     # a case without a prediction, and a prediction on another grid: errors naming the case
     write_nifti(labels / "case_3.nii.gz", _cube().astype(np.uint8), affine)
-    assert evaluate_main(["--pred", str(pred), "--labels", str(labels), "--out", str(out)]) == 2
+    assert evaluate_main(["--pred", str(pred), "--labels", str(labels)]) == 2  # default --out: pred_eval
     assert "case 'case_3': no prediction" in capsys.readouterr().err
     write_nifti(pred / "case_3.nii.gz", _cube().astype(np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]))
     with pytest.raises(CaseError, match="case 'case_3'.*grids differ"):

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="MSD task folder (with --model)")
     p.add_argument("--fold", type=int, help="with --model: only the validation cases of this fold (needs --splits)")
     p.add_argument("--splits", type=Path, help="the run's splits.json (with --fold)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for metrics.csv, summary.csv, boxplot.png")
+    p.add_argument("--out", type=Path, help="output folder for metrics.csv, summary.csv, boxplot.png "
+                   "(default: PRED_eval next to --pred, or eval_DATA next to --model)")
     p.add_argument("--label", type=int, default=1, help="label value of the structure (default 1 = spleen)")
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--device", default="auto", help="device for --model inference (auto, cpu, cuda, mps)")
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.pred is None) == (args.model is None):
         parser.error("give either --pred DIR with --labels DIR, or --model FILE with --data DIR")
+    if args.out is None:
+        args.out = (args.pred.parent / f"{args.pred.name}_eval") if args.pred is not None else \
+            args.model.parent / f"eval_{Path(args.data or 'data').name}"
     try:
         if args.model is not None:
             if args.data is None:
