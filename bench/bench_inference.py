@@ -90,6 +90,16 @@ def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None)
     return _with_network(res, net_time)
 
 
+def child_ours_lowmem(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
+    """``ours`` with the memory fixes of ``proto_lowmem.py`` applied in this process."""
+    import proto_lowmem
+
+    fixes = proto_lowmem.apply()
+    res = child_ours(ct, model, out, overlap, batch)
+    res["prototype_fixes"] = fixes
+    return res
+
+
 def child_monai(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -151,7 +161,7 @@ def _with_network(res: dict[str, Any], net_time: dict[str, Any]) -> dict[str, An
     return res
 
 
-CHILDREN = {"monai": child_monai, "ours": child_ours, "cli": child_cli}
+CHILDREN = {"monai": child_monai, "ours": child_ours, "ours_lowmem": child_ours_lowmem, "cli": child_cli}
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -208,12 +218,12 @@ def mask_agreement(paths: dict[str, Path]) -> dict[str, float]:
 
 def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{title}")
-    head = f"{'method':<8} {'median s':>9} {'min-max s':>13} {'network s':>10} {'peak RSS MB':>12} {'time ratio':>11} {'RSS ratio':>10}"
+    head = f"{'method':<11} {'median s':>9} {'min-max s':>13} {'network s':>10} {'peak RSS MB':>12} {'time ratio':>11} {'RSS ratio':>10}"
     print(head)
     print("-" * len(head))
     for method, s in summary.items():
         net = f"{s['median_network_s']:.1f}" if s["median_network_s"] is not None else "-"
-        print(f"{method:<8} {s['median_s']:>9.1f} {s['min_s']:>6.1f}-{s['max_s']:<6.1f} {net:>10} "
+        print(f"{method:<11} {s['median_s']:>9.1f} {s['min_s']:>6.1f}-{s['max_s']:<6.1f} {net:>10} "
               f"{s['median_peak_rss_mb']:>12.0f} {s.get('time_ratio_vs_monai', float('nan')):>11.2f} "
               f"{s.get('rss_ratio_vs_monai', float('nan')):>10.2f}")
     for method, s in summary.items():
@@ -232,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", type=int, nargs=3, default=None, metavar=("I", "J", "K"), help="default 512 512 120")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="default 0.8 0.8 2.5")
     ap.add_argument("--quick", action="store_true", help=f"small CT {QUICK_SHAPE} at {QUICK_SPACING} mm, 1 repeat")
-    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, cli")
+    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_lowmem (prototype memory fixes), cli")
     ap.add_argument("--name", help="results/<name>.json (default inference_<preset>[_quick])")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the generated CT and model files")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran on the machine)")
@@ -257,11 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(CHILDREN)
     if unknown:
-        raise SystemExit(f"--methods: unknown method(s) {sorted(unknown)}; use monai, ours, cli")
+        raise SystemExit(f"--methods: unknown method(s) {sorted(unknown)}; use {', '.join(CHILDREN)}")
     name = args.name or f"inference_{args.preset if not args.model else Path(args.model).stem}{'_quick' if args.quick else ''}"
     outdir = cache / f"out_{name}"
     outdir.mkdir(parents=True, exist_ok=True)
     load_before = benchlib.load_average()
+    machine = benchlib.machine_info()  # at the start: the git commit of the code that runs
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     masks = {m: outdir / f"{m}.nii.gz" for m in methods}
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"overlap": args.overlap, "patch": list(info.preprocessing.patch_size),
                      "target_spacing_mm": list(info.preprocessing.target_spacing), "batch": args.batch or "core default",
                      "repeats": repeats, "device": "cpu", "gaussian_sigma_scale": 0.125},
-        "machine": benchlib.machine_info(),
+        "machine": machine,
         "load_average_before": load_before,
         "load_average_after": benchlib.load_average(),
         "note": args.note,

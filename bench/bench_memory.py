@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), metavar=("SX", "SY", "SZ"))
     ap.add_argument("--preset", default="light")
     ap.add_argument("--model", help="a model file instead of the random-weight preset model")
+    ap.add_argument("--method", default="ours", choices=["ours", "ours_lowmem"],
+                    help="ours: the core as it is; ours_lowmem: with the prototype fixes of proto_lowmem.py")
     ap.add_argument("--factor", type=float, default=4.0, help="allowed peak RSS as a multiple of the CT's float32 size")
     ap.add_argument("--name", help="results/<name>.json (default memory_<I>x<J>x<K>_<SZ>mm_<preset>)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
@@ -43,11 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = Path(args.cache)
     ct = make_benchmark_ct(shape, spacing, cache)  # type: ignore[arg-type]
     model = Path(args.model) if args.model else benchlib.make_model_file(args.preset, cache)
-    name = args.name or f"memory_{'x'.join(map(str, shape))}_{spacing[2]:g}mm_{args.preset if not args.model else model.stem}"
+    name = args.name or (f"memory_{'x'.join(map(str, shape))}_{spacing[2]:g}mm_{args.preset if not args.model else model.stem}"
+                         f"{'' if args.method == 'ours' else '_' + args.method}")
     out = cache / f"out_{name}.nii.gz"
     load_before = benchlib.load_average()
+    machine = benchlib.machine_info()  # at the start: the git commit of the code that runs
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    res = benchlib.run_child([str(Path(__file__).resolve().parent / "bench_inference.py"), "--child", "ours",
+    res = benchlib.run_child([str(Path(__file__).resolve().parent / "bench_inference.py"), "--child", args.method,
                               "--ct", str(ct), "--model", str(model), "--out", str(out), "--overlap", "0.25"])
     float32_mb = shape[0] * shape[1] * shape[2] * 4 / MIB
     limit = args.factor * float32_mb
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         "started_utc": started,
         "ct": {"path": str(ct), "shape": shape, "spacing_mm": spacing},
         "model": str(model),
+        "method": args.method,
+        "prototype_fixes": res.get("prototype_fixes"),
         "ct_float32_mb": float32_mb,
         "limit_mb": limit,
         "peak_rss_mb": res["peak_rss_mb"],
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": res["seconds"],
         "windows": res["windows"],
         "batch_sizes": res["batch_sizes"],
-        "machine": benchlib.machine_info(),
+        "machine": machine,
         "load_average_before": load_before,
         "load_average_after": benchlib.load_average(),
         "note": args.note,

@@ -167,6 +167,9 @@ def machine_info() -> dict[str, Any]:
     try:
         info["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "VNetSegmentation/vnetseg"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        info["core_uncommitted_changes"] = bool(dirty)
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
     return info

@@ -35,24 +35,40 @@ from make_ct import DEFAULT_CACHE, make_benchmark_ct  # noqa: E402
 # (category, substrings of "file:function" of a profiled leaf), first match wins
 CATEGORIES = [
     ("network: convolutions", ("conv3d", "conv_transpose3d", "convolution")),
-    ("network: other ops (PReLU, add, cat, norm, softmax)", ("prelu", "torch.cat", "softmax", "instance_norm",
-                                                            "batch_norm", "'add'", "torch/nn/", "torch/_")),
-    ("resampling (scipy affine_transform)", ("affine_transform", "geometric_transform", "zoom")),
-    ("post-processing (label, fill holes)", ("label", "binary_fill_holes", "binary_dilation", "find_objects",
-                                             "bincount", "postprocess")),
-    ("read (nibabel, gzip)", ("nibabel", "gzip", "zlib", "decompress", "read", "_read")),
-    ("write (nibabel, gzip)", ("compress", "write", "save")),
+    ("network: other ops (norm, PReLU, add, cat, softmax)", ("prelu", "torch.cat", "softmax", "instance_norm",
+                                                            "batch_norm", "'repeat'", "torch/nn/", "torch/_",
+                                                            "model.py:forward")),
+    ("input validation (io.validate_image)", ("_all_finite", "validate_image")),
+    ("resampling (scipy affine_transform)", ("affine_transform", "geometric_transform", "zoom_shift")),
+    ("post-processing (label, fill holes, report)", ("label", "binary_fill_holes", "binary_erosion", "find_objects",
+                                                    "bincount", "postprocess.py")),
+    ("read (nibabel, gzip)", ("nibabel", "gzip", "zlib", "decompress", "read_image", "_read")),
+    ("write (nibabel, gzip)", ("compress", "write", "save", "tobytes")),
     ("sliding-window bookkeeping (numpy)", ("inference.py", "numpy", "ndarray", "'stack'", "'copyto'", "'pad'")),
 ]
 
 
 def categorise(stats: pstats.Stats) -> tuple[dict[str, float], list[tuple[float, str]]]:
-    """Sum the self time of every profiled function into the categories above."""
+    """Sum the self time of every profiled function into the categories above.
+
+    A function is matched by its own name first, then by its direct callers' names (so that a
+    numpy method called by ``_all_finite`` counts as validation); the generic numpy/bookkeeping
+    category (the last) only when no specific one matches.
+    """
     totals: dict[str, float] = {}
     rows = []
-    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        key = f"{filename}:{func}".lower()
-        cat = next((c for c, keys in CATEGORIES if any(k in key for k in keys)), "other (python, glue)")
+    for (filename, _line, func), (_cc, _nc, tottime, _ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        own = f"{filename}:{func}".lower()
+        by_caller = " ".join(f"{f}:{fn}" for (f, _l, fn) in callers).lower()
+        cat = "other (python, glue)"
+        for text in (own, by_caller):  # specific categories by own name, then by caller, then the generic one
+            found = next((c for c, keys in CATEGORIES[:-1] if any(k in text for k in keys)), None)
+            if found:
+                cat = found
+                break
+        else:
+            if any(k in own + " " + by_caller for k in CATEGORIES[-1][1]):
+                cat = CATEGORIES[-1][0]
         totals[cat] = totals.get(cat, 0.0) + tottime
         rows.append((tottime, f"{cat[:28]:<28} {Path(filename).name}:{func}"))
     return totals, sorted(rows, reverse=True)
@@ -71,6 +87,7 @@ def profile_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     inf.predict_file(ct, out, model, inf.InferenceOptions(device="cpu", overlap=0.25), overwrite=True)
     prof.disable()
     wall = time.perf_counter() - t
+    prof.dump_stats(str(cache / f"profile_pipeline_{args.preset}.prof"))  # for snakeviz / pstats
     totals, rows = categorise(pstats.Stats(prof))
     print(f"pipeline profile: {args.preset} preset, CT {tuple(args.shape)} at {tuple(args.spacing)} mm, {wall:.1f} s wall")
     for cat, sec in sorted(totals.items(), key=lambda kv: -kv[1]):
