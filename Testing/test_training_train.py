@@ -111,15 +111,27 @@ def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(phantoms: Path
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_existing_run_is_not_overwritten_without_resume(phantoms: Path, tmp_path: Path, capsys) -> None:
+def test_existing_run_is_kept_and_resumed_from_the_command_line(phantoms: Path, tmp_path: Path, capsys) -> None:
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(tiny_config(epochs=1, iters_per_epoch=1, folds=4).to_dict()))
-    args = ["--data", str(phantoms), "--out", str(tmp_path / "run"), "--config", str(cfg_file), "--device", "cpu", "--quiet"]
-    assert train_main(args) == 0
-    before = (tmp_path / "run" / "fold_0" / "model_last.pt").read_bytes()
+    cfg_file.write_text(json.dumps(tiny_config(epochs=2, iters_per_epoch=1, val_every=2, folds=4).to_dict()))
+    run = tmp_path / "run"
+    args = ["--data", str(phantoms), "--out", str(run), "--config", str(cfg_file), "--device", "cpu", "--quiet"]
+    assert train_main([*args, "--max-epochs", "1"]) == 0
+    fold = run / "fold_0"
+    before = (fold / "model_last.pt").read_bytes()
+    config_before = (fold / "config.json").read_text()
     assert train_main(args) == 2
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
-    assert (tmp_path / "run" / "fold_0" / "model_last.pt").read_bytes() == before
+    assert (fold / "model_last.pt").read_bytes() == before
+    # resuming with another config is refused and leaves the run's config alone
+    assert train_main([*args, "--resume", "--set", "lr=0.5"]) == 2
+    assert "config differs" in capsys.readouterr().err
+    assert (fold / "config.json").read_text() == config_before
+    # --resume without --config continues with the run's own config.json
+    resume = ["--data", str(phantoms), "--out", str(run), "--device", "cpu", "--quiet", "--resume"]
+    assert train_main(resume) == 0
+    assert [int(r["epoch"]) for r in csv.DictReader(open(fold / "log.csv"))] == [1, 2]
+    assert load_state(fold / "checkpoint_last.pth")["epoch"] == 2
     assert train_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--config", "synthetic"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

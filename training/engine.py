@@ -171,10 +171,16 @@ class Trainer:
                 f"{self.fold_dir} already holds a training run; pass --resume to continue it or choose another --out"
             )
         self.fold_dir.mkdir(parents=True, exist_ok=True)
-        if not self.opts.resume:
-            for stale in ("log.csv",):
-                (self.fold_dir / stale).unlink(missing_ok=True)
-        (self.fold_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        config_file = self.fold_dir / "config.json"
+        if self.opts.resume and last.exists():
+            if config_file.is_file() and json.loads(config_file.read_text()) != self.cfg.to_dict():
+                raise ValueError(
+                    f"the config differs from the one of the run in {self.fold_dir}; resume with "
+                    f"--config {config_file} (or leave --config out)"
+                )
+        else:
+            (self.fold_dir / "log.csv").unlink(missing_ok=True)
+        config_file.write_text(json.dumps(self.cfg.to_dict(), indent=1))
 
     def _loader(self) -> tuple[PatchDataset, DataLoader]:
         cfg, opts = self.cfg, self.opts

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, type=Path, help="run folder; the fold is written to OUT/fold_F")
     p.add_argument("--fold", type=int, default=0, help="cross-validation fold to train (default 0)")
-    p.add_argument("--config", default="spleen",
-                   help=f"a preset ({', '.join(PRESET_NAMES)}) or a JSON file (full, or {{\"base\": preset, ...}})")
+    p.add_argument("--config", default=None,
+                   help=f"a preset ({', '.join(PRESET_NAMES)}) or a JSON file (full, or {{\"base\": preset, ...}}); "
+                        f"default: the run's own config.json with --resume, else 'spleen'")
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE",
                    help="override a config value, JSON-parsed, dotted for nested keys (repeatable), "
                         "e.g. --set epochs=100 --set augment.elastic_prob=0")
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, dict(args.overrides))
+        own = args.out / f"fold_{args.fold}" / "config.json"
+        spec = args.config or (own if args.resume and own.is_file() else "spleen")
+        cfg = load_config(spec, dict(args.overrides))
         result = train(TrainOptions(
             data=args.data, out=args.out, fold=args.fold, config=cfg, splits=args.splits, cache=args.cache,
             resume=args.resume, device=args.device, max_epochs=args.max_epochs, quiet=args.quiet,
