@@ -87,7 +87,8 @@ def test_grid_mismatch_names_the_case(tmp_path: Path) -> None:
     image, label = blob_case()
     shifted = AFFINE.copy()
     shifted[0, 3] = 5.0  # label 5 mm away from the image
-    pairs = [write_case(tmp_path, "good", image, label, AFFINE), write_case(tmp_path, "moved", image, label, AFFINE, shifted)]
+    pairs = [write_case(tmp_path, "good", image, label, AFFINE),
+             write_case(tmp_path, "moved", image, label, AFFINE, shifted)]
     write_case(tmp_path, "cropped", image, label[:, :, :-1], AFFINE)
     write_dataset(tmp_path, [*pairs, ("./imagesTr/cropped.nii.gz", "./labelsTr/cropped.nii.gz")])
     ds = read_msd(tmp_path)

@@ -18,16 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
-    data = write_synthetic_task(tmp_path / "Task", cases=4, seed=1, settings=PhantomSettings(fov_mm=(300.0, 240.0, 160.0)))
+    small = PhantomSettings(fov_mm=(300.0, 240.0, 160.0))
+    data = write_synthetic_task(tmp_path / "Task", cases=4, seed=1, settings=small)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(tiny_config(epochs=2, iters_per_epoch=2, val_every=2, folds=2).to_dict()))
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "VNetSegmentation")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "training.train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )
+    path = os.pathsep.join([str(REPO), str(REPO / "VNetSegmentation")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--device", "cpu"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fold = out / "fold_0"
     assert sorted(p.name for p in out.iterdir()) == ["cache", "fold_0", "splits.json"]
@@ -40,4 +40,8 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
     assert info.card["world_size"] == 2 and info.card["epochs"] == 2
     # 2 validation cases shared by the two ranks, reduced into one complete table
     assert sorted(info.card["validation"]["dice_per_case"]) == json.loads((out / "splits.json").read_text())[0]["val"]
+    assert load_state(fold / "checkpoint_last.pth")["epoch"] == 2
+    # a failure on rank 0 (the run exists, no --resume) stops both ranks instead of leaving one waiting
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert again.returncode != 0 and "already holds a training run" in again.stderr
     assert load_state(fold / "checkpoint_last.pth")["epoch"] == 2

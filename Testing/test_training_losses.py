@@ -39,7 +39,8 @@ def test_soft_dice_extremes_and_gradient() -> None:
     assert soft_dice_loss(-logits, target).item() == pytest.approx(1.0, abs=1e-6)
     # an empty target predicted empty is perfect (eps), not 0/0
     empty = torch.zeros_like(target)
-    assert soft_dice_loss(torch.stack([torch.zeros_like(perfect), torch.full_like(perfect, -30.0)], 1), empty).item() < 1e-3
+    none = torch.stack([torch.zeros_like(perfect), torch.full_like(perfect, -30.0)], 1)
+    assert soft_dice_loss(none, empty).item() < 1e-3
     x = torch.zeros(2, 2, 4, 4, 4, requires_grad=True)
     soft_dice_loss(x, target).backward()
     assert torch.isfinite(x.grad).all() and x.grad[:, 1][target.bool()].lt(0).all()  # raise fg where fg
@@ -62,7 +63,8 @@ def test_schedules_and_optimisers() -> None:
     poly = LRFactor("poly", total=100, power=0.9)
     assert poly(0) == 1.0 and poly(50) == pytest.approx(0.5**0.9) and poly(100) == 0.0
     cos = LRFactor("cosine", total=100, warmup=10)
-    assert cos(0) == pytest.approx(1 / 11) and cos(10) == 1.0 and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    assert cos(0) == pytest.approx(1 / 11) and cos(10) == 1.0
+    assert cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
     cfg = load_config("spleen", {"epochs": 2, "iters_per_epoch": 5})
     model = torch.nn.Linear(2, 1)
     opt = build_optimizer(cfg, model.parameters())
@@ -82,7 +84,8 @@ def test_config_presets_files_and_errors(tmp_path) -> None:
     assert spleen.preprocessing.hu_window == (-57.0, 164.0) and spleen.preprocessing.patch_size == (96, 96, 96)
     assert spleen.loss == "dice" and not spleen.augment.flip_lr and spleen.model.kernel_size == 5
     path = tmp_path / "cfg.json"
-    path.write_text('{"base": "synthetic", "epochs": 3, "augment": {"noise_prob": 0.5}, "model": {"widths": [4, 8, 16, 32, 64]}}')
+    path.write_text('{"base": "synthetic", "epochs": 3, "augment": {"noise_prob": 0.5}, '
+                    '"model": {"widths": [4, 8, 16, 32, 64]}}')
     cfg = load_config(path, {"lr": 0.5})
     assert (cfg.epochs, cfg.lr, cfg.augment.noise_prob, cfg.model.widths) == (3, 0.5, 0.5, (4, 8, 16, 32, 64))
     assert cfg.augment.scale == load_config("synthetic").augment.scale  # untouched keys keep the base's values

@@ -59,7 +59,8 @@ def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: 
     assert card["validation"]["dice_mean"] == pytest.approx(result.best_dice)
     assert np.mean(list(card["validation"]["dice_per_case"].values())) == pytest.approx(result.best_dice)
     last = load_model(fold / "model_last.pt")[1].card
-    assert last["validation"]["dice_per_case"] == pytest.approx(json.loads((fold / "validation.json").read_text())["last_dice_per_case"])
+    recorded = json.loads((fold / "validation.json").read_text())["last_dice_per_case"]
+    assert last["validation"]["dice_per_case"] == pytest.approx(recorded)
     assert card["data"]["val_cases"] == sorted(result.last_dice) and len(card["data"]["train_cases"]) == 12
     assert card["config"]["epochs"] == 8 and card["date"].startswith("20")
     assert info.preprocessing.target_spacing == (4.0, 4.0, 4.0) and info.labels[0].name == "Spleen"
@@ -105,7 +106,8 @@ def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(phantoms: Path
     cut.max_epochs, cut.resume = None, True
     resumed = train(cut)
     assert resumed.epochs_done == 3
-    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in full.history], rel=1e-6)
+    losses = [r["train_loss"] for r in resumed.history]
+    assert losses == pytest.approx([r["train_loss"] for r in full.history], rel=1e-6)
     a = load_model(tmp_path / "full" / "fold_0" / "model_last.pt")[0].state_dict()
     b = load_model(tmp_path / "cut" / "fold_0" / "model_last.pt")[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -65,7 +65,8 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable training checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise ValueError(f"{path} is not a readable training checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of training.train")
     if int(payload.get("version", 0)) > STATE_VERSION:

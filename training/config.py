@@ -197,7 +197,8 @@ def _presets() -> dict[str, TrainConfig]:
         # Synthetic phantoms on a CPU in minutes (tests and the demo): light V-Net at 4 mm, 48^3 patches.
         "synthetic": TrainConfig(
             model=preset("light"),
-            preprocessing=Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 164.0), patch_size=(48, 48, 48)),
+            preprocessing=Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 164.0),
+                                        patch_size=(48, 48, 48)),
             epochs=12, iters_per_epoch=25, batch_size=2, fg_ratio=0.5, optimizer="adamw", lr=3e-3,
             weight_decay=1e-5, schedule="cosine", warmup_iters=10, workers=0, val_every=4, val_overlap=0.25,
             folds=5, augment=AugmentConfig(elastic_prob=0.0, rotate_deg=(5.0, 5.0, 10.0), scale=0.1),
@@ -240,7 +241,9 @@ def load_config(spec: str | os.PathLike[str] | TrainConfig, overrides: dict[str,
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"--config {spec!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor an existing JSON file")
+            raise ValueError(
+                f"--config {spec!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor an existing JSON file"
+            )
         try:
             file_data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

@@ -233,7 +233,9 @@ def make_folds(names: list[str], k: int = 5, seed: int = 12345) -> list[dict[str
     return folds
 
 
-def load_or_make_folds(path: str | os.PathLike[str], names: list[str], k: int, seed: int, write: bool = True) -> list[dict[str, list[str]]]:
+def load_or_make_folds(
+    path: str | os.PathLike[str], names: list[str], k: int, seed: int, write: bool = True
+) -> list[dict[str, list[str]]]:
     """Read folds from ``path`` (a JSON list of {"train", "val"}) or create and write them.
 
     An existing file is reused, so runs (and folds) stay comparable; it must cover exactly the
@@ -271,7 +273,10 @@ def fold_cases(folds: list[dict[str, list[str]]], fold: int) -> tuple[list[str],
     return list(folds[fold]["train"]), list(folds[fold]["val"])
 
 
-def write_dataset_json(root: str | os.PathLike[str], cases: list[tuple[str, str]], labels: dict[int, str], name: str = "", description: str = "") -> Path:
+def write_dataset_json(
+    root: str | os.PathLike[str], cases: list[tuple[str, str]], labels: dict[int, str], name: str = "",
+    description: str = "",
+) -> Path:
     """Write an MSD ``dataset.json`` for (image, label) paths relative to ``root``."""
     meta = {
         "name": name,

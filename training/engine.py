@@ -143,14 +143,17 @@ class Trainer:
             )
         self.fold_dir = Path(opts.out) / f"fold_{opts.fold}"
         splits = opts.splits or Path(opts.out) / "splits.json"
-        _on_main(self.dist, lambda: (self._check_out_dir(), load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed)))
+        names = self.dataset.case_names
+        _on_main(self.dist, lambda: (self._check_out_dir(), load_or_make_folds(splits, names, cfg.folds, cfg.seed)))
         folds = load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed, write=False)
         self.train_names, self.val_names = fold_cases(folds, opts.fold)
         self.labels = model_labels(self.dataset)
         seed_everything(cfg.seed)
         self.model: VNet = build_model(cfg.model).to(self.dist.device)
         self.net: torch.nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None)
+            DistributedDataParallel(
+                self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None
+            )
             if self.dist.enabled else self.model
         )
         self.optimizer = build_optimizer(cfg, self.model.parameters())
@@ -260,7 +263,8 @@ class Trainer:
         """Per-case Dice (mean over foreground labels) of the validation cases, via the core's inference."""
         info = self.model_info({})
         options = InferenceOptions(device=str(self.dist.device), overlap=self.cfg.val_overlap,
-                                   batch_size=self.cfg.batch_size, postprocess=self.cfg.val_postprocess, amp=self.cfg.amp)
+                                   batch_size=self.cfg.batch_size, postprocess=self.cfg.val_postprocess,
+                                   amp=self.cfg.amp)
         mine = self.val_names[self.dist.rank :: self.dist.world]
         scores = torch.zeros(len(self.val_names), dtype=torch.float64)
         for name in mine:
@@ -283,7 +287,8 @@ class Trainer:
             "trained": True,
             "data": {"root": str(Path(self.opts.data).resolve()), "task": self.dataset.name,
                      "labels": {str(k): v for k, v in self.dataset.labels.items()},
-                     "num_cases": len(self.dataset.cases), "train_cases": self.train_names, "val_cases": self.val_names},
+                     "num_cases": len(self.dataset.cases), "train_cases": self.train_names,
+                     "val_cases": self.val_names},
             "fold": self.opts.fold, "folds": self.cfg.folds, "epochs": epoch, "epochs_planned": self.cfg.epochs,
             "validation": {"dice_per_case": dice_per_case, "dice_mean": mean},
             "seed": self.cfg.seed, "world_size": self.dist.world,

@@ -130,7 +130,8 @@ def boxplot(rows: list[CaseMetrics], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("dice", "Dice"), ("surface_dice", "surface Dice"), ("hd95_mm", "HD95 (mm)"), ("volume_error_pct", "volume error (%)"))
+    panels = (("dice", "Dice"), ("surface_dice", "surface Dice"), ("hd95_mm", "HD95 (mm)"),
+              ("volume_error_pct", "volume error (%)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
         values = [v for v in (getattr(r, key) for r in rows) if math.isfinite(v)]
@@ -147,7 +148,8 @@ def boxplot(rows: list[CaseMetrics], path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description="Dice, HD95, surface Dice and volume error per case.")
+    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                description="Dice, HD95, surface Dice and volume error per case.")
     p.add_argument("--pred", type=Path, help="folder of predicted masks (.nii.gz)")
     p.add_argument("--labels", type=Path, help="folder of reference label maps (.nii.gz), e.g. MSD labelsTr")
     p.add_argument("--model", type=Path, help="model file to segment the cases of --data with")

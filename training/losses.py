@@ -25,7 +25,10 @@ def soft_dice_loss(
         Scalar loss in [0, 1].
     """
     if logits.ndim != 5 or target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"logits (B, K, X, Y, Z) and target (B, X, Y, Z) expected, got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"logits (B, K, X, Y, Z) and target (B, X, Y, Z) expected, "
+            f"got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 4, 1, 2, 3).to(probs.dtype)
     if not include_background:

@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-METRIC_NAMES = ("dice", "hd95_mm", "surface_dice", "volume_pred_ml", "volume_ref_ml", "volume_error_ml", "volume_error_pct")
+METRIC_NAMES = (
+    "dice", "hd95_mm", "surface_dice", "volume_pred_ml", "volume_ref_ml", "volume_error_ml", "volume_error_pct"
+)
 
 
 @dataclass
@@ -79,7 +81,9 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, floa
     return float(value.reshape(-1)[0])
 
 
-def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float = 2.0) -> float:
+def surface_dice(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float = 2.0
+) -> float:
     """Normalised surface Dice: share of both surfaces within ``tolerance_mm`` of the other."""
     _check(pred, ref, spacing)
     if tolerance_mm < 0:
@@ -93,7 +97,8 @@ def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = compute_surface_dice(_onehot(a), _onehot(b), class_thresholds=[float(tolerance_mm)], spacing=list(spacing))
+        value = compute_surface_dice(_onehot(a), _onehot(b), class_thresholds=[float(tolerance_mm)],
+                                     spacing=list(spacing))
     return float(value.reshape(-1)[0])
 
 

@@ -46,7 +46,7 @@ class PhantomSettings:
 
 
 def _ellipsoid(x, y, z, centre, radii) -> np.ndarray:
-    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 <= 1.0
+    return sum(((c - m) / r) ** 2 for c, m, r in zip((x, y, z), centre, radii)) <= 1.0
 
 
 def _spleen(x, y, z, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +63,9 @@ def _spleen(x, y, z, rng: np.random.Generator) -> np.ndarray:
     return (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (w / radii[2]) ** 2 <= wobble**2
 
 
-def phantom(shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Generator, noise_hu: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
+def phantom(
+    shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Generator, noise_hu: float = 15.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom on the RAS grid ``affine`` (voxel -> RAS mm, axis-aligned).
 
     Returns:
@@ -89,7 +91,8 @@ def phantom(shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Gene
         hu[loop] = 20.0
         hu[_ellipsoid(x, y, z, c, rng.uniform(4, 9, size=3)) & inside] = -900.0
     zl = rng.uniform(10, 40)
-    hu[_ellipsoid(x, y, z, (-60 + rng.uniform(-10, 10), 5, zl), (70, 75, 75)) & inside] = 95.0  # liver (patient's right)
+    liver = _ellipsoid(x, y, z, (-60 + rng.uniform(-10, 10), 5, zl), (70, 75, 75))  # patient's right: -x
+    hu[liver & inside] = 95.0
     for side in (-1, 1):  # kidneys
         hu[_ellipsoid(x, y, z, (side * 65, -45, zl - 60 + rng.uniform(-10, 10)), (22, 22, 50)) & inside] = 150.0
     hu[_ellipsoid(x, y, z, (rng.uniform(20, 40), 20, zl + 20), (35, 30, 30)) & inside] = 25.0  # stomach
@@ -113,12 +116,15 @@ def phantom(shape: tuple[int, int, int], affine: np.ndarray, rng: np.random.Gene
 
 def reorient(array: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
     """Store a RAS-ordered (array, affine) with axis codes ``codes`` (same physical image)."""
-    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(codes)))
-    out = nib.orientations.apply_orientation(array, transform)
-    return np.ascontiguousarray(out), affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
+    ornt = nib.orientations
+    transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.axcodes2ornt(tuple(codes)))
+    out = ornt.apply_orientation(array, transform)
+    return np.ascontiguousarray(out), affine @ ornt.inv_ornt_aff(transform, array.shape)
 
 
-def make_case(rng: np.random.Generator, settings: PhantomSettings, orientation: str = "RAS") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_case(
+    rng: np.random.Generator, settings: PhantomSettings, orientation: str = "RAS"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom: (HU image, label, affine), stored in ``orientation``."""
     s_in = rng.uniform(*settings.spacing_range)
     spacing = np.array([s_in, s_in, rng.uniform(*settings.slice_range)])
@@ -131,7 +137,9 @@ def make_case(rng: np.random.Generator, settings: PhantomSettings, orientation: 
     return image, label, aff2
 
 
-def write_synthetic_task(out: str | Path, cases: int = 12, seed: int = 0, settings: PhantomSettings | None = None) -> Path:
+def write_synthetic_task(
+    out: str | Path, cases: int = 12, seed: int = 0, settings: PhantomSettings | None = None
+) -> Path:
     """Write ``cases`` phantoms as an MSD task in ``out`` (created; must not hold a dataset.json)."""
     root = Path(out)
     if (root / "dataset.json").exists():

@@ -32,7 +32,8 @@ def _override(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description="Train the V-Net on an MSD task folder (one fold).")
+    p = argparse.ArgumentParser(prog="python -m training.train",
+                                description="Train the V-Net on an MSD task folder (one fold).")
     p.add_argument("--data", required=True, type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, type=Path, help="run folder; the fold is written to OUT/fold_F")
     p.add_argument("--fold", type=int, default=0, help="cross-validation fold to train (default 0)")
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="preprocessing cache folder (default OUT/cache)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/fold_F/checkpoint_last.pth")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: each rank's GPU)")
-    p.add_argument("--max-epochs", type=int, help="stop after this many epochs (the schedule still spans config epochs)")
+    p.add_argument("--max-epochs", type=int,
+                   help="stop after this many epochs (the schedule still spans config epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
