@@ -153,3 +153,20 @@ def test_trains_a_few_iterations_on_an_msd_folder_of_the_real_cts(ct_dir: Path, 
     assert cached.label.sum() * 216 / 1000 == pytest.approx(expected_ml, rel=0.15)
     _, info = load_model(tmp_path / "run" / "fold_0" / "model_last.pt")
     assert info.card["data"]["train_cases"] == [train_case]
+
+
+def test_fold_all_trains_and_validates_on_every_case(tmp_path: Path) -> None:
+    from training.synthetic import PhantomSettings
+
+    small = PhantomSettings(fov_mm=(300.0, 240.0, 120.0))
+    data = write_synthetic_task(tmp_path / "Task", cases=3, seed=2, settings=small)
+    cfg = tiny_config(epochs=1, iters_per_epoch=1)
+    result = train(TrainOptions(data=data, out=tmp_path / "run", fold="all", config=cfg, device="cpu", quiet=True))
+    assert result.fold_dir == tmp_path / "run" / "fold_all"
+    assert sorted(result.last_dice) == ["phantom_000", "phantom_001", "phantom_002"]
+    card = load_model(result.fold_dir / "model_last.pt")[1].card
+    assert card["fold"] == "all" and card["validation"]["on_training_cases"] is True
+    assert card["data"]["train_cases"] == card["data"]["val_cases"] == sorted(result.last_dice)
+    assert not (tmp_path / "run" / "splits.json").exists()
+    with pytest.raises(ValueError, match="fold number or 'all'"):
+        train(TrainOptions(data=data, out=tmp_path / "x", fold="first", config=tiny_config(), device="cpu", quiet=True))

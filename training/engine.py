@@ -59,7 +59,9 @@ class TrainOptions:
     Attributes:
         data: MSD task folder.
         out: run folder (see the module docstring for its layout).
-        fold: cross-validation fold to train (validation = that fold's cases).
+        fold: cross-validation fold to train (validation = that fold's cases), or "all": train on
+            every case and "validate" on the same cases (a final model after cross-validation, or
+            data too small to hold cases out; the card says so).
         config: the training configuration.
         splits: folds file (default ``out/splits.json``).
         cache: preprocessing cache root (default ``out/cache``).
@@ -72,7 +74,7 @@ class TrainOptions:
 
     data: Path
     out: Path
-    fold: int = 0
+    fold: int | str = 0
     config: TrainConfig = field(default_factory=TrainConfig)
     splits: Path | None = None
     cache: Path | None = None
@@ -144,9 +146,15 @@ class Trainer:
         self.fold_dir = Path(opts.out) / f"fold_{opts.fold}"
         splits = opts.splits or Path(opts.out) / "splits.json"
         names = self.dataset.case_names
-        _on_main(self.dist, lambda: (self._check_out_dir(), load_or_make_folds(splits, names, cfg.folds, cfg.seed)))
-        folds = load_or_make_folds(splits, self.dataset.case_names, cfg.folds, cfg.seed, write=False)
-        self.train_names, self.val_names = fold_cases(folds, opts.fold)
+        if opts.fold == "all":
+            _on_main(self.dist, self._check_out_dir)
+            self.train_names, self.val_names = list(names), list(names)
+        elif isinstance(opts.fold, int):
+            _on_main(self.dist, lambda: (self._check_out_dir(), load_or_make_folds(splits, names, cfg.folds, cfg.seed)))
+            folds = load_or_make_folds(splits, names, cfg.folds, cfg.seed, write=False)
+            self.train_names, self.val_names = fold_cases(folds, opts.fold)
+        else:
+            raise ValueError(f"fold must be a fold number or 'all', got {opts.fold!r}")
         self.labels = model_labels(self.dataset)
         seed_everything(cfg.seed)
         self.model: VNet = build_model(cfg.model).to(self.dist.device)
@@ -290,7 +298,8 @@ class Trainer:
                      "num_cases": len(self.dataset.cases), "train_cases": self.train_names,
                      "val_cases": self.val_names},
             "fold": self.opts.fold, "folds": self.cfg.folds, "epochs": epoch, "epochs_planned": self.cfg.epochs,
-            "validation": {"dice_per_case": dice_per_case, "dice_mean": mean},
+            "validation": {"dice_per_case": dice_per_case, "dice_mean": mean,
+                           "on_training_cases": self.opts.fold == "all"},
             "seed": self.cfg.seed, "world_size": self.dist.world,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "software": {"vnetseg": getattr(vnetseg, "__version__", "?"), "torch": torch.__version__,

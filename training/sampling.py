@@ -111,7 +111,8 @@ class PatchDataset(Dataset):
         self.pad_value = float(pad_value)
         self.aug_cfg = augment
         self.crop_size = crop_margin(self.patch, augment)  # type: ignore[arg-type]
-        self._transform = None
+        # built here, in the parent process: forked DataLoader workers inherit it (no import per epoch)
+        self._transform = build_augmentation(augment, self.patch) if augment is not None else None  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -135,9 +136,7 @@ class PatchDataset(Dataset):
         centre = self.sample_centre(case, rng)
         image = crop(case.image, centre, self.crop_size, self.pad_value)[None]  # (1, X, Y, Z)
         label = crop(case.label, centre, self.crop_size, 0)[None]
-        if self.aug_cfg is not None:
-            if self._transform is None:
-                self._transform = build_augmentation(self.aug_cfg, self.patch)  # type: ignore[arg-type]
+        if self._transform is not None:
             self._transform.set_random_state(seed=int(rng.integers(2**31)))
             out = self._transform({"image": image.astype(np.float32), "label": label.astype(np.float32)})
             image_t = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)

@@ -31,12 +31,22 @@ def _override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold expects a fold number or 'all', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.train",
                                 description="Train the V-Net on an MSD task folder (one fold).")
     p.add_argument("--data", required=True, type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, type=Path, help="run folder; the fold is written to OUT/fold_F")
-    p.add_argument("--fold", type=int, default=0, help="cross-validation fold to train (default 0)")
+    p.add_argument("--fold", type=_fold, default=0,
+                   help="cross-validation fold to train (default 0), or 'all': every case, no held-out validation")
     p.add_argument("--config", default=None,
                    help=f"a preset ({', '.join(PRESET_NAMES)}) or a JSON file (full, or {{\"base\": preset, ...}}); "
                         f"default: the run's own config.json with --resume, else 'spleen'")

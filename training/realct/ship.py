@@ -27,7 +27,7 @@ from .evaluate import evaluate_image, evaluate_scan
 from .sources import load_scans, pelvis_part
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
-INFERENCE_PATCH = (96, 96, 96)
+INFERENCE_PATCH = (160, 160, 48)
 VERSION = "1.0.0"
 
 
