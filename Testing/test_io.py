@@ -183,3 +183,11 @@ def test_image_properties() -> None:
     img = Image(np.zeros((2, 3, 4), np.float32), make_affine("oblique", spacing=(2.0, 3.0, 4.0)))
     np.testing.assert_allclose(img.spacing, [2, 3, 4])
     assert img.voxel_volume_ml == pytest.approx(0.024)
+
+
+def test_stored_type_can_be_kept_to_save_memory(ct_dir: Path) -> None:
+    kept = read_image(ct_dir / "example_ct_sm.nii.gz", dtype=None)
+    assert kept.array.dtype == np.int16  # as stored: half the memory of float32
+    np.testing.assert_array_equal(kept.array, read_image(ct_dir / "example_ct_sm.nii.gz").array)
+    dicom = read_image(ct_dir / "example_ct_dicom", dtype=None)
+    assert np.issubdtype(dicom.array.dtype, np.integer) and dicom.array.min() == -1024

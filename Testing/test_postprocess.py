@@ -67,3 +67,10 @@ def test_quality_report_fires_each_warning_on_its_trigger() -> None:
     specks = _ball((80, 80, 80), (40, 40, 40), 25)
     specks[2, 2, 2] = True  # a 1-voxel speck is not a sizeable part
     assert not any("separate" in w for w in quality_report(specks, largest_component(specks), voxel).warnings)
+
+
+def test_label_sizes_match_bincount() -> None:
+    from vnetseg.postprocess import label_sizes
+
+    labels = np.random.default_rng(0).integers(0, 5, size=(7, 6, 37)).astype(np.int32)
+    np.testing.assert_array_equal(label_sizes(labels, 4, slab=4), np.bincount(labels.ravel(), minlength=5))

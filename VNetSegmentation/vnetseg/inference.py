@@ -401,7 +401,7 @@ def predict_volume(
     raw = labelmap > 0
     if opts.postprocess:
         keep = clean_mask(raw)
-        labelmap = np.where(keep, labelmap if len(info.labels) > 1 else 1, 0).astype(np.uint8)
+        labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     report = quality_report(raw, labelmap > 0, vio.Image(labelmap, image.affine).voxel_volume_ml, info.labels[0].name.lower())
     if progress is not None:
         progress(1.0, "done")
@@ -451,7 +451,7 @@ def predict_file(
         net, info = model
     else:
         net, info = load_model(model, sha256=sha256)
-    image = vio.read_image(input_path)
+    image = vio.read_image(input_path, dtype=None)  # int16 CT stays int16: half the memory
     result = predict_volume(image, net, info, options, progress, cancel)
     vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite)
     return result

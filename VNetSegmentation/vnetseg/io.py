@@ -97,8 +97,10 @@ def array_affine_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 
 # ------------------------------------------------------------------------------------- read
-def read_image(path: str | os.PathLike[str], dtype: type = np.float32) -> Image:
+def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32) -> Image:
     """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a folder holding one DICOM series.
+
+    ``dtype=None`` keeps the stored voxel type (e.g. int16 CT: half the memory of float32).
 
     Raises:
         ImageError: missing path, unknown format, unreadable file, not 3D, empty, non-finite
@@ -219,7 +221,7 @@ def validate_image(image: Image, name: str = "image") -> None:
 def _all_finite(arr: np.ndarray) -> bool:
     if not np.issubdtype(arr.dtype, np.floating):
         return True
-    flat = arr.reshape(-1)
+    flat = np.ravel(arr, order="K")  # a view for C- or Fortran-ordered arrays (nibabel gives Fortran)
     step = 1 << 24  # check in chunks: no full-size boolean temporary
     return all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step))
 

@@ -21,13 +21,21 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     return objects[0] if objects else None
 
 
+def label_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
+    """Voxels per label 0..n of an integer label array, counted slab by slab (no int64 copy of it)."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for k in range(0, labels.shape[-1], slab):
+        sizes += np.bincount(labels[..., k : k + slab].ravel(), minlength=n + 1)
+    return sizes
+
+
 def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
     """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
     box = _bbox(mask)
     if box is None:
         return []
     labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
-    sizes = np.bincount(labels.ravel())[1:] if n else np.array([])
+    sizes = label_sizes(labels, n)[1:] if n else np.array([])
     return sorted((float(s) * voxel_ml for s in sizes), reverse=True)
 
 
@@ -39,7 +47,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return out
     labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
     if n:
-        sizes = np.bincount(labels.ravel())
+        sizes = label_sizes(labels, n)
         sizes[0] = 0
         out[box] = labels == int(np.argmax(sizes))
     return out

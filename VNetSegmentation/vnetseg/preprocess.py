@@ -93,10 +93,10 @@ def _canonical_ornt_inverse(ornt: np.ndarray) -> np.ndarray:
 
 
 def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1) -> np.ndarray:
-    """Resample an (I, J, K) input array onto the model grid (float32, trilinear by default)."""
-    canonical = nib.orientations.apply_orientation(array, grid.ornt)
+    """Resample an (I, J, K) input array (any numeric type) onto the model grid as float32 (trilinear)."""
+    canonical = nib.orientations.apply_orientation(array, grid.ornt)  # a view: flips and transposes
     return ndimage.affine_transform(
-        np.asarray(canonical, dtype=np.float32),
+        canonical,
         grid.scale,
         offset=grid.offset,
         output_shape=grid.model_shape,
