@@ -143,7 +143,9 @@ def child_cli(ct: str, model: str, out: str, overlap: float, batch: int | None) 
     import subprocess
 
     cmd = [sys.executable, "-m", "vnetseg", "predict", ct, "-o", out, "--model", model, "--device", "cpu",
-           "--overlap", str(overlap), "--overwrite"]
+           "--overlap", str(overlap), "--overwrite", "--progress", "none"]
+    if batch:
+        cmd += ["--batch-size", str(batch)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t
