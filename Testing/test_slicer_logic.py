@@ -15,6 +15,7 @@ from slicer_helpers import (  # one_torch_thread: autouse fixture
     one_torch_thread,  # noqa: F401
     ijk_to_ras,
     make_scene,
+    node_array_ijk,
     ras_centroid,
     reference_prediction,
     resample_nearest,
@@ -62,7 +63,9 @@ def check_spleen_segment(seg, segment_id, volume):
 def test_segment_matches_core_in_physical_space(case, ct_dir, tiny_model_file, env, logic):
     path = ct_dir / case
     volume = env.load_volume(path, case.split(".")[0])
+    voxels = node_array_ijk(volume).copy()
     seg, result = logic.segment(volume, tiny_model_file, SegmentationOptions("cpu", OVERLAP, postprocess=False))
+    assert np.array_equal(node_array_ijk(volume), voxels), "the CT's voxels are read, never changed"
 
     assert result.segmentIDs and seg.GetID() == result.segmentationNodeID
     check_spleen_segment(seg, result.segmentIDs[0], volume)

@@ -72,15 +72,19 @@ def volumeArrayIJK(volumeNode) -> np.ndarray:
     return slicer.util.arrayFromVolume(volumeNode).transpose(2, 1, 0)
 
 
-def imageFromVolumeNode(volumeNode):
-    """The volume as a core ``vnetseg.io.Image``: (I, J, K) float32 HU plus its IJK-to-RAS affine.
+def imageFromVolumeNode(volumeNode, copy: bool = False):
+    """The volume as a core ``vnetseg.io.Image``: (I, J, K) HU plus its IJK-to-RAS affine.
 
-    A parent transform of the volume is not applied: the image stays in the volume's own
-    coordinate frame, and the segmentation node gets the same parent transform.
+    Without ``copy`` the array is a read-only use of the node's own voxels in their stored type
+    (an int16 CT costs no extra memory; the core reads integer CTs as they are); the node must
+    not change while the image is in use. A parent transform of the volume is not applied: the
+    image stays in the volume's own coordinate frame, and the segmentation node gets the same
+    parent transform.
     """
     from vnetseg import io as vio
 
-    return vio.Image(np.array(volumeArrayIJK(volumeNode), dtype=np.float32), ijkToRas(volumeNode))
+    array = volumeArrayIJK(volumeNode)
+    return vio.Image(np.array(array) if copy else array, ijkToRas(volumeNode))
 
 
 def geometryImage(shape: Sequence[int], affine: np.ndarray):
