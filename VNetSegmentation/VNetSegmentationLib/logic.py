@@ -378,11 +378,12 @@ def _voxelMl(volumeNode) -> float:
 
 
 def _niftiSafe(array: np.ndarray) -> np.ndarray:
-    """A copy NIfTI stores compactly: 64-bit integers become int32 when they fit, else float32."""
+    """The voxels as NIfTI stores them compactly: 64-bit integers become int32 when they fit, else
+    float32 (a converted copy); any other type is returned as it is (no copy)."""
     if array.dtype.kind in "iu" and array.dtype.itemsize == 8:
         lo, hi = int(array.min()), int(array.max())
         return np.array(array, dtype=np.int32 if -(2**31) <= lo and hi < 2**31 else np.float32)
-    return np.array(array)
+    return array
 
 
 def _readMask(path: Path, volumeNode) -> np.ndarray:
