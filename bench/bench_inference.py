@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -83,10 +84,11 @@ def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None)
     net_time: dict[str, Any] = {"seconds": 0.0, "windows": 0, "batch_sizes": set()}
     tl = benchlib.Timeline()
     _instrument(tl, net_time)
-    options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch)
+    mode = os.environ.get("VNETSEG_BENCH_MODE", "auto")
+    options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch, mode=mode)
     result = inf.predict_file(ct, out, model, options, overwrite=True)
     res = tl.finish()
-    res.update(volume_ml=result.volume_ml, warnings=result.report.warnings)
+    res.update(volume_ml=result.volume_ml, warnings=result.report.warnings, mode=result.mode, notes=result.notes)
     return _with_network(res, net_time)
 
 
@@ -247,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_lowmem (prototype memory fixes), cli")
     ap.add_argument("--name", help="results/<name>.json (default inference_<preset>[_quick])")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the generated CT and model files")
+    ap.add_argument("--mode", default="auto", choices=["auto", "full", "fast"],
+                    help="inference mode of ours (auto: fast on CPU when the model file supports it)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran on the machine)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--ct", help=argparse.SUPPRESS)
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         res = CHILDREN[args.child](args.ct, args.model, args.out, args.overlap, args.batch)
         print(json.dumps(res, default=float))
         return
+    os.environ["VNETSEG_BENCH_MODE"] = args.mode  # children inherit it
     shape = tuple(args.shape or (QUICK_SHAPE if args.quick else (512, 512, 120)))
     spacing = tuple(args.spacing or (QUICK_SPACING if args.quick else (0.8, 0.8, 2.5)))
     repeats = args.repeats or (1 if args.quick else 3)
@@ -278,6 +283,24 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     masks = {m: outdir / f"{m}.nii.gz" for m in methods}
+    from vnetseg.checkpoint import read_model_info
+
+    info = read_model_info(model)[0]
+    meta = {
+        "benchmark": "inference",
+        "started_utc": started,
+        "ct": {"path": str(ct), "shape": shape, "spacing_mm": spacing,
+               "source": "real (resampled example_ct)" if "_real_" in ct.name else "synthetic"},
+        "model": {"path": str(model), "preset": None if args.model else args.preset, "card": info.card,
+                  "config": info.config.to_dict()},
+        "settings": {"overlap": args.overlap, "patch": list(info.preprocessing.patch_size),
+                     "target_spacing_mm": list(info.preprocessing.target_spacing), "batch": args.batch or "core default",
+                     "repeats": repeats, "device": "cpu", "gaussian_sigma_scale": 0.125, "ours_mode": args.mode},
+        "machine": machine,
+        "load_average_before": load_before,
+        "note": args.note,
+    }
+    path = benchlib.RESULTS / f"{name}.json"
     for r in range(repeats):  # interleaved, so slow drifts in machine load hit every method alike
         for m in methods:
             cmd = [str(Path(__file__).resolve()), "--child", m, "--ct", str(ct), "--model", str(model),
@@ -287,39 +310,18 @@ def main(argv: list[str] | None = None) -> None:
             res = benchlib.run_child(cmd)
             res["load_average_after"] = benchlib.load_average()
             results[m].append(res)
-            print(f"run {r + 1}/{repeats} {m:<6} {res['seconds']:7.1f} s (cpu {res.get('cpu_seconds') or 0:6.1f} s)  peak RSS {res['peak_rss_mb']:6.0f} MB  "
-                  f"load {res['load_average_after']}", flush=True)
-    summary = summarise(results)
-    import nibabel as nib
-
-    from vnetseg.checkpoint import read_model_info
-
-    info = read_model_info(model)[0]
-    data = {
-        "benchmark": "inference",
-        "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ct": {"path": str(ct), "shape": shape, "spacing_mm": spacing,
-               "source": "real (resampled example_ct)" if "_real_" in ct.name else "synthetic"},
-        "model": {"path": str(model), "preset": None if args.model else args.preset,
-                  "card": info.card,
-                  "config": info.config.to_dict()},
-        "settings": {"overlap": args.overlap, "patch": list(info.preprocessing.patch_size),
-                     "target_spacing_mm": list(info.preprocessing.target_spacing), "batch": args.batch or "core default",
-                     "repeats": repeats, "device": "cpu", "gaussian_sigma_scale": 0.125},
-        "machine": machine,
-        "load_average_before": load_before,
-        "load_average_after": benchlib.load_average(),
-        "note": args.note,
-        "mask_dice_vs_monai": mask_agreement(masks),
-        "output_shape": list(nib.load(str(masks[methods[0]])).shape),
-        "summary": summary,
-        "runs": results,
-    }
-    path = benchlib.RESULTS / f"{name}.json"
-    benchlib.write_json(path, data)
-    print_table(f"{name}: CT {shape} at {spacing} mm, {data['ct']['source']}; model {model.name}; overlap "
-                f"{args.overlap}; {repeats} run(s) each; load {load_before} -> {data['load_average_after']}", summary)
+            print(f"run {r + 1}/{repeats} {m:<6} {res['seconds']:7.1f} s (cpu {res.get('cpu_seconds') or 0:6.1f} s)  peak "
+                  f"RSS {res['peak_rss_mb']:6.0f} MB  load {res['load_average_after']}", flush=True)
+            done = {k: v for k, v in results.items() if v}
+            complete = r == repeats - 1 and m == methods[-1]
+            data = {**meta, "complete": complete, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "load_average_after": benchlib.load_average(), "summary": summarise(done), "runs": done}
+            if complete:
+                data["mask_dice_vs_monai"] = mask_agreement(masks)
+            benchlib.write_json(path, data)  # after every run: a cut-short benchmark still leaves its numbers
+    print_table(f"{name}: CT {shape} at {spacing} mm, {meta['ct']['source']}; model {model.name}; overlap "
+                f"{args.overlap}; {repeats} run(s) each; load {load_before} -> {data['load_average_after']}",
+                data["summary"])
     print(f"mask Dice vs MONAI: {data['mask_dice_vs_monai']}")
     print(f"wrote {path}")
 

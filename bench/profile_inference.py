@@ -6,6 +6,11 @@ bookkeeping, post-processing, reading and writing. The non-network steps do not 
 network, so the light preset (default) gives their cost at the real CT size in a fraction of the
 paper preset's time; the network share at the paper size comes from ``bench_inference.py``.
 
+``--mode onednn``: oneDNN's verbose log of one forward pass: convolution kernels vs the layout
+reorders around them (plain <-> blocked tensors, weights repacked on every call).
+
+``--mode compile``: eager vs ``torch.compile`` of one window, interleaved (needs a C++ compiler).
+
 ``--mode network``: the forward pass of one batch of 96^3 windows (paper preset by default):
 FLOPs, achieved GFLOP/s, the operators by self CPU time (``torch.profiler``), and measured
 variants that keep the arithmetic the same (batch 1 vs 2, channels-last-3d, a frozen TorchScript
@@ -182,9 +187,75 @@ def profile_network(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def profile_onednn(args: argparse.Namespace) -> dict[str, Any]:
+    """oneDNN's own log of one forward pass: time in convolution kernels vs layout reorders."""
+    import collections
+    import os
+    import subprocess
+
+    code = (
+        "import torch, time\n"
+        "from vnetseg.model import build_model\n"
+        f"torch.manual_seed(0); net = build_model({args.preset!r}).eval(); x = torch.rand(1, 1, {args.patch}, {args.patch}, {args.patch})\n"
+        "with torch.inference_mode():\n"
+        "    net(x); print('MARK', flush=True); t = time.perf_counter(); net(x)\n"
+        "    print('FORWARD', time.perf_counter() - t, flush=True)\n"
+    )
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    forward = float("nan")
+    for line in proc.stdout.split("MARK", 1)[1].splitlines():
+        if line.startswith("onednn_verbose,v1,primitive,exec"):
+            f = line.split(",")
+            agg[f"{f[5]} {f[6]}"][0] += 1
+            agg[f"{f[5]} {f[6]}"][1] += float(f[-1]) / 1000.0
+        elif line.startswith("FORWARD"):
+            forward = float(line.split()[1])
+    print(f"oneDNN primitives in one {args.preset} forward pass ({args.patch}^3, batch 1): {forward:.2f} s wall")
+    for key, (n, sec) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {key:<60} {int(n):4d} calls {sec:7.2f} s {100 * sec / forward:5.1f} %")
+    conv = sum(v[1] for k, v in agg.items() if "convolution" in k)
+    reorder = sum(v[1] for k, v in agg.items() if k.startswith("reorder"))
+    print(f"  convolutions {conv:.2f} s ({100 * conv / forward:.0f} %), layout reorders {reorder:.2f} s "
+          f"({100 * reorder / forward:.0f} %), outside oneDNN (PReLU, add, cat, ...) {forward - conv - reorder:.2f} s")
+    return {"mode": "onednn", "preset": args.preset, "patch": args.patch, "forward_s": forward,
+            "convolution_s": conv, "reorder_s": reorder, "primitives": {k: {"calls": int(v[0]), "seconds": v[1]} for k, v in agg.items()}}
+
+
+def profile_compile(args: argparse.Namespace) -> dict[str, Any]:
+    """Eager vs ``torch.compile`` (inductor: fused pointwise ops, prepacked weights), interleaved."""
+    import torch
+
+    from vnetseg.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(args.preset).eval()
+    x = torch.rand(1, 1, args.patch, args.patch, args.patch)
+    with torch.inference_mode():
+        ref = net(x)
+        t = time.perf_counter()
+        compiled = torch.compile(net, dynamic=False)
+        out = compiled(x)
+        compile_s = time.perf_counter() - t
+        diff = float((out - ref).abs().max())
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(args.reps):
+            for name, fn in (("eager", net), ("compiled", compiled)):
+                t = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"torch.compile, {args.preset}, one {args.patch}^3 window: first call (compile) {compile_s:.1f} s; "
+          f"eager {med['eager']:.2f} s, compiled {med['compiled']:.2f} s per window (median of {args.reps}, interleaved); "
+          f"max |logit diff| {diff:.2e}")
+    return {"mode": "compile", "preset": args.preset, "patch": args.patch, "compile_s": compile_s,
+            "seconds": times, "median_s": med, "max_abs_logit_diff": diff}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["pipeline", "network"], default="pipeline")
+    ap.add_argument("--mode", choices=["pipeline", "network", "onednn", "compile"], default="pipeline")
     ap.add_argument("--preset", default=None, help="default: light for pipeline, paper for network")
     ap.add_argument("--shape", type=int, nargs=3, default=(512, 512, 120))
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5))
@@ -195,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.preset = args.preset or ("light" if args.mode == "pipeline" else "paper")
     load_before = benchlib.load_average()
-    res = profile_pipeline(args) if args.mode == "pipeline" else profile_network(args)
+    res = {"pipeline": profile_pipeline, "network": profile_network, "onednn": profile_onednn,
+           "compile": profile_compile}[args.mode](args)
     res.update(machine=benchlib.machine_info(), load_average_before=load_before, load_average_after=benchlib.load_average())
     path = benchlib.RESULTS / f"{args.name or f'profile_{args.mode}_{args.preset}'}.json"
     benchlib.write_json(path, res)
