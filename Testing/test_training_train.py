@@ -24,6 +24,20 @@ from training_helpers import real_ct_msd, tiny_config
 from vnetseg.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Train on one torch thread here (restored afterwards).
+
+    These small runs gain little from intra-op threads, and one thread keeps their runtime steady
+    when the CPU is shared (busy threads competing for 2 cores slow down badly).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +46,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory):
+def trained(phantoms: Path, tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None):
     """The light V-Net trained on 12 phantoms, validated on 4 held-out ones (fold 0 of 4)."""
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("synthetic", {"epochs": 8, "iters_per_epoch": 20, "val_every": 4, "folds": 4})

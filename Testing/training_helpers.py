@@ -69,3 +69,4 @@ def real_ct_msd(ct_dir: Path, root: Path) -> Path:
     write_dataset(root, [("./imagesTr/ct_a.nii.gz", "./labelsTr/ct_a.nii.gz"),
                          ("./imagesTr/ct_b.nii.gz", "./labelsTr/ct_b.nii.gz")])
     return root
+
