@@ -85,9 +85,9 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         "",
         card["method"],
         "",
-        f"Training: {card['training']['main_steps']} steps (main) and {card['training']['locator_steps']} steps "
-        f"(locator) of batch {card['training']['batch_size']} on {card['training']['hardware']}; CPU minutes "
-        f"{card['training']['train_minutes_cpu']}.",
+        f"Training of the main network: {card['training']['main_steps']} steps; locator: "
+        f"{card['training']['locator_steps']} steps; batch {card['training']['batch_size']}, on "
+        f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}.",
         "",
         "## Leave-one-patient-out",
         "",

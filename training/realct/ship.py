@@ -90,7 +90,7 @@ def _train_minutes(run_dir: Path) -> float | None:
 def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int,
                   log: Callable[[str], None] = print) -> Path:
     """Build, score and write the shipped model file, registry.json and MODEL_CARD.md."""
-    main_dir, loc_dir = out / "runs" / "final_main" / "fold_0", out / "runs" / "final_locator" / "fold_0"
+    main_dir, loc_dir = out / "runs" / "final_main_context" / "fold_0", out / "runs" / "final_locator" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
     loc_net, loc_info = load_model(loc_dir / "model_last.pt")
     main_net, loc_net = fp16_roundtrip(main_net), fp16_roundtrip(loc_net)
@@ -105,11 +105,11 @@ def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int
     info = _with_patch(main_info, INFERENCE_PATCH)
     info.locator = (loc_net, loc_info)
     results = cached_scores(out, main_net, info, log)
-    lopo_path = out / "lopo.json"
-    lopo = json.loads(lopo_path.read_text()) if lopo_path.is_file() else None
+    lopo = {h: json.loads((out / f"lopo_{h}.json").read_text()) for h in ("P1", "P2") if (out / f"lopo_{h}.json").is_file()}
     subjects = json.loads((out / "pool" / "subjects.json").read_text())
     card = build_card(seed, budget, per_kind, subjects, results, lopo, main_info, loc_info,
-                      {"main": _train_minutes(main_dir), "locator": _train_minutes(loc_dir)})
+                      {"main_stage1": _train_minutes(out / "runs" / "final_main" / "fold_0"),
+                       "main_stage2": _train_minutes(main_dir), "locator": _train_minutes(loc_dir)})
     info.card = card
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / MODEL_FILE
@@ -164,14 +164,18 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
             "organs and vessels, or synthetic CTs in which every soft-tissue structure of the label map is "
             "filled with its tissue's HU for a drawn phase (native, arterial, portal, delayed) with texture; "
             "then simulated slice thickness, blur, gain/offset and noise. Never mirrored left-right. "
-            "Training with training.engine (Dice + cross-entropy, AdamW, cosine schedule, 64^3 patches, half "
-            "of them centred on the spleen, light MONAI augmentation), HU window [-57, 164]."
+            "Training with training.engine (Dice + cross-entropy, AdamW, cosine schedule, batch 2, half of the "
+            "patches centred on the spleen, light MONAI augmentation), HU window [-57, 164], in two stages: "
+            "64^3 patches, then 128 x 128 x 32 patches from those weights (the wider view tells the spleen "
+            "from the liver, whose density is close)."
         ),
-        "training": {"main_steps": budget["final"] * 20, "locator_steps": budget["locator"] * 20,
-                     "batch_size": 2, "train_minutes_cpu": minutes,
+        "training": {"main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
+                                   "128 x 128 x 32 patches (192 mm of in-plane context) from those weights",
+                     "locator_steps": budget["locator"] * 20,
+                     "batch_size": 2, "train_minutes_wall": minutes,
                      "hardware": "2 shared CPU cores, no GPU"},
         "locator": loc_info.card,
-        "leave_one_patient_out": lopo if lopo is not None else "not run",
+        "leave_one_patient_out": lopo or "not run",
         "shipped_model_on_real_ct": {
             "note": "these CTs were used (augmented) to train the shipped model: not an independent test",
             **results,
