@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def cache_dir_for(cache_root: str | os.PathLike[str], pre: Preprocessing) -> Pat
 
 def ensure_cached(
     cases: list[Case], labels: dict[int, str], pre: Preprocessing, cache_root: str | os.PathLike[str],
-    log: callable | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Preprocess every case that is missing or stale in the cache; return the cache folder."""
     folder = cache_dir_for(cache_root, pre)

@@ -24,6 +24,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def model_labels(dataset: MSDDataset) -> tuple[Label, ...]:
     return tuple(out)
 
 
-def _on_main(info: dd.DistInfo, work) -> None:
+def _on_main(info: dd.DistInfo, work: Callable[[], object]) -> None:
     """Run ``work`` on rank 0 only; every rank raises if it failed there (no rank waits forever)."""
     error: Exception | None = None
     if info.is_main:
