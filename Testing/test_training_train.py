@@ -79,12 +79,13 @@ def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: 
     assert card["config"]["epochs"] == 8 and card["date"].startswith("20")
     assert info.preprocessing.target_spacing == (4.0, 4.0, 4.0) and info.labels[0].name == "Spleen"
     assert last["epochs"] == 8
-    # the deployed command line segments a held-out phantom with the exported file
+    # the deployed command line segments a held-out phantom with the exported file (the last one,
+    # whose validation Dice is result.last_dice)
     case = sorted(result.last_dice)[0]
     dest = tmp_path / "mask.nii.gz"
     proc = subprocess.run(
         [sys.executable, "-m", "vnetseg", "predict", str(phantoms / "imagesTr" / f"{case}.nii.gz"), "-o", str(dest),
-         "--model", str(fold / "model_best.pt"), "--device", "cpu"],
+         "--model", str(fold / "model_last.pt"), "--device", "cpu"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
