@@ -191,3 +191,10 @@ def test_stored_type_can_be_kept_to_save_memory(ct_dir: Path) -> None:
     np.testing.assert_array_equal(kept.array, read_image(ct_dir / "example_ct_sm.nii.gz").array)
     dicom = read_image(ct_dir / "example_ct_dicom", dtype=None)
     assert np.issubdtype(dicom.array.dtype, np.integer) and dicom.array.min() == -1024
+
+
+def test_all_background_label_map_is_accepted_when_asked(tmp_path: Path) -> None:
+    _save(tmp_path / "bg.nii.gz", np.zeros((6, 6, 6)))
+    with pytest.raises(ImageError, match="empty"):
+        read_image(tmp_path / "bg.nii.gz")
+    assert read_image(tmp_path / "bg.nii.gz", allow_uniform=True).array.max() == 0

@@ -97,10 +97,11 @@ def array_affine_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 
 # ------------------------------------------------------------------------------------- read
-def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32) -> Image:
+def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32, *, allow_uniform: bool = False) -> Image:
     """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a folder holding one DICOM series.
 
     ``dtype=None`` keeps the stored voxel type (e.g. int16 CT: half the memory of float32).
+    ``allow_uniform=True`` accepts a volume of one value (an all-background label map).
 
     Raises:
         ImageError: missing path, unknown format, unreadable file, not 3D, empty, non-finite
@@ -122,7 +123,7 @@ def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32) ->
                 f"{p.name}: unknown image format '{suffix or p.name}'; use .nii, .nii.gz, .nrrd, .nhdr, "
                 f".mha, .mhd or a DICOM series folder"
             )
-    validate_image(image, str(p))
+    validate_image(image, str(p), allow_uniform=allow_uniform)
     return image
 
 
@@ -199,8 +200,9 @@ def _read_dicom_dir(p: Path, dtype: type) -> Image:
     return _from_sitk(img, p.name, dtype)
 
 
-def validate_image(image: Image, name: str = "image") -> None:
-    """Raise :class:`ImageError` unless ``image`` is a non-empty finite 3D volume with valid geometry."""
+def validate_image(image: Image, name: str = "image", allow_uniform: bool = False) -> None:
+    """Raise :class:`ImageError` unless ``image`` is a finite 3D volume with valid geometry (and not
+    of one single value, unless ``allow_uniform``)."""
     arr, aff = image.array, image.affine
     if arr.ndim != 3:
         raise ImageError(f"{name} is {arr.ndim}D with shape {arr.shape}; a 3D CT volume is needed")
@@ -213,6 +215,8 @@ def validate_image(image: Image, name: str = "image") -> None:
         raise ImageError(f"{name} has zero or degenerate voxel spacing {np.round(spacing, 6).tolist()} mm; fix the header")
     if not _all_finite(arr):
         raise ImageError(f"{name} contains NaN or infinite values; it cannot be segmented")
+    if allow_uniform:
+        return
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         raise ImageError(f"{name} is empty: every voxel has the value {lo:g}")
