@@ -194,3 +194,23 @@ def test_cancel_callback_in_background_mode(ct_dir, tiny_model_file, env, logic)
             cancel=lambda: bool(seen),
         )
     assert seen and env.node_ids() == before
+
+
+def test_empty_result_from_the_background_process(ct_dir, env, logic, tmp_path):
+    """A model that always answers 'background': the empty mask is read back, and the run says so."""
+    import torch
+
+    from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
+    from vnetseg.model import VNetConfig, build_model
+
+    config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
+    model = build_model(config)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([10.0, -10.0]))  # background logit far above the spleen's
+    path = tmp_path / "background.pt"
+    save_model(path, model, ModelInfo(config, Preprocessing((3.0, 3.0, 3.0), patch_size=(32, 32, 32))))
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "sm-empty")
+    seg, result = logic.segment(volume, path, SegmentationOptions("cpu", 0.0), background=True, timeout=120)
+    assert result.volumeMl == 0.0 and [w.code for w in result.warnings] == ["empty"]
+    assert seg.GetSegmentation().GetSegment(result.segmentIDs[0]).GetName() == "Spleen"

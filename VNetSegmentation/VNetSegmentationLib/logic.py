@@ -388,12 +388,12 @@ def _niftiSafe(array: np.ndarray) -> np.ndarray:
 
 def _readMask(path: Path, volumeNode) -> np.ndarray:
     """Read the process's mask and check it lies on the volume's grid: (I, J, K) uint8."""
-    import nibabel
+    from vnetseg import io as vio
 
     if not path.is_file():
         raise RuntimeError(f"the segmentation process reported success but wrote no mask ({path.name})")
-    image = nibabel.load(str(path))
-    labelmap = np.asarray(image.dataobj).astype(np.uint8)
+    image = vio.read_image(path, dtype=None, allow_uniform=True)  # an empty result is a valid mask
+    labelmap = np.asarray(image.array).astype(np.uint8, copy=False)
     difference = nodes.geometryDifference(
         image.affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
     )
