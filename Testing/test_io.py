@@ -198,3 +198,10 @@ def test_all_background_label_map_is_accepted_when_asked(tmp_path: Path) -> None
     with pytest.raises(ImageError, match="empty"):
         read_image(tmp_path / "bg.nii.gz")
     assert read_image(tmp_path / "bg.nii.gz", allow_uniform=True).array.max() == 0
+
+
+def test_ras_convention_matches_the_anatomy_of_the_real_ct(ct_dir: Path) -> None:
+    """RAS+: x grows towards the patient's right. The liver (label 5) is right, the spleen (1) left."""
+    labels = read_image(ct_dir / "example_ct_multilabel_v1.nii.gz")
+    centre = {v: labels.affine @ np.r_[np.argwhere(labels.array == v).mean(0), 1.0] for v in (1, 5)}
+    assert centre[5][0] - centre[1][0] > 100.0  # liver is 100+ mm to the right (+x) of the spleen

@@ -171,7 +171,7 @@ def test_phantom_spleen_is_on_the_patients_left_in_every_orientation(tmp_path: P
         codes.add("".join(nib.aff2axcodes(image.affine)))
         centre = image.affine @ np.r_[np.argwhere(label > 0).mean(0), 1.0]  # RAS mm
         body = image.affine @ np.r_[np.argwhere(image.array > -500).mean(0), 1.0]
-        assert centre[0] - body[0] > 40.0, f"{case.name}: spleen not on the patient's left (+x in RAS)"
+        assert body[0] - centre[0] > 40.0, f"{case.name}: spleen not on the patient's left (-x in RAS)"
         hu = image.array[label > 0]
         assert 90 < np.median(hu) < 150  # enhanced spleen in HU
         assert 50.0 < label.sum() * abs(np.linalg.det(image.affine[:3, :3])) / 1000 < 600.0  # mL

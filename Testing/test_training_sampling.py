@@ -16,7 +16,7 @@ def _case(seed: int = 0) -> CachedCase:
     rng = np.random.default_rng(seed)
     image = rng.random((40, 36, 30)).astype(np.float32)
     label = np.zeros((40, 36, 30), np.uint8)
-    label[30:34, 5:9, 20:24] = 1  # a small structure near the +x (patient's left) side
+    label[30:34, 5:9, 20:24] = 1  # a small structure near the end of the first axis
     return CachedCase("c", image, label, np.argwhere(label > 0).astype(np.int32))
 
 

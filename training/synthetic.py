@@ -1,7 +1,7 @@
 """CT-like abdominal phantoms written as an MSD task (``imagesTr``, ``labelsTr``, ``dataset.json``).
 
-Each phantom is drawn in physical RAS millimetres (x towards the patient's left, y anterior,
-z superior) and sampled on a grid of its own spacing, then stored in one of several
+Each phantom is drawn in physical RAS millimetres (x towards the patient's right, y anterior,
+z superior: RAS+, as in NIfTI and Slicer) and sampled on a grid of its own spacing, then stored in one of several
 orientations (RAS, LPS, LAS, or with permuted axes), so readers must use the affine.
 Tissues in HU: air -1000, fat -100, muscle 50, soft tissue/bowel 30, bowel gas -900, liver 95
 (patient's right), kidneys 150, spleen 120 (patient's LEFT; varying shape, size, position and
@@ -50,7 +50,8 @@ def _ellipsoid(x, y, z, centre, radii) -> np.ndarray:
 
 
 def _spleen(x, y, z, rng: np.random.Generator) -> np.ndarray:
-    """A tilted, bean-shaped ellipsoid on the patient's left (x > 0), posterior-lateral."""
+    """A tilted, bean-shaped ellipsoid on the patient's left (RAS x < 0), posterior-lateral."""
+    x = -x  # drawn in a mirrored frame: the shape below is placed at +x there, -x here
     centre = np.array([rng.uniform(70, 95), rng.uniform(-45, -10), rng.uniform(10, 50)])
     radii = np.array([rng.uniform(20, 32), rng.uniform(35, 55), rng.uniform(35, 60)])
     angle = np.radians(rng.uniform(-40, 10))  # tilt in the axial plane
@@ -91,11 +92,11 @@ def phantom(
         hu[loop] = 20.0
         hu[_ellipsoid(x, y, z, c, rng.uniform(4, 9, size=3)) & inside] = -900.0
     zl = rng.uniform(10, 40)
-    liver = _ellipsoid(x, y, z, (-60 + rng.uniform(-10, 10), 5, zl), (70, 75, 75))  # patient's right: -x
+    liver = _ellipsoid(x, y, z, (60 + rng.uniform(-10, 10), 5, zl), (70, 75, 75))  # patient's right: +x
     hu[liver & inside] = 95.0
     for side in (-1, 1):  # kidneys
         hu[_ellipsoid(x, y, z, (side * 65, -45, zl - 60 + rng.uniform(-10, 10)), (22, 22, 50)) & inside] = 150.0
-    hu[_ellipsoid(x, y, z, (rng.uniform(20, 40), 20, zl + 20), (35, 30, 30)) & inside] = 25.0  # stomach
+    hu[_ellipsoid(x, y, z, (-rng.uniform(20, 40), 20, zl + 20), (35, 30, 30)) & inside] = 25.0  # stomach (left)
     spleen = _spleen(x, y, z, rng) & inside
     spleen &= ~_ellipsoid(x, y, z, (0, -60, 0), (28, 28, 1000))  # never through the spine
     hu[spleen] = 120.0
