@@ -133,12 +133,10 @@ class VNetSegmentationLogic:
         return sorted(messages, key=lambda m: m.level != checks.ERROR)
 
     def _memoryCheck(self, shape, spacing, model, options, availableBytes):
-        from types import SimpleNamespace
-
         from vnetseg.inference import window_memory_bytes
 
         info = self.models.readInfo(self.resolveModel(model))
-        windowBytes = window_memory_bytes(SimpleNamespace(config=info.config), info.preprocessing.patch_size)
+        windowBytes = window_memory_bytes(info.config, info.preprocessing.patch_size)
         device = options.device.lower()
         onGpu = device.startswith(("cuda", "gpu")) or (device == "auto" and bool(detectDevices().get("cuda")))
         host = checks.estimateMemoryBytes(

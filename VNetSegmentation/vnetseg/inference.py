@@ -19,7 +19,7 @@ import torch
 
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .model import VNet
+from .model import VNet, VNetConfig
 from .fast import box_from_coarse_mask, single_window_patch
 from .postprocess import QualityReport, clean_mask, largest_component, quality_report
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
@@ -88,17 +88,17 @@ def available_memory_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def window_memory_bytes(model: VNet, patch: tuple[int, int, int], bytes_per_value: int = 4) -> int:
-    """Rough activation memory of one window in inference (largest two stages' tensors, x4 live)."""
+def window_memory_bytes(config: VNetConfig, patch: tuple[int, int, int], bytes_per_value: int = 4) -> int:
+    """Rough activation memory of one window in inference (largest stage's tensors, x4 live)."""
     voxels = math.prod(patch)
-    widths = model.config.widths
+    widths = config.widths
     per_level = [2 * w * voxels / 8**i for i, w in enumerate(widths)]
     return int(4 * max(per_level) * bytes_per_value + 2 * voxels * 4)
 
 
 def choose_batch_size(model: VNet, patch: tuple[int, int, int], device: torch.device) -> int:
     """Windows per forward pass, from the memory that is free now (capped: 2 on CPU, 8 on GPU)."""
-    per_window = window_memory_bytes(model, patch, 2 if device.type == "cuda" else 4)
+    per_window = window_memory_bytes(model.config, patch, 2 if device.type == "cuda" else 4)
     budget = available_memory_bytes(device) // 2
     cap = 8 if device.type == "cuda" else 2
     return int(max(1, min(cap, budget // max(per_window, 1))))
