@@ -7,13 +7,14 @@ the epoch, the best score, and the Python, NumPy and torch random states.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from vnetseg.checkpoint import save_atomically
 
 STATE_FORMAT = "vnetseg-train-state"
 STATE_VERSION = 1
@@ -48,14 +49,7 @@ def _listify(value: Any) -> Any:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write a training checkpoint atomically."""
-    payload = {"format": STATE_FORMAT, "version": STATE_VERSION, **state, "rng": rng_state()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_atomically({"format": STATE_FORMAT, "version": STATE_VERSION, **state, "rng": rng_state()}, path)
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -191,14 +191,19 @@ def save_model(
     if locator is not None:
         payload["locator"] = _pack(locator[0], locator[1], half)
     dest = Path(path)
+    save_atomically(payload, dest)
+    return file_sha256(dest)
+
+
+def save_atomically(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename: never a half-written file."""
+    dest = Path(path)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
         torch.save(payload, tmp)
         os.replace(tmp, dest)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return file_sha256(dest)
+        tmp.unlink(missing_ok=True)
 
 
 def _read_payload(path: Path) -> dict[str, Any]:
