@@ -36,9 +36,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from training.realct.ship import COMMAND, write_outputs  # noqa: E402
+from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs  # noqa: E402
 from training.config import AugmentConfig, TrainConfig, train_preset  # noqa: E402
-from training.engine import TrainOptions, train  # noqa: E402
+from training import distributed as dd  # noqa: E402
+from training.engine import Trainer, TrainOptions  # noqa: E402
 from training.realct.build import pool_cases, write_pool, write_real_cases, write_task  # noqa: E402
 from training.realct.evaluate import evaluate_scan  # noqa: E402
 from training.realct.sources import load_scans  # noqa: E402
@@ -55,6 +56,9 @@ MAIN_MODEL = preset("light", widths=(4, 8, 16, 32, 64), norm="batch")
 LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch")
 MAIN_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 64))
 LOCATOR_PRE = Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 164.0), patch_size=(48, 48, 48))
+# second stage: flat patches with 192 mm of in-plane context, so the network sees the spine, the
+# stomach and the ribs around the organ and can tell the spleen (patient's left) from the liver
+CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(128, 128, 32))
 TRAIN_AUG = AugmentConfig(affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0,
                           noise_prob=0.15, blur_prob=0.1)
 
@@ -63,9 +67,21 @@ def main_config(epochs: int, iters: int = 20) -> TrainConfig:
     """The 'spleen-light' preset sized for 2 CPU cores (subjects are augmented when they are made)."""
     base = train_preset("spleen-light").to_dict()
     base.update(epochs=epochs, iters_per_epoch=iters, batch_size=2, loss="dice_ce", lr=3e-3, warmup_iters=20,
-                workers=0, val_every=epochs, folds=2, seed=SEED, fg_ratio=0.5)
+                workers=0, val_every=min(epochs, 10), folds=2, seed=SEED, fg_ratio=0.5)
     cfg = TrainConfig.from_dict(base)
     return TrainConfig(**{**cfg.__dict__, "model": MAIN_MODEL, "preprocessing": MAIN_PRE, "augment": TRAIN_AUG})
+
+
+def context_config(epochs: int, iters: int = 20) -> TrainConfig:
+    """Stage two of the main network: started from stage one's weights, flat wide patches, lower rate."""
+    cfg = main_config(epochs, iters)
+    return TrainConfig(**{**cfg.__dict__, "preprocessing": CONTEXT_PRE, "lr": 1.5e-3})
+
+
+def polish_config(epochs: int, iters: int = 20) -> TrainConfig:
+    """Stage three: the same wide patches, a third of them on the spleen (more liver and bowel negatives), low rate."""
+    cfg = context_config(epochs, iters)
+    return TrainConfig(**{**cfg.__dict__, "lr": 5e-4, "fg_ratio": 0.33, "warmup_iters": 0})
 
 
 def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -73,7 +89,9 @@ def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
     return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE})
 
 
-BUDGET = {"lopo": 6, "final": 10, "locator": 8}  # epochs of 20 steps x 2 patches
+# epochs of 20 steps x 2 patches: main stage one (64^3) for the final model and for each
+# leave-one-patient-out model, stage two (128 x 128 x 32) for both, and the locator
+BUDGET = {"lopo": 30, "final": 50, "context": 20, "polish": 10, "locator": 30}
 
 
 def log(message: str) -> None:
@@ -92,7 +110,8 @@ def _subjects(out: Path):
     return [Subject(r["name"], r["patient"], r["kind"], r["spleen_ml"], {}) for r in records]
 
 
-def _train(out: Path, task: Path, run: str, cfg: TrainConfig) -> Path:
+def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None = None) -> Path:
+    """Train one run with training.engine (resuming an interrupted one), optionally from ``init``'s weights."""
     fold_dir = out / "runs" / run / "fold_0"
     if (fold_dir / "model_last.pt").is_file():
         log(f"{run}: already trained ({fold_dir / 'model_last.pt'})")
@@ -101,25 +120,36 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig) -> Path:
     t0 = time.perf_counter()
     opts = TrainOptions(data=task, out=out / "runs" / run, fold=0, config=cfg, splits=task / "splits.json",
                         cache=out / "cache", resume=(fold_dir / "checkpoint_last.pth").is_file(), device="cpu")
-    result = train(opts)
+    dist = dd.setup(opts.device)
+    try:
+        trainer = Trainer(opts, dist)
+        if init is not None and not opts.resume:
+            trainer.model.load_state_dict(load_model(init)[0].state_dict())
+            log(f"{run}: starting from {init}")
+        result = trainer.run()
+    finally:
+        dd.teardown(dist)
     minutes = (time.perf_counter() - t0) / 60
     (fold_dir / "train_time.json").write_text(json.dumps({"minutes": round(minutes, 2)}))
     log(f"{run}: done in {minutes:.1f} min, validation Dice {result.last_dice}")
     return fold_dir / "model_last.pt"
 
 
-def stage_lopo(out: Path) -> None:
+def stage_lopo(out: Path, only: str | None = None) -> None:
     scans = load_scans()
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
-    results = {}
     for held, other in (("P1", "P2"), ("P2", "P1")):
+        if only not in (None, held):
+            continue
         val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
         task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, (other,)), val,
                           f"subjects of {other} only; validation on {held}'s real CTs")
-        model_path = _train(out, task, f"lopo_without_{held}", main_config(BUDGET["lopo"]))
+        first = _train(out, task, f"lopo_without_{held}", main_config(BUDGET["lopo"]))
+        second = _train(out, task, f"lopo_without_{held}_context", context_config(BUDGET["context"]), init=first)
+        model_path = _train(out, task, f"lopo_without_{held}_polish", polish_config(BUDGET["polish"]), init=second)
         net, info = load_model(model_path)
-        info = ModelInfo(info.config, Preprocessing(**{**info.preprocessing.__dict__, "patch_size": (96, 96, 96)}), info.labels)
+        info = ModelInfo(info.config, Preprocessing(**{**info.preprocessing.__dict__, "patch_size": INFERENCE_PATCH}), info.labels)
         rows = []
         for scan in scans:
             if scan.patient == held:
@@ -127,9 +157,11 @@ def stage_lopo(out: Path) -> None:
                 row.pop("_mask")
                 rows.append(row)
                 log(f"lopo held-out {held} {scan.name}: {row}")
-        minutes = json.loads((model_path.parent / "train_time.json").read_text())["minutes"]
-        results[held] = {"trained_on": other, "steps": BUDGET["lopo"] * 20, "train_minutes": minutes, "cases": rows}
-    (out / "lopo.json").write_text(json.dumps(results, indent=1))
+        minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in (first, second, model_path))
+        result = {"trained_on": other, "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + "
+                                                f"{BUDGET['polish'] * 20} (128x128x32)",
+                  "train_minutes": round(minutes, 1), "cases": rows}
+        (out / f"lopo_{held}.json").write_text(json.dumps(result, indent=1))
 
 
 def stage_final(out: Path) -> None:
@@ -139,7 +171,9 @@ def stage_final(out: Path) -> None:
     val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
     task = write_task(out / "tasks" / "all", pool_cases(out, subjects, ("P1", "P2")), val,
                       "subjects of both patients; validation on P2's real CT (a training-set check)")
-    _train(out, task, "final_main", main_config(BUDGET["final"]))
+    first = _train(out, task, "final_main", main_config(BUDGET["final"]))
+    second = _train(out, task, "final_main_context", context_config(BUDGET["context"]), init=first)
+    _train(out, task, "final_main_polish", polish_config(BUDGET["polish"]), init=second)
     _train(out, task, "final_locator", locator_config(BUDGET["locator"]))
 
 
@@ -147,17 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
     parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle"))
+    parser.add_argument("--held", choices=("P1", "P2"), help="lopo stage: only this held-out patient (to run both in parallel)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: reproducible, and on a shared 2-core machine one thread "
+                             "trains several times faster than two)")
     parser.add_argument("--weights-dir", type=Path, default=REPO / "VNetSegmentation" / "vnetseg" / "weights",
                         help="where the model file, registry.json and MODEL_CARD.md are written")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = ("pool", "lopo", "final", "bundle") if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "pool":
             stage_pool(args.out)
         elif stage == "lopo":
-            stage_lopo(args.out)
+            stage_lopo(args.out, args.held)
         elif stage == "final":
             stage_final(args.out)
         else:

@@ -27,7 +27,7 @@ from .evaluate import evaluate_image, evaluate_scan
 from .sources import load_scans, pelvis_part
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
-INFERENCE_PATCH = (160, 160, 48)
+INFERENCE_PATCH = (160, 160, 32)
 VERSION = "1.0.0"
 
 
@@ -90,7 +90,7 @@ def _train_minutes(run_dir: Path) -> float | None:
 def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int,
                   log: Callable[[str], None] = print) -> Path:
     """Build, score and write the shipped model file, registry.json and MODEL_CARD.md."""
-    main_dir, loc_dir = out / "runs" / "final_main_context" / "fold_0", out / "runs" / "final_locator" / "fold_0"
+    main_dir, loc_dir = out / "runs" / "final_main_polish" / "fold_0", out / "runs" / "final_locator" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
     loc_net, loc_info = load_model(loc_dir / "model_last.pt")
     main_net, loc_net = fp16_roundtrip(main_net), fp16_roundtrip(loc_net)
@@ -109,7 +109,8 @@ def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int
     subjects = json.loads((out / "pool" / "subjects.json").read_text())
     card = build_card(seed, budget, per_kind, subjects, results, lopo, main_info, loc_info,
                       {"main_stage1": _train_minutes(out / "runs" / "final_main" / "fold_0"),
-                       "main_stage2": _train_minutes(main_dir), "locator": _train_minutes(loc_dir)})
+                       "main_stage2": _train_minutes(out / "runs" / "final_main_context" / "fold_0"),
+                       "main_stage3": _train_minutes(main_dir), "locator": _train_minutes(loc_dir)})
     info.card = card
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / MODEL_FILE
@@ -167,10 +168,12 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
             "Training with training.engine (Dice + cross-entropy, AdamW, cosine schedule, batch 2, half of the "
             "patches centred on the spleen, light MONAI augmentation), HU window [-57, 164], in two stages: "
             "64^3 patches, then 128 x 128 x 32 patches from those weights (the wider view tells the spleen "
-            "from the liver, whose density is close)."
+            "from the liver, whose density is close), then a short low-rate pass with more patches away from "
+            "the spleen. The last weights of each stage are used (no checkpoint selection)."
         ),
         "training": {"main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
-                                   "128 x 128 x 32 patches (192 mm of in-plane context) from those weights",
+                                   "128 x 128 x 32 patches (192 mm of in-plane context) from those weights, then "
+                                   f"{budget['polish'] * 20} more at a lower rate with a third of the patches on the spleen",
                      "locator_steps": budget["locator"] * 20,
                      "batch_size": 2, "train_minutes_wall": minutes,
                      "hardware": "2 shared CPU cores, no GPU"},
