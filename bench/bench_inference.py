@@ -115,7 +115,7 @@ def child_monai(ct: str, model: str, out: str, overlap: float, batch: int | None
     tl = benchlib.Timeline()
     _instrument(tl, net_time)
     net, info = inf.load_model(model)
-    image = vio.read_image(ct)
+    image = vio.read_image(ct, dtype=None)  # as predict_file reads it (stored type); inference_paper.json predates this
     pre = info.preprocessing
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
     volume = inf.window_hu(inf.to_model_grid(image.array, grid), pre.hu_window, pre.scale)
@@ -187,6 +187,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             "min_s": min(r["seconds"] for r in runs),
             "max_s": max(r["seconds"] for r in runs),
             "median_network_s": _median(runs, "network_seconds"),
+            "median_cpu_s": _median(runs, "cpu_seconds"),
             "median_peak_rss_mb": _median(runs, "peak_rss_mb"),
             "median_rss_before_mb": _median(runs, "rss_before_mb"),
             "windows": runs[0].get("windows"),

@@ -8,6 +8,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,17 @@ def inference_table(d: dict[str, Any]) -> str:
         f"{m['torch_threads']} threads), core {m['git_commit']}, {d['started_utc']}; load average "
         f"{d['load_average_before']} -> {d['load_average_after']}.",
         "",
-        "| method | median s | min s | max s | network s (median) | windows x batch | peak RSS MiB (median) "
-        "| RSS before job MiB | time vs MONAI | peak RSS vs MONAI |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | median s | min s | max s | CPU s (median) | network s (median) | windows x batch "
+        "| peak RSS MiB (median) | RSS before job MiB | time vs MONAI | peak RSS vs MONAI |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, s in d["summary"].items():
         net = f"{s['median_network_s']:.1f}" if s.get("median_network_s") is not None else "-"
         wins = f"{s['windows']} x {','.join(map(str, s['batch_sizes']))}" if s.get("windows") else "-"
+        cpu = [r.get("cpu_seconds") for r in d["runs"][method] if r.get("cpu_seconds") is not None]
         lines.append(
-            f"| {method} | {s['median_s']:.1f} | {s['min_s']:.1f} | {s['max_s']:.1f} | {net} | {wins} | "
+            f"| {method} | {s['median_s']:.1f} | {s['min_s']:.1f} | {s['max_s']:.1f} | "
+            f"{_num(statistics.median(cpu)) if cpu else '-'} | {net} | {wins} | "
             f"{s['median_peak_rss_mb']:.0f} | {_num(s.get('median_rss_before_mb'))} | {s.get('time_ratio_vs_monai', float('nan')):.2f} | "
             f"{s.get('rss_ratio_vs_monai', float('nan')):.2f} |"
         )
