@@ -41,14 +41,16 @@ def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
     assert abs(fast.volume_ml - full.volume_ml) / full.volume_ml < 0.02
 
 
-def test_fast_falls_back_when_nothing_or_edge_is_found() -> None:
+def test_fast_never_crops_the_organ_when_nothing_or_an_edge_is_found() -> None:
     empty = Image(np.full((120, 100, 40), -50.0, np.float32) + np.arange(40, dtype=np.float32), make_affine("RAS", spacing=(1.0, 1.0, 2.5)))
     res = predict_volume(empty, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
-    assert res.labelmap.sum() == 0 and any("found no spleen" in n for n in res.notes)
-    edge = _phantom(centre_mm=(60.0, 0.0, 15.0))  # reaches the image's right-left border
+    assert res.labelmap.sum() == 0 and any("found no spleen" in n and "whole volume" in n for n in res.notes)
+    edge = _phantom(centre_mm=(60.0, 0.0, 15.0))  # cut by the image's right-left border
     res = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
-    assert any("edge of the field of view" in n for n in res.notes)
-    assert dice(res.labelmap > 0, edge.array > 0) > 0.98  # the whole-volume pass did the work
+    assert any("edge of the field of view" in n and "image border" in n for n in res.notes)
+    full = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="full"))
+    assert dice(res.labelmap > 0, full.labelmap > 0) >= 0.99  # nothing cut off at the border
+    assert dice(res.labelmap > 0, edge.array > 0) > 0.98
 
 
 def test_mode_choice() -> None:
@@ -78,6 +80,11 @@ def test_box_covers_the_coarse_mask_in_physical_space_with_margin() -> None:
     box_lo = fine.model_affine @ [*box.start, 1]
     box_hi = fine.model_affine @ [*(np.array(box.stop) - 1), 1]
     assert np.all(box_lo[:3] <= np.minimum(lo, hi)[:3] - 9.0) and np.all(box_hi[:3] >= np.maximum(lo, hi)[:3] + 9.0)
+    edge = mask.copy()
+    edge[0:3, 8:12, 6:9] = True  # now touching the low end of axis 0
+    wide, note = box_from_coarse_mask(edge, coarse, fine, margin_mm=10.0)
+    assert "image border" in note and wide.start[0] == 0 and wide.stop[0] < fine.model_shape[0]
+    assert wide.start[1:] == box.start[1:] and wide.stop[1:] == box.stop[1:]
     big, _ = box_from_coarse_mask(mask, coarse, fine, min_shape=(64, 64, 64))
     assert all(s >= min(64, n) for s, n in zip(big.shape, fine.model_shape))
     assert single_window_patch((70, 50, 33), 16) == (80, 64, 48)

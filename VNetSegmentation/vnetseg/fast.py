@@ -4,9 +4,10 @@ The spleen fills a few percent of an abdominal CT, so a full-resolution sliding 
 most of its time on voxels that cannot be spleen. Fast mode runs the same network once over the
 whole CT at the model's ``coarse_spacing`` (e.g. 4 mm: a 512x512x120 CT becomes about 100^3
 voxels, one window), takes the largest component's bounding box plus a margin, and runs the
-full-resolution pass on that box only. When the coarse pass finds nothing, or finds the organ
-touching the edge of the field of view, the caller runs the whole-volume pass instead and says
-why: the organ is never cropped silently.
+full-resolution pass on that box only. The organ is never cropped silently: when the coarse pass
+finds nothing, the caller runs the whole-volume pass and says so; when the organ touches the edge
+of the field of view, the box is extended to the image border on that side (the image itself is
+the only limit there) and the result says so.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def box_from_coarse_mask(
     """Turn the coarse mask (on ``coarse``'s model grid) into a box of ``fine``'s model grid.
 
     Returns:
-        (box, "") or (None, reason) when the mask is empty or touches the edge of the image.
+        (box, note): note is "" or says that the box reaches the image border because the organ
+        touches the edge of the field of view; (None, reason) when the mask is empty.
     """
     idx = np.argwhere(mask)
     if idx.size == 0:
         return None, "the coarse pass found no spleen"
     lo, hi = idx.min(0), idx.max(0)
-    if np.any(lo == 0) or np.any(hi == np.asarray(mask.shape) - 1):
-        return None, "the coarse pass found the spleen at the edge of the field of view"
+    at_low, at_high = lo == 0, hi == np.asarray(mask.shape) - 1
     # the 8 outer corners of the coarse box (voxel edges), in RAS, then in fine model indices
     corners = np.array([[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5) for c in (lo[2] - 0.5, hi[2] + 0.5)])
     ras = corners @ coarse.model_affine[:3, :3].T + coarse.model_affine[:3, 3]
@@ -74,4 +75,8 @@ def box_from_coarse_mask(
         shift = max(0, -start[axis]) - max(0, stop[axis] - shape[axis])
         start[axis], stop[axis] = start[axis] + shift, stop[axis] + shift
     start, stop = np.maximum(start, 0), np.minimum(stop, shape)
-    return Box(tuple(int(v) for v in start), tuple(int(v) for v in stop)), ""  # type: ignore[arg-type]
+    note = ""
+    if at_low.any() or at_high.any():  # coarse axis n is fine axis n: both are canonical RAS axes
+        start[at_low], stop[at_high] = 0, shape[at_high]
+        note = "the spleen touches the edge of the field of view, so its box was extended to the image border there"
+    return Box(tuple(int(v) for v in start), tuple(int(v) for v in stop)), note  # type: ignore[arg-type]
