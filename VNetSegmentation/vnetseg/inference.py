@@ -21,7 +21,7 @@ from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .model import VNet, VNetConfig
 from .fast import box_from_coarse_mask, single_window_patch
-from .postprocess import QualityReport, clean_mask, largest_component, quality_report
+from .postprocess import QualityReport, fill_holes, largest_component, quality_report, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
 ProgressFn = Callable[[float, str], None]
@@ -97,10 +97,10 @@ def window_memory_bytes(config: VNetConfig, patch: tuple[int, int, int], bytes_p
 
 
 def choose_batch_size(model: VNet, patch: tuple[int, int, int], device: torch.device) -> int:
-    """Windows per forward pass, from the memory that is free now (capped: 2 on CPU, 8 on GPU)."""
+    """Windows per forward pass, from the memory that is free now (capped: 1 on CPU, 8 on GPU)."""
     per_window = window_memory_bytes(model.config, patch, 2 if device.type == "cuda" else 4)
     budget = available_memory_bytes(device) // 2
-    cap = 8 if device.type == "cuda" else 2
+    cap = 8 if device.type == "cuda" else 1  # on CPU a bigger batch is no faster and costs memory
     return int(max(1, min(cap, budget // max(per_window, 1))))
 
 
@@ -387,10 +387,11 @@ def predict_volume(
         coarse = make_grid_map(image.shape, image.affine, spacing)
         locating = _stage(progress, 0.02, 0.2, "locating")
         found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, locating, cancel, notes, True)
-        box, reason = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
+        box, note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
         if box is None:
-            notes.append(f"fast mode: {reason}; the whole volume was segmented at full resolution")
+            notes.append(f"fast mode: {note}; the whole volume was segmented at full resolution")
         else:
+            notes += [f"fast mode: {note}"] if note else []
             region, fine_from = grid.crop(box.start, box.stop), 0.2
     probs = _run_network(image.array, region, model, info, opts, device, _stage(progress, fine_from, 0.9, "segmenting"), cancel, notes, mode == "fast")
     if cancel is not None and cancel():
@@ -398,11 +399,14 @@ def predict_volume(
     if progress is not None:
         progress(0.9, "resampling to the input grid")
     labelmap = _labels_on_input_grid(probs, region, info, opts.threshold)
+    del probs
     raw = labelmap > 0
+    largest, counts = split_components(raw)  # labelled once: clean-up and the report share it
     if opts.postprocess:
-        keep = clean_mask(raw)
+        keep = fill_holes(largest)
         labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
-    report = quality_report(raw, labelmap > 0, vio.Image(labelmap, image.affine).voxel_volume_ml, info.labels[0].name.lower())
+    voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
+    report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
     if progress is not None:
         progress(1.0, "done")
     return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode)

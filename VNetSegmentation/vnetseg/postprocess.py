@@ -29,28 +29,33 @@ def label_sizes(labels: np.ndarray, n: int, slab: int = 16) -> np.ndarray:
     return sizes
 
 
-def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
-    """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
+def split_components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Label ``mask`` once (6-connectivity, on its bounding box only).
+
+    Returns:
+        (the largest component as a boolean mask, voxel counts of all components, largest first).
+    """
+    out = np.zeros(mask.shape, dtype=bool)
     box = _bbox(mask)
     if box is None:
-        return []
+        return out, []
     labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
-    sizes = label_sizes(labels, n)[1:] if n else np.array([])
-    return sorted((float(s) * voxel_ml for s in sizes), reverse=True)
+    if not n:
+        return out, []
+    sizes = label_sizes(labels, n)
+    sizes[0] = 0
+    out[box] = labels == int(np.argmax(sizes))
+    return out, sorted((int(s) for s in sizes[1:]), reverse=True)
+
+
+def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
+    """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
+    return [s * voxel_ml for s in split_components(mask)[1]]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 6-connected component of a boolean (I, J, K) mask."""
-    out = np.zeros(mask.shape, dtype=bool)
-    box = _bbox(mask)
-    if box is None:
-        return out
-    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
-    if n:
-        sizes = label_sizes(labels, n)
-        sizes[0] = 0
-        out[box] = labels == int(np.argmax(sizes))
-    return out
+    return split_components(mask)[0]
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -83,7 +88,11 @@ class QualityReport:
 
 
 def quality_report(
-    raw_mask: np.ndarray, final_mask: np.ndarray, voxel_ml: float, name: str = "spleen"
+    raw_mask: np.ndarray,
+    final_mask: np.ndarray,
+    voxel_ml: float,
+    name: str = "spleen",
+    raw_components: list[int] | None = None,
 ) -> QualityReport:
     """Measure ``final_mask`` and warn about results a reader should double-check.
 
@@ -91,9 +100,12 @@ def quality_report(
         raw_mask: the thresholded mask before clean-up (to count components).
         final_mask: the mask that is returned to the user.
         voxel_ml: volume of one voxel in mL.
+        raw_components: voxel counts of ``raw_mask``'s components when already known
+            (:func:`split_components`), so it is not labelled twice.
     """
     volume = float(np.count_nonzero(final_mask)) * voxel_ml
-    comps = components_ml(raw_mask, voxel_ml)
+    counts = split_components(raw_mask)[1] if raw_components is None else raw_components
+    comps = [c * voxel_ml for c in counts]
     report = QualityReport(volume_ml=volume, components_ml=comps)
     if volume == 0:
         report.warnings.append(f"no {name} found: the result is empty (is the {name} in the field of view?)")
