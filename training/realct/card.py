@@ -85,8 +85,9 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         "",
         card["method"],
         "",
-        f"Training of the main network: {card['training']['main_steps']} steps; locator: "
-        f"{card['training']['locator_steps']} steps; batch {card['training']['batch_size']}, on "
+        f"Training of the main network (steps of batch {card['training']['batch_size']}): "
+        f"{card['training']['main_steps']}; locator: "
+        f"{card['training']['locator_steps']} steps; on "
         f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}.",
         "",
         "## Leave-one-patient-out",

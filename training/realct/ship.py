@@ -139,8 +139,10 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
         "trained": True,
         "task": "spleen segmentation in abdominal CT (one label: 1 = spleen)",
         "architecture": (f"V-Net ({main_info.config.to_dict()}), the 'light' preset's shape with quarter widths "
-                         "and batch norm: batch norm makes each output voxel independent of the window it is "
-                         "computed in, so fast and full mode agree; quarter widths halve CPU time"),
+                         "(half the CPU time) and batch norm (fixed statistics at inference, unlike instance norm's "
+                         f"per-window ones); run with {INFERENCE_PATCH[0]} x {INFERENCE_PATCH[1]} x {INFERENCE_PATCH[2]} "
+                         "windows, 32 slices deep as in training: deeper windows over thin slabs (20-slice P2) add "
+                         "padding it never saw and changed its output there"),
         "training_data": {
             "source": "two real abdominal CTs from the TotalSegmentator test fixtures "
                       "(github.com/wasserth/TotalSegmentator, Apache-2.0; TotalSegmentator data CC-BY-4.0)",
