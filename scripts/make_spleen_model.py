@@ -1,7 +1,9 @@
 """Regenerate the shipped spleen model from scratch, with a fixed seed, on a CPU.
 
-The one command (about 30-40 minutes on 2 CPU cores; the real CTs must be in ../shared/data/ct
-or $VNETSEG_CT_DIR)::
+The one command (the real CTs must be in ../shared/data/ct or $VNETSEG_CT_DIR; it trains one
+process at a time with one CPU thread: roughly 2 hours on a shared 2-core machine, where the runs
+of v1.0.0 took 44 min (main network), 5 min (locator) and 42-44 min per leave-one-patient-out
+model; ``--stage lopo --held P1`` and ``--held P2`` may run beside ``--stage final``)::
 
     python scripts/make_spleen_model.py --out runs/spleen_model
 

@@ -158,7 +158,8 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
             lines.append(f"| {r['scan']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_ml'])} | {_fmt(r['reference_ml'])} |")
     lines += [
         "",
-        "Regenerate it from scratch (fixed seed; about 30-40 minutes on 2 CPU cores; needs `../shared/data/ct`):",
+        "Regenerate it from scratch (fixed seed; one CPU thread per run, roughly 2 hours on a shared 2-core machine; "
+        "needs `../shared/data/ct`; see the script's docstring for running the stages side by side):",
         "",
         "```",
         card["command"],
