@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
+from vnetseg import io as vio
 
 from training.data import load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
@@ -15,7 +16,6 @@ from training.realct.build import pool_cases, write_pool, write_task
 from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics
 from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
-from vnetseg import io as vio
 
 SPACING = (1.5, 1.5, 2.0)
 
@@ -29,7 +29,10 @@ def test_label_tables_match_tissue_density_of_the_real_scans(scans) -> None:
     """Each group's median HU in the real CTs lies where its tissue belongs."""
     for scan in scans.values():
         means = group_means(scan.image.array, group_map(scan.labels, scan.version))
-        get = lambda name: means[GROUP_NAMES.index(name)]  # noqa: E731
+
+        def get(name: str, means: np.ndarray = means) -> float:
+            return float(means[GROUP_NAMES.index(name)])
+
         assert get("bone") > 140 and -20 < get("muscle") < 80, scan.name
         assert 0 < get("spleen") < 150 and 0 < get("liver") < 150, scan.name
         assert np.isnan(get("lung")) or get("lung") < -600, scan.name  # P2's slab holds no lung

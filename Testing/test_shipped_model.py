@@ -12,13 +12,13 @@ import json
 
 import numpy as np
 import pytest
-
-from training.realct.evaluate import anatomy_checks, mask_metrics
-from training.realct.sources import Scan, centroid_ras, load_scans, pelvis_part
 from vnetseg.checkpoint import file_sha256, load_model
 from vnetseg.inference import InferenceOptions, predict_volume
 from vnetseg.postprocess import dice
 from vnetseg.registry import REGISTRY_FILE, default_model
+
+from training.realct.evaluate import anatomy_checks, mask_metrics
+from training.realct.sources import Scan, centroid_ras, load_scans, pelvis_part
 
 SCANS = ("p1_ct", "p1_sm", "p2_dicom")
 
@@ -49,7 +49,18 @@ def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) 
     assert file_sha256(entry.path) == entry.sha256 == info.sha256
     assert entry.path.stat().st_size < 30e6 and info.weights_dtype == "float16"
     card = info.card
-    for key in ("name", "version", "training_data", "method", "leave_one_patient_out", "locator", "limits", "date", "seed", "command"):
+    for key in (
+        "name",
+        "version",
+        "training_data",
+        "method",
+        "leave_one_patient_out",
+        "locator",
+        "limits",
+        "date",
+        "seed",
+        "command",
+    ):
         assert key in card, key
     data_text = json.dumps(card["training_data"])
     assert "Apache-2.0" in data_text and "CC-BY-4.0" in data_text and "Wasserthal" in data_text
@@ -61,12 +72,16 @@ def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) 
 
 
 @pytest.mark.parametrize("name", SCANS)
-def test_finds_the_spleen_on_the_patients_left_upper_abdomen_one_component_right_volume(name, scans, predictions) -> None:
+def test_finds_the_spleen_on_the_patients_left_upper_abdomen_one_component_right_volume(
+    name, scans, predictions
+) -> None:
     scan, pred = scans[name], predictions[name]
     mask = pred.labelmap > 0
     assert mask.any(), f"{name}: no spleen found ({pred.report.warnings}, {pred.notes})"
     checks = anatomy_checks(mask, scan.image)
-    assert checks["patient_left"], f"{name}: spleen centroid x {checks['centroid_ras'][0]} mm is not left of the midline {checks['body_midline_x']} mm"
+    assert checks["patient_left"], (
+        f"{name}: spleen centroid x {checks['centroid_ras'][0]} mm is not left of the midline {checks['body_midline_x']} mm"
+    )
     # upper abdomen: where the reference spleen is (within 25 mm), not in the liver, kidney or pelvis
     offset = np.linalg.norm(centroid_ras(mask, scan.image.affine) - centroid_ras(scan.spleen, scan.image.affine))
     assert offset < 25.0, f"{name}: centroid {offset:.0f} mm from the reference spleen's"
@@ -83,7 +98,9 @@ def test_no_confident_spleen_in_the_pelvis(shipped, scans) -> None:
     top = pelvis.affine @ [0, 0, pelvis.shape[2] - 1, 1]
     assert top[2] < centroid_ras(scans["p1_ct"].spleen, scans["p1_ct"].image.affine)[2] - 100  # truly below the spleen
     pred = predict_volume(pelvis, net, info, InferenceOptions(device="cpu"))
-    assert pred.volume_ml == 0.0 or pred.report.warnings, f"{pred.volume_ml:.0f} mL 'spleen' in the pelvis without a warning"
+    assert pred.volume_ml == 0.0 or pred.report.warnings, (
+        f"{pred.volume_ml:.0f} mL 'spleen' in the pelvis without a warning"
+    )
 
 
 def test_fast_and_full_mode_agree_on_the_real_cts(shipped, scans, predictions) -> None:

@@ -36,17 +36,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
+from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model
+from vnetseg.model import VNetConfig, preset
 
-from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs  # noqa: E402
-from training.config import AugmentConfig, TrainConfig, train_preset  # noqa: E402
-from training import distributed as dd  # noqa: E402
-from training.engine import Trainer, TrainOptions  # noqa: E402
-from training.realct.build import pool_cases, write_pool, write_real_cases, write_task  # noqa: E402
-from training.realct.evaluate import evaluate_scan  # noqa: E402
-from training.realct.sources import load_scans  # noqa: E402
-from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model  # noqa: E402
-from vnetseg.model import VNetConfig, preset  # noqa: E402
+from training import distributed as dd
+from training.config import AugmentConfig, TrainConfig, train_preset
+from training.engine import Trainer, TrainOptions
+from training.realct.build import pool_cases, write_pool, write_real_cases, write_task
+from training.realct.evaluate import evaluate_scan
+from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs
+from training.realct.sources import load_scans
 
 SEED = 20260
 PER_KIND = 20  # subjects per patient and kind (real views / synthetic): 80 in all
@@ -61,15 +61,27 @@ LOCATOR_PRE = Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 16
 # second stage: flat patches with 192 mm of in-plane context, so the network sees the spine, the
 # stomach and the ribs around the organ and can tell the spleen (patient's left) from the liver
 CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(128, 128, 32))
-TRAIN_AUG = AugmentConfig(affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0,
-                          noise_prob=0.15, blur_prob=0.1)
+TRAIN_AUG = AugmentConfig(
+    affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0, noise_prob=0.15, blur_prob=0.1
+)
 
 
 def main_config(epochs: int, iters: int = 20) -> TrainConfig:
     """The 'spleen-light' preset sized for 2 CPU cores (subjects are augmented when they are made)."""
     base = train_preset("spleen-light").to_dict()
-    base.update(epochs=epochs, iters_per_epoch=iters, batch_size=2, loss="dice_ce", lr=3e-3, warmup_iters=20,
-                workers=0, val_every=min(epochs, 10), folds=2, seed=SEED, fg_ratio=0.5)
+    base.update(
+        epochs=epochs,
+        iters_per_epoch=iters,
+        batch_size=2,
+        loss="dice_ce",
+        lr=3e-3,
+        warmup_iters=20,
+        workers=0,
+        val_every=min(epochs, 10),
+        folds=2,
+        seed=SEED,
+        fg_ratio=0.5,
+    )
     cfg = TrainConfig.from_dict(base)
     return TrainConfig(**{**cfg.__dict__, "model": MAIN_MODEL, "preprocessing": MAIN_PRE, "augment": TRAIN_AUG})
 
@@ -120,8 +132,16 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None 
         return fold_dir / "model_last.pt"
     log(f"{run}: training {cfg.epochs} x {cfg.iters_per_epoch} steps on {task.name}")
     t0 = time.perf_counter()
-    opts = TrainOptions(data=task, out=out / "runs" / run, fold=0, config=cfg, splits=task / "splits.json",
-                        cache=out / "cache", resume=(fold_dir / "checkpoint_last.pth").is_file(), device="cpu")
+    opts = TrainOptions(
+        data=task,
+        out=out / "runs" / run,
+        fold=0,
+        config=cfg,
+        splits=task / "splits.json",
+        cache=out / "cache",
+        resume=(fold_dir / "checkpoint_last.pth").is_file(),
+        device="cpu",
+    )
     dist = dd.setup(opts.device)
     try:
         trainer = Trainer(opts, dist)
@@ -145,13 +165,19 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
         if only not in (None, held):
             continue
         val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
-        task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, (other,)), val,
-                          f"subjects of {other} only; validation on {held}'s real CTs")
+        task = write_task(
+            out / "tasks" / f"lopo_without_{held}",
+            pool_cases(out, subjects, (other,)),
+            val,
+            f"subjects of {other} only; validation on {held}'s real CTs",
+        )
         first = _train(out, task, f"lopo_without_{held}", main_config(BUDGET["lopo"]))
         second = _train(out, task, f"lopo_without_{held}_context", context_config(BUDGET["context"]), init=first)
         model_path = _train(out, task, f"lopo_without_{held}_polish", polish_config(BUDGET["polish"]), init=second)
         net, info = load_model(model_path)
-        info = ModelInfo(info.config, Preprocessing(**{**info.preprocessing.__dict__, "patch_size": INFERENCE_PATCH}), info.labels)
+        info = ModelInfo(
+            info.config, Preprocessing(**{**info.preprocessing.__dict__, "patch_size": INFERENCE_PATCH}), info.labels
+        )
         rows = []
         for scan in scans:
             if scan.patient == held:
@@ -159,10 +185,15 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
                 row.pop("_mask")
                 rows.append(row)
                 log(f"lopo held-out {held} {scan.name}: {row}")
-        minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in (first, second, model_path))
-        result = {"trained_on": other, "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + "
-                                                f"{BUDGET['polish'] * 20} (128x128x32)",
-                  "train_minutes": round(minutes, 1), "cases": rows}
+        minutes = sum(
+            json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in (first, second, model_path)
+        )
+        result = {
+            "trained_on": other,
+            "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + {BUDGET['polish'] * 20} (128x128x32)",
+            "train_minutes": round(minutes, 1),
+            "cases": rows,
+        }
         (out / f"lopo_{held}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -171,8 +202,12 @@ def stage_final(out: Path) -> None:
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
     val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
-    task = write_task(out / "tasks" / "all", pool_cases(out, subjects, ("P1", "P2")), val,
-                      "subjects of both patients; validation on P2's real CT (a training-set check)")
+    task = write_task(
+        out / "tasks" / "all",
+        pool_cases(out, subjects, ("P1", "P2")),
+        val,
+        "subjects of both patients; validation on P2's real CT (a training-set check)",
+    )
     first = _train(out, task, "final_main", main_config(BUDGET["final"]))
     second = _train(out, task, "final_main_context", context_config(BUDGET["context"]), init=first)
     _train(out, task, "final_main_polish", polish_config(BUDGET["polish"]), init=second)
@@ -183,12 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
     parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle"))
-    parser.add_argument("--held", choices=("P1", "P2"), help="lopo stage: only this held-out patient (to run both in parallel)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: reproducible, and on a shared 2-core machine one thread "
-                             "trains several times faster than two)")
-    parser.add_argument("--weights-dir", type=Path, default=REPO / "VNetSegmentation" / "vnetseg" / "weights",
-                        help="where the model file, registry.json and MODEL_CARD.md are written")
+    parser.add_argument(
+        "--held", choices=("P1", "P2"), help="lopo stage: only this held-out patient (to run both in parallel)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: reproducible, and on a shared 2-core machine one thread "
+        "trains several times faster than two)",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=REPO / "VNetSegmentation" / "vnetseg" / "weights",
+        help="where the model file, registry.json and MODEL_CARD.md are written",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

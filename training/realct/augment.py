@@ -69,8 +69,15 @@ class View:
 
 
 def _ras_extent(scan: Scan) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array([[a, b, c] for a in (0, scan.image.shape[0] - 1) for b in (0, scan.image.shape[1] - 1)
-                        for c in (0, scan.image.shape[2] - 1)], dtype=float)
+    corners = np.array(
+        [
+            [a, b, c]
+            for a in (0, scan.image.shape[0] - 1)
+            for b in (0, scan.image.shape[1] - 1)
+            for c in (0, scan.image.shape[2] - 1)
+        ],
+        dtype=float,
+    )
     ras = corners @ scan.image.affine[:3, :3].T + scan.image.affine[:3, 3]
     return ras.min(0), ras.max(0)
 
@@ -103,14 +110,21 @@ def choose_centre(scan: Scan, mode: str, fov: np.ndarray, rng: np.random.Generat
     return _voxels_ras(scan, body, rng)[0], "body"
 
 
-def draw_view(scan: Scan, rng: np.random.Generator, settings: ViewSettings = ViewSettings(), mode: str | None = None) -> View:
+def draw_view(
+    scan: Scan, rng: np.random.Generator, settings: ViewSettings = ViewSettings(), mode: str | None = None
+) -> View:
     """Draw a random view of ``scan`` (see the module docstring)."""
     if mode is None:
         mode = str(rng.choice(MODES, p=np.asarray(settings.mode_p) / sum(settings.mode_p)))
     lo, hi = _ras_extent(scan)
     scan_z = float(hi[2] - lo[2]) + float(abs(scan.image.affine[2, 2]))
-    fov = np.array([rng.uniform(*settings.fov_x), rng.uniform(*settings.fov_y),
-                    min(rng.uniform(*settings.fov_z), max(scan_z * 1.1, 32.0))])
+    fov = np.array(
+        [
+            rng.uniform(*settings.fov_x),
+            rng.uniform(*settings.fov_y),
+            min(rng.uniform(*settings.fov_z), max(scan_z * 1.1, 32.0)),
+        ]
+    )
     centre, mode = choose_centre(scan, mode, fov, rng)
     # keep the view's centre inside the scan in z (a thin scan stays a thin slab)
     centre[2] = np.clip(centre[2], lo[2] + min(fov[2], scan_z) / 2 - 2, hi[2] - min(fov[2], scan_z) / 2 + 2)
@@ -132,8 +146,9 @@ def _elastic(shape: tuple[int, int, int], settings: ViewSettings, rng: np.random
     for axis in range(3):
         ctrl = ndimage.gaussian_filter(rng.normal(0.0, 1.0, coarse), 0.7)
         ctrl *= sd / max(float(ctrl.std()), 1e-6)
-        out[axis] = ndimage.zoom(ctrl, np.asarray(shape) / np.asarray(coarse), order=1, mode="nearest",
-                                 grid_mode=True)[: shape[0], : shape[1], : shape[2]]
+        out[axis] = ndimage.zoom(ctrl, np.asarray(shape) / np.asarray(coarse), order=1, mode="nearest", grid_mode=True)[
+            : shape[0], : shape[1], : shape[2]
+        ]
     return out
 
 
@@ -145,12 +160,18 @@ def source_coordinates(view: View, scan_affine: np.ndarray, spacing: tuple[float
     axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(view.shape, spacing)]
     coords = np.empty((3, *view.shape), dtype=np.float32)
     for k in range(3):
-        coords[k] = (lin[k, 0] * axes[0][:, None, None] + lin[k, 1] * axes[1][None, :, None]
-                     + lin[k, 2] * axes[2][None, None, :] + offset[k])
+        coords[k] = (
+            lin[k, 0] * axes[0][:, None, None]
+            + lin[k, 1] * axes[1][None, :, None]
+            + lin[k, 2] * axes[2][None, None, :]
+            + offset[k]
+        )
     if view.displacement is not None:
         d = inv[:3, :3] @ view.matrix  # displacements are drawn in output mm, deformed like the grid
         for k in range(3):
-            coords[k] += d[k, 0] * view.displacement[0] + d[k, 1] * view.displacement[1] + d[k, 2] * view.displacement[2]
+            coords[k] += (
+                d[k, 0] * view.displacement[0] + d[k, 1] * view.displacement[1] + d[k, 2] * view.displacement[2]
+            )
     return coords
 
 
@@ -175,7 +196,7 @@ def degrade(hu: np.ndarray, rng: np.random.Generator, spacing: tuple[float, floa
     done: dict[str, float] = {}
     if rng.random() < 0.35:  # thick slices: average along z over the slice thickness
         thickness = rng.uniform(3.0, 5.0)
-        width = max(2, int(round(thickness / spacing[2])))
+        width = max(2, round(thickness / spacing[2]))
         hu = ndimage.uniform_filter1d(hu, width, axis=2, mode="nearest")
         done["slice_mm"] = round(thickness, 1)
     if rng.random() < 0.4:

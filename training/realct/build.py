@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from vnetseg.io import write_nifti
 
 from ..data import write_dataset_json
@@ -50,10 +49,18 @@ class Subject:
     info: dict
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "patient": self.patient, "kind": self.kind, "spleen_ml": round(self.spleen_ml, 1), **self.info}
+        return {
+            "name": self.name,
+            "patient": self.patient,
+            "kind": self.kind,
+            "spleen_ml": round(self.spleen_ml, 1),
+            **self.info,
+        }
 
 
-def make_subject(scan: Scan, kind: str, rng: np.random.Generator, settings: ViewSettings, source_means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def make_subject(
+    scan: Scan, kind: str, rng: np.random.Generator, settings: ViewSettings, source_means: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One subject from ``scan``: a deformed view, then real (rephased) or synthetic appearance, then degradations.
 
     Returns:
@@ -76,13 +83,20 @@ def make_subject(scan: Scan, kind: str, rng: np.random.Generator, settings: View
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), spleen, view.affine(settings.spacing), info
 
 
-def write_pool(out: str | os.PathLike[str], per_kind: int = 20, seed: int = 0, scans: list[Scan] | None = None,
-               settings: ViewSettings = ViewSettings(), log=print) -> list[Subject]:
+def write_pool(
+    out: str | os.PathLike[str],
+    per_kind: int = 20,
+    seed: int = 0,
+    scans: list[Scan] | None = None,
+    settings: ViewSettings | None = None,
+    log=print,
+) -> list[Subject]:
     """Write ``per_kind`` real-view and ``per_kind`` synthetic subjects for each training scan.
 
     Subjects already on disk (same name) are kept, so an interrupted build resumes; each subject
     is a pure function of (seed, scan, kind, index).
     """
+    settings = settings or ViewSettings()
     pool = Path(out) / "pool"
     (pool / "imagesTr").mkdir(parents=True, exist_ok=True)
     (pool / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -111,8 +125,10 @@ def write_pool(out: str | os.PathLike[str], per_kind: int = 20, seed: int = 0, s
                 records[name] = subject.to_dict()
                 record_path.write_text(json.dumps(list(records.values()), indent=1))
                 if log:
-                    log(f"{name}: {info['view']} view {info['shape']}, {info['phase']}, spleen {ml:.0f} mL "
-                        f"({time.perf_counter() - t0:.1f} s)")
+                    log(
+                        f"{name}: {info['view']} view {info['shape']}, {info['phase']}, spleen {ml:.0f} mL "
+                        f"({time.perf_counter() - t0:.1f} s)"
+                    )
     return subjects
 
 
@@ -132,8 +148,12 @@ def write_real_cases(out: str | os.PathLike[str], scans: list[Scan]) -> dict[str
     return cases
 
 
-def write_task(task_dir: str | os.PathLike[str], train: dict[str, tuple[Path, Path]], val: dict[str, tuple[Path, Path]],
-               description: str) -> Path:
+def write_task(
+    task_dir: str | os.PathLike[str],
+    train: dict[str, tuple[Path, Path]],
+    val: dict[str, tuple[Path, Path]],
+    description: str,
+) -> Path:
     """An MSD task folder with symlinks to the cases, ``dataset.json`` and a one-fold ``splits.json``.
 
     Validation cases may also be training cases (a training-set check); they are listed once.
@@ -154,17 +174,24 @@ def write_task(task_dir: str | os.PathLike[str], train: dict[str, tuple[Path, Pa
     return root
 
 
-def pool_cases(out: str | os.PathLike[str], subjects: list[Subject], patients: tuple[str, ...]) -> dict[str, tuple[Path, Path]]:
+def pool_cases(
+    out: str | os.PathLike[str], subjects: list[Subject], patients: tuple[str, ...]
+) -> dict[str, tuple[Path, Path]]:
     """Pool subjects of ``patients`` as name -> (image, label) paths."""
     pool = Path(out) / "pool"
-    return {s.name: (pool / "imagesTr" / f"{s.name}.nii.gz", pool / "labelsTr" / f"{s.name}.nii.gz")
-            for s in subjects if s.patient in patients}
+    return {
+        s.name: (pool / "imagesTr" / f"{s.name}.nii.gz", pool / "labelsTr" / f"{s.name}.nii.gz")
+        for s in subjects
+        if s.patient in patients
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.realct.build", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="run folder (pool/ is written into it)")
-    parser.add_argument("--per-kind", type=int, default=20, help="subjects per patient and kind (real views, synthetic)")
+    parser.add_argument(
+        "--per-kind", type=int, default=20, help="subjects per patient and kind (real views, synthetic)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ct-dir", type=Path, help="real-CT folder (default $VNETSEG_CT_DIR or ../shared/data/ct)")
     args = parser.parse_args(argv)

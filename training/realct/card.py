@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ def write_registry(weights_dir: Path, sha256: str, card: dict[str, Any]) -> Path
                 "file": MODEL_FILE,
                 "sha256": sha256,
                 "description": f"{card['name']} v{card['version']}: spleen in abdominal CT, light V-Net at "
-                               "1.5 x 1.5 x 2 mm with a 4 mm locator for fast mode; made from two patients' CTs "
-                               "(research use only)",
+                "1.5 x 1.5 x 2 mm with a 4 mm locator for fast mode; made from two patients' CTs "
+                "(research use only)",
             }
         },
     }
@@ -31,18 +32,22 @@ def write_registry(weights_dir: Path, sha256: str, card: dict[str, Any]) -> Path
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return "n/a" if value != value else f"{value:g}"
+        return "n/a" if math.isnan(value) else f"{value:g}"
     return str(value)
 
 
 def _case_table(rows: list[dict[str, Any]], with_mode: bool = True) -> list[str]:
-    head = "| scan | patient | " + ("mode | " if with_mode else "") + \
-        "Dice | HD95 (mm) | volume (mL) | reference (mL) | volume error (%) | patient's left | components | warnings |"
+    head = (
+        "| scan | patient | "
+        + ("mode | " if with_mode else "")
+        + "Dice | HD95 (mm) | volume (mL) | reference (mL) | volume error (%) | patient's left | components | warnings |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         side = "n/a" if r.get("empty") else ("yes" if r.get("patient_left") else "NO")
         lines.append(
-            f"| {r['scan']} | {r['patient']} | " + (f"{r['mode']} | " if with_mode else "")
+            f"| {r['scan']} | {r['patient']} | "
+            + (f"{r['mode']} | " if with_mode else "")
             + f"{_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_ml'])} | {_fmt(r['reference_ml'])} | "
             f"{_fmt(r['volume_error_pct'])} | {side} | {r.get('components', 0)} | {'; '.join(r['warnings']) or '-'} |"
         )
@@ -78,17 +83,21 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         *[f"- {p}: {text}." for p, text in data["patients"].items()],
         f"- Same person? {data['same_person']}.",
         f"- Labels: {data['labels']}.",
-        f"- Subjects: {data['subjects']['real_views']} views of the real images and {data['subjects']['synthetic']} "
-        f"synthetic CTs ({data['subjects']['without_spleen']} without any spleen).",
+        (
+            f"- Subjects: {data['subjects']['real_views']} views of the real images and {data['subjects']['synthetic']} "
+            f"synthetic CTs ({data['subjects']['without_spleen']} without any spleen)."
+        ),
         "",
         "## Method",
         "",
         card["method"],
         "",
-        f"Training of the main network (steps of batch {card['training']['batch_size']}): "
-        f"{card['training']['main_steps']}; locator: "
-        f"{card['training']['locator_steps']} steps; on "
-        f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}.",
+        (
+            f"Training of the main network (steps of batch {card['training']['batch_size']}): "
+            f"{card['training']['main_steps']}; locator: "
+            f"{card['training']['locator_steps']} steps; on "
+            f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}."
+        ),
         "",
         "## Leave-one-patient-out",
         "",
@@ -96,11 +105,17 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
     lopo = card["leave_one_patient_out"]
     if isinstance(lopo, dict):
         steps = next(iter(lopo.values())).get("steps", "?")
-        lines.append(f"The main V-Net trained without the held-out patient (its real image and every subject made "
-                     f"from its label map) with the same recipe for {steps} steps, scored in full mode on the "
-                     "held-out patient's real CTs against the TotalSegmentator pseudo-label.")
+        lines.append(
+            f"The main V-Net trained without the held-out patient (its real image and every subject made "
+            f"from its label map) with the same recipe for {steps} steps, scored in full mode on the "
+            "held-out patient's real CTs against the TotalSegmentator pseudo-label."
+        )
         lines.append("")
-        rows = [dict(r, scan=f"{r['scan']} (held out; trained on {v['trained_on']})") for v in lopo.values() for r in v["cases"]]
+        rows = [
+            dict(r, scan=f"{r['scan']} (held out; trained on {v['trained_on']})")
+            for v in lopo.values()
+            for r in v["cases"]
+        ]
         lines += _case_table(rows)
     else:
         lines.append(f"{lopo}.")
@@ -112,11 +127,19 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         "",
         *_case_table(shipped["cases"]),
         "",
-        "Fast vs full mode: " + "; ".join(
-            f"{a['scan']} Dice {a['dice_fast_vs_full']:g}, volume {a['volume_diff_pct']:+g} %" for a in shipped["fast_vs_full"]) + ".",
+        "Fast vs full mode: "
+        + "; ".join(
+            f"{a['scan']} Dice {a['dice_fast_vs_full']:g}, volume {a['volume_diff_pct']:+g} %"
+            for a in shipped["fast_vs_full"]
+        )
+        + ".",
         "",
-        "Pelvis part of example_ct (slices 0-49, no spleen): " + "; ".join(
-            f"{p['mode']} mode {p['volume_ml']:g} mL, warnings: {'; '.join(p['warnings']) or 'none'}" for p in shipped["pelvis"]) + ".",
+        "Pelvis part of example_ct (slices 0-49, no spleen): "
+        + "; ".join(
+            f"{p['mode']} mode {p['volume_ml']:g} mL, warnings: {'; '.join(p['warnings']) or 'none'}"
+            for p in shipped["pelvis"]
+        )
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -129,17 +152,21 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
     lines = [
         "## The shipped spleen model",
         "",
-        f"`vnetseg predict` (without `--model`) and the Slicer module use `{MODEL_NAME}` "
-        f"(`VNetSegmentation/vnetseg/weights/{MODEL_FILE}`, {size_bytes / 1e6:.1f} MB, float16, SHA-256 "
-        f"`{sha256[:16]}...`, checked on load). Its card: `vnetseg info VNetSegmentation/vnetseg/weights/{MODEL_FILE}` "
-        "or `VNetSegmentation/vnetseg/weights/MODEL_CARD.md`.",
+        (
+            f"`vnetseg predict` (without `--model`) and the Slicer module use `{MODEL_NAME}` "
+            f"(`VNetSegmentation/vnetseg/weights/{MODEL_FILE}`, {size_bytes / 1e6:.1f} MB, float16, SHA-256 "
+            f"`{sha256[:16]}...`, checked on load). Its card: `vnetseg info VNetSegmentation/vnetseg/weights/{MODEL_FILE}` "
+            "or `VNetSegmentation/vnetseg/weights/MODEL_CARD.md`."
+        ),
         "",
-        "**What it is.** A light V-Net (1.5 x 1.5 x 2 mm, HU window [-57, 164]) with a 4 mm locator for fast mode, "
-        "trained on a CPU in minutes from the only real CTs at hand: two abdominal CTs of the TotalSegmentator test "
-        "data (Apache-2.0; data CC-BY-4.0; Wasserthal et al., Radiology: AI 2023) with TotalSegmentator "
-        "pseudo-labels, turned into many training subjects (deformed views of the real images with other contrast "
-        "phases, synthetic CTs drawn from the label maps, spleen-free crops). "
-        "**Research use only; not for clinical decisions; made from two patients; not validated on MSD.**",
+        (
+            "**What it is.** A light V-Net (1.5 x 1.5 x 2 mm, HU window [-57, 164]) with a 4 mm locator for fast mode, "
+            "trained on a CPU in minutes from the only real CTs at hand: two abdominal CTs of the TotalSegmentator test "
+            "data (Apache-2.0; data CC-BY-4.0; Wasserthal et al., Radiology: AI 2023) with TotalSegmentator "
+            "pseudo-labels, turned into many training subjects (deformed views of the real images with other contrast "
+            "phases, synthetic CTs drawn from the label maps, spleen-free crops). "
+            "**Research use only; not for clinical decisions; made from two patients; not validated on MSD.**"
+        ),
         "",
         "**Leave-one-patient-out** (trained without the patient, scored on its real CT against the pseudo-label):",
         "",
@@ -148,18 +175,29 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         lines += ["| held out | scan | Dice | HD95 (mm) | volume error (%) |", "|---|---|---|---|---|"]
         for held, v in lopo.items():
             for r in v["cases"]:
-                lines.append(f"| {held} | {r['scan']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_error_pct'])} |")
+                lines.append(
+                    f"| {held} | {r['scan']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_error_pct'])} |"
+                )
     else:
         lines.append(f"{lopo}.")
-    lines += ["", "**The shipped model on the same CTs** (used in training, so not an independent test), default (fast) mode:", "",
-              "| scan | Dice | HD95 (mm) | volume (mL) | reference (mL) |", "|---|---|---|---|---|"]
-    for r in shipped["cases"]:
-        if r["mode"] == "fast":
-            lines.append(f"| {r['scan']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_ml'])} | {_fmt(r['reference_ml'])} |")
     lines += [
         "",
-        "Regenerate it from scratch (fixed seed; one CPU thread per run, roughly 2 hours on a shared 2-core machine; "
-        "needs `../shared/data/ct`; see the script's docstring for running the stages side by side):",
+        "**The shipped model on the same CTs** (used in training, so not an independent test), default (fast) mode:",
+        "",
+        "| scan | Dice | HD95 (mm) | volume (mL) | reference (mL) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in shipped["cases"]:
+        if r["mode"] == "fast":
+            lines.append(
+                f"| {r['scan']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | {_fmt(r['volume_ml'])} | {_fmt(r['reference_ml'])} |"
+            )
+    lines += [
+        "",
+        (
+            "Regenerate it from scratch (fixed seed; one CPU thread per run, roughly 2 hours on a shared 2-core machine; "
+            "needs `../shared/data/ct`; see the script's docstring for running the stages side by side):"
+        ),
         "",
         "```",
         card["command"],

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo
 from vnetseg.inference import InferenceOptions, predict_volume
@@ -33,8 +32,13 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray) -> float:
         return float("nan")
     from monai.metrics import compute_hausdorff_distance
 
-    value = compute_hausdorff_distance(pred[None, None].astype(np.float32), ref[None, None].astype(np.float32),
-                                       include_background=True, percentile=95, spacing=[float(s) for s in spacing])
+    value = compute_hausdorff_distance(
+        pred[None, None].astype(np.float32),
+        ref[None, None].astype(np.float32),
+        include_background=True,
+        percentile=95,
+        spacing=[float(s) for s in spacing],
+    )
     return float(value.reshape(-1)[0])
 
 
@@ -74,7 +78,12 @@ def evaluate_scan(scan: Scan, net: VNet, info: ModelInfo, mode: str = "full", ov
     t0 = time.perf_counter()
     pred = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode=mode, overlap=overlap))
     mask = pred.labelmap > 0
-    out: dict[str, Any] = {"scan": scan.name, "patient": scan.patient, "mode": pred.mode, **mask_metrics(mask, scan.spleen, scan.image)}
+    out: dict[str, Any] = {
+        "scan": scan.name,
+        "patient": scan.patient,
+        "mode": pred.mode,
+        **mask_metrics(mask, scan.spleen, scan.image),
+    }
     out.update(anatomy_checks(mask, scan.image))
     out["warnings"] = list(pred.report.warnings)
     out["notes"] = list(pred.notes)
@@ -86,5 +95,10 @@ def evaluate_scan(scan: Scan, net: VNet, info: ModelInfo, mode: str = "full", ov
 def evaluate_image(image: vio.Image, net: VNet, info: ModelInfo, mode: str = "full") -> dict[str, Any]:
     """Segment an image without reference (e.g. the pelvis part) and report volume and warnings."""
     pred = predict_volume(image, net, info, InferenceOptions(device="cpu", mode=mode))
-    return {"mode": pred.mode, "volume_ml": round(pred.volume_ml, 1), "warnings": list(pred.report.warnings),
-            "notes": list(pred.notes), "seconds": round(pred.seconds, 1)}
+    return {
+        "mode": pred.mode,
+        "volume_ml": round(pred.volume_ml, 1),
+        "warnings": list(pred.report.warnings),
+        "notes": list(pred.notes),
+        "seconds": round(pred.seconds, 1),
+    }

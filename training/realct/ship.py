@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
 import vnetseg
 from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
 from vnetseg.model import VNet
@@ -56,11 +56,18 @@ def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[st
             log(f"  {scan.name} {mode}: {json.dumps(row)}")
         a, b = by_mode["fast"], by_mode["full"]
         vol_diff = 100.0 * (a.sum() - b.sum()) / max(int(b.sum()), 1)
-        agreement.append({"scan": scan.name, "dice_fast_vs_full": round(float(dice(a, b)), 4),
-                          "volume_diff_pct": round(float(vol_diff), 2)})
+        agreement.append(
+            {
+                "scan": scan.name,
+                "dice_fast_vs_full": round(float(dice(a, b)), 4),
+                "volume_diff_pct": round(float(vol_diff), 2),
+            }
+        )
     pelvis = pelvis_part(next(s for s in scans if s.name == "p1_ct"))
-    pelvis_rows = [{"image": "example_ct slices 0-49 (pelvis, below the spleen)", **evaluate_image(pelvis, net, info, mode)}
-                   for mode in ("fast", "full")]
+    pelvis_rows = [
+        {"image": "example_ct slices 0-49 (pelvis, below the spleen)", **evaluate_image(pelvis, net, info, mode)}
+        for mode in ("fast", "full")
+    ]
     for row in pelvis_rows:
         log(f"  pelvis: {json.dumps(row)}")
     return {"cases": cases, "fast_vs_full": agreement, "pelvis": pelvis_rows}
@@ -87,8 +94,9 @@ def _train_minutes(run_dir: Path) -> float | None:
     return json.loads(path.read_text())["minutes"] if path.is_file() else None
 
 
-def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int,
-                  log: Callable[[str], None] = print) -> Path:
+def write_outputs(
+    out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int, log: Callable[[str], None] = print
+) -> Path:
     """Build, score and write the shipped model file, registry.json and MODEL_CARD.md."""
     main_dir, loc_dir = out / "runs" / "final_main_polish" / "fold_0", out / "runs" / "final_locator" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
@@ -96,26 +104,43 @@ def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int
     main_net, loc_net = fp16_roundtrip(main_net), fp16_roundtrip(loc_net)
     loc_card = {
         "role": "locator",
-        "description": (f"V-Net widths {list(loc_info.config.widths)} (batch norm) at 4 x 4 x 4 mm, run once over the "
-                        "whole CT; the largest component's box plus 15 mm is then segmented at 1.5 x 1.5 x 2 mm. "
-                        "Trained with training.engine on the same subjects as the main network."),
-        "trained_steps": budget["locator"] * 20, "train_minutes": _train_minutes(loc_dir),
+        "description": (
+            f"V-Net widths {list(loc_info.config.widths)} (batch norm) at 4 x 4 x 4 mm, run once over the "
+            "whole CT; the largest component's box plus 15 mm is then segmented at 1.5 x 1.5 x 2 mm. "
+            "Trained with training.engine on the same subjects as the main network."
+        ),
+        "trained_steps": budget["locator"] * 20,
+        "train_minutes": _train_minutes(loc_dir),
     }
     loc_info = _with_patch(loc_info, INFERENCE_PATCH, loc_card)
     info = _with_patch(main_info, INFERENCE_PATCH)
     info.locator = (loc_net, loc_info)
     results = cached_scores(out, main_net, info, log)
-    lopo = {h: json.loads((out / f"lopo_{h}.json").read_text()) for h in ("P1", "P2") if (out / f"lopo_{h}.json").is_file()}
+    lopo = {
+        h: json.loads((out / f"lopo_{h}.json").read_text()) for h in ("P1", "P2") if (out / f"lopo_{h}.json").is_file()
+    }
     subjects = json.loads((out / "pool" / "subjects.json").read_text())
-    card = build_card(seed, budget, per_kind, subjects, results, lopo, main_info, loc_info,
-                      {"main_stage1": _train_minutes(out / "runs" / "final_main" / "fold_0"),
-                       "main_stage2": _train_minutes(out / "runs" / "final_main_context" / "fold_0"),
-                       "main_stage3": _train_minutes(main_dir), "locator": _train_minutes(loc_dir)})
+    card = build_card(
+        seed,
+        budget,
+        per_kind,
+        subjects,
+        results,
+        lopo,
+        main_info,
+        loc_info,
+        {
+            "main_stage1": _train_minutes(out / "runs" / "final_main" / "fold_0"),
+            "main_stage2": _train_minutes(out / "runs" / "final_main_context" / "fold_0"),
+            "main_stage3": _train_minutes(main_dir),
+            "locator": _train_minutes(loc_dir),
+        },
+    )
     info.card = card
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / MODEL_FILE
     sha = save_model(path, main_net, info, half=True, locator=(loc_net, loc_info))
-    net2, info2 = load_model(path, sha256=sha)  # the written file must load and agree with what was scored
+    net2, _info2 = load_model(path, sha256=sha)  # the written file must load and agree with what was scored
     x = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         assert torch.allclose(net2(x), main_net(x), atol=1e-4), "written weights differ from the scored ones"
@@ -127,9 +152,17 @@ def write_outputs(out: Path, weights_dir: Path, seed: int, budget: dict[str, int
     return path
 
 
-def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[dict], results: dict[str, Any],
-               lopo: dict[str, Any] | None, main_info: ModelInfo, loc_info: ModelInfo,
-               minutes: dict[str, float | None]) -> dict[str, Any]:
+def build_card(
+    seed: int,
+    budget: dict[str, int],
+    per_kind: int,
+    subjects: list[dict],
+    results: dict[str, Any],
+    lopo: dict[str, Any] | None,
+    main_info: ModelInfo,
+    loc_info: ModelInfo,
+    minutes: dict[str, float | None],
+) -> dict[str, Any]:
     """The model card (a JSON-able dict stored in the model file)."""
     kinds = {k: sum(1 for s in subjects if s["kind"] == k) for k in ("real", "syn")}
     no_spleen = sum(1 for s in subjects if s["spleen_ml"] == 0)
@@ -138,26 +171,32 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
         "version": VERSION,
         "trained": True,
         "task": "spleen segmentation in abdominal CT (one label: 1 = spleen)",
-        "architecture": (f"V-Net ({main_info.config.to_dict()}), the 'light' preset's shape with quarter widths "
-                         "(half the CPU time) and batch norm (fixed statistics at inference, unlike instance norm's "
-                         f"per-window ones); run with {INFERENCE_PATCH[0]} x {INFERENCE_PATCH[1]} x {INFERENCE_PATCH[2]} "
-                         "windows, 32 slices deep as in training: deeper windows over thin slabs (20-slice P2) add "
-                         "padding it never saw and changed its output there"),
+        "architecture": (
+            f"V-Net ({main_info.config.to_dict()}), the 'light' preset's shape with quarter widths "
+            "(half the CPU time) and batch norm (fixed statistics at inference, unlike instance norm's "
+            f"per-window ones); run with {INFERENCE_PATCH[0]} x {INFERENCE_PATCH[1]} x {INFERENCE_PATCH[2]} "
+            "windows, 32 slices deep as in training: deeper windows over thin slabs (20-slice P2) add "
+            "padding it never saw and changed its output there"
+        ),
         "training_data": {
             "source": "two real abdominal CTs from the TotalSegmentator test fixtures "
-                      "(github.com/wasserth/TotalSegmentator, Apache-2.0; TotalSegmentator data CC-BY-4.0)",
+            "(github.com/wasserth/TotalSegmentator, Apache-2.0; TotalSegmentator data CC-BY-4.0)",
             "citation": "Wasserthal J. et al., TotalSegmentator: Robust Segmentation of 104 Anatomic Structures "
-                        "in CT Images, Radiology: Artificial Intelligence 2023",
+            "in CT Images, Radiology: Artificial Intelligence 2023",
             "patients": {
                 "P1": "example_ct.nii.gz (abdomen + pelvis, 3 mm, native phase) with its v1 104-class label map; "
-                      "example_ct_sm.nii.gz is slices 82-111 of the same CT (used for testing only)",
+                "example_ct_sm.nii.gz is slices 82-111 of the same CT (used for testing only)",
                 "P2": "20-slice contrast CT DICOM series (0.98 x 0.98 x 2 mm, portal-venous-like) with its v2 "
-                      "117-class label map",
+                "117-class label map",
             },
             "same_person": "unknown: it is not known whether P1 and P2 are the same person",
             "labels": "TotalSegmentator predictions (pseudo-labels), not manual ground truth",
-            "subjects": {"real_views": kinds["real"], "synthetic": kinds["syn"], "without_spleen": no_spleen,
-                         "per_patient_and_kind": per_kind},
+            "subjects": {
+                "real_views": kinds["real"],
+                "synthetic": kinds["syn"],
+                "without_spleen": no_spleen,
+                "per_patient_and_kind": per_kind,
+            },
         },
         "method": (
             "Training subjects made from the two patients (training/realct): random fields of view (on the spleen, "
@@ -173,12 +212,15 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
             "from the liver, whose density is close), then a short low-rate pass with more patches away from "
             "the spleen. The last weights of each stage are used (no checkpoint selection)."
         ),
-        "training": {"main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
-                                   "128 x 128 x 32 patches (192 mm of in-plane context) from those weights, then "
-                                   f"{budget['polish'] * 20} more at a lower rate with a third of the patches on the spleen",
-                     "locator_steps": budget["locator"] * 20,
-                     "batch_size": 2, "train_minutes_wall": minutes,
-                     "hardware": "2 shared CPU cores, no GPU"},
+        "training": {
+            "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
+            "128 x 128 x 32 patches (192 mm of in-plane context) from those weights, then "
+            f"{budget['polish'] * 20} more at a lower rate with a third of the patches on the spleen",
+            "locator_steps": budget["locator"] * 20,
+            "batch_size": 2,
+            "train_minutes_wall": minutes,
+            "hardware": "2 shared CPU cores, no GPU",
+        },
         "locator": loc_info.card,
         "leave_one_patient_out": lopo or "not run",
         "shipped_model_on_real_ct": {
@@ -189,12 +231,18 @@ def build_card(seed: int, budget: dict[str, int], per_kind: int, subjects: list[
             "research use only; not for clinical decisions",
             "made from two patients (possibly one person); not validated on MSD or any other data set",
             "reference masks are TotalSegmentator pseudo-labels, not manual segmentations",
-            "trained for minutes on a CPU; expect failures on CTs unlike the two training scans "
-            "(children, splenomegaly, other scanners and reconstructions, metal, MRI)",
+            (
+                "trained for minutes on a CPU; expect failures on CTs unlike the two training scans "
+                "(children, splenomegaly, other scanners and reconstructions, metal, MRI)"
+            ),
         ],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "command": COMMAND,
-        "software": {"vnetseg": getattr(vnetseg, "__version__", "?"), "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        "software": {
+            "vnetseg": getattr(vnetseg, "__version__", "?"),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
     }

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from vnetseg import io as vio
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +83,9 @@ def label_onto(label: vio.Image, image: vio.Image, tol_mm: float = 0.01) -> np.n
     return np.ascontiguousarray(array)
 
 
-def load_scans(folder: str | os.PathLike[str] | None = None, names: tuple[str, ...] = ("p1_ct", "p1_sm", "p2_dicom")) -> list[Scan]:
+def load_scans(
+    folder: str | os.PathLike[str] | None = None, names: tuple[str, ...] = ("p1_ct", "p1_sm", "p2_dicom")
+) -> list[Scan]:
     """Read the real scans named in ``names`` from the real-CT folder."""
     root = ct_dir(folder)
     files = {
@@ -100,7 +101,9 @@ def load_scans(folder: str | os.PathLike[str] | None = None, names: tuple[str, .
         image = vio.read_image(root / image_name)
         label = vio.read_image(root / label_name)
         labels = label_onto(label, image).round().astype(np.int16)
-        scans.append(Scan(name, patient, vio.Image(image.array.astype(np.float32), image.affine), labels, version, image_name))
+        scans.append(
+            Scan(name, patient, vio.Image(image.array.astype(np.float32), image.affine), labels, version, image_name)
+        )
     return scans
 
 

@@ -47,8 +47,13 @@ def smooth_texture(shape: tuple[int, ...], rng: np.random.Generator, sigma: floa
     return field / max(float(field.std()), 1e-6)
 
 
-def rephase_real(hu: np.ndarray, groups: np.ndarray, source_means: np.ndarray, rng: np.random.Generator,
-                 tissues: TissueDraw | None = None) -> tuple[np.ndarray, str]:
+def rephase_real(
+    hu: np.ndarray,
+    groups: np.ndarray,
+    source_means: np.ndarray,
+    rng: np.random.Generator,
+    tissues: TissueDraw | None = None,
+) -> tuple[np.ndarray, str]:
     """Move contrast-taking structures of a real image to another phase (see the module docstring).
 
     Args:
@@ -71,7 +76,9 @@ def rephase_real(hu: np.ndarray, groups: np.ndarray, source_means: np.ndarray, r
     return hu + shift_map, tissues.describe()
 
 
-def synthesize(hu: np.ndarray, groups: np.ndarray, rng: np.random.Generator, tissues: TissueDraw | None = None) -> tuple[np.ndarray, str]:
+def synthesize(
+    hu: np.ndarray, groups: np.ndarray, rng: np.random.Generator, tissues: TissueDraw | None = None
+) -> tuple[np.ndarray, str]:
     """A synthetic CT: each soft-tissue structure filled with its tissue's HU and texture.
 
     Args:
