@@ -333,7 +333,10 @@ def _run_network(
     """
     pre = info.preprocessing
     volume = window_hu(to_model_grid(array, region), pre.hu_window, pre.scale)
-    patch = (single_window_patch(region.model_shape, model.config.size_multiple) if single_window else None) or pre.patch_size
+    multiple = model.config.size_multiple
+    patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or tuple(
+        min(p, -(-s // multiple) * multiple) for p, s in zip(pre.patch_size, region.model_shape)
+    )  # a window never deeper than the volume (rounded up to the size multiple): no wasted padding
     batch = opts.batch_size or choose_batch_size(model, patch, device)
     return sliding_window(
         volume[None],
@@ -393,7 +396,10 @@ def predict_volume(
         else:
             notes += [f"fast mode: {note}"] if note else []
             region, fine_from = grid.crop(box.start, box.stop), 0.2
-    probs = _run_network(image.array, region, model, info, opts, device, _stage(progress, fine_from, 0.9, "segmenting"), cancel, notes, mode == "fast")
+    # the main network always uses its trained window (fast mode just runs fewer of them): its output
+    # depends on the window size, so one big window would not give the full pass's answer
+    segmenting = _stage(progress, fine_from, 0.9, "segmenting")
+    probs = _run_network(image.array, region, model, info, opts, device, segmenting, cancel, notes, False)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress is not None:
