@@ -56,7 +56,8 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.to_model_grid = tl.wrap(inf.to_model_grid, "resample to model grid")
     inf.window_hu = tl.wrap(inf.window_hu, "window HU")
     inf.to_input_grid = tl.wrap(inf.to_input_grid, "resample back to input grid")
-    inf.clean_mask = tl.wrap(inf.clean_mask, "postprocess (largest component, holes)")
+    inf.split_components = tl.wrap(inf.split_components, "postprocess (largest component, holes)")
+    inf.fill_holes = tl.wrap(inf.fill_holes, "postprocess (largest component, holes)")
     inf.quality_report = tl.wrap(inf.quality_report, "quality report")
     vio.write_mask = tl.wrap(vio.write_mask, "write mask")
     inf.sliding_window = tl.wrap(inf.sliding_window, "sliding window")
@@ -78,13 +79,13 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.softmax_foreground = timed_predictor
 
 
-def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
+def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None, mode: str | None = None) -> dict[str, Any]:
     import vnetseg.inference as inf
 
     net_time: dict[str, Any] = {"seconds": 0.0, "windows": 0, "batch_sizes": set()}
     tl = benchlib.Timeline()
     _instrument(tl, net_time)
-    mode = os.environ.get("VNETSEG_BENCH_MODE", "auto")
+    mode = mode or os.environ.get("VNETSEG_BENCH_MODE", "auto")
     options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch, mode=mode)
     result = inf.predict_file(ct, out, model, options, overwrite=True)
     res = tl.finish()
@@ -132,8 +133,10 @@ def child_monai(ct: str, model: str, out: str, overlap: float, batch: int | None
     labelmap = (inf.to_input_grid(probs[0], grid) > 0.5).astype(np.uint8) * np.uint8(value)
     del probs
     raw = labelmap > 0
-    labelmap = np.where(inf.clean_mask(raw), value, 0).astype(np.uint8)
-    report = inf.quality_report(raw, labelmap > 0, vio.Image(labelmap, image.affine).voxel_volume_ml, "spleen")
+    largest, counts = inf.split_components(raw)  # the same clean-up as the core's
+    labelmap = np.uint8(value) * inf.fill_holes(largest)
+    voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
+    report = inf.quality_report(raw, labelmap > 0, voxel_ml, "spleen", raw_components=counts)
     vio.write_mask(out, labelmap, image.affine, inf.segments_of(info), overwrite=True)
     res = tl.finish()
     res.update(volume_ml=report.volume_ml, warnings=report.warnings)
@@ -165,7 +168,24 @@ def _with_network(res: dict[str, Any], net_time: dict[str, Any]) -> dict[str, An
     return res
 
 
-CHILDREN = {"monai": child_monai, "ours": child_ours, "ours_lowmem": child_ours_lowmem, "cli": child_cli}
+def child_ours_full(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
+    """``ours`` in full mode (whole volume at full resolution), whatever ``--mode`` says."""
+    return child_ours(ct, model, out, overlap, batch, mode="full")
+
+
+def child_ours_fast(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
+    """``ours`` in fast mode (locator, then the spleen's box): needs a model file with a locator."""
+    return child_ours(ct, model, out, overlap, batch, mode="fast")
+
+
+CHILDREN = {
+    "monai": child_monai,
+    "ours": child_ours,
+    "ours_full": child_ours_full,
+    "ours_fast": child_ours_fast,
+    "ours_lowmem": child_ours_lowmem,
+    "cli": child_cli,
+}
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -247,11 +267,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", type=int, nargs=3, default=None, metavar=("I", "J", "K"), help="default 512 512 120")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="default 0.8 0.8 2.5")
     ap.add_argument("--quick", action="store_true", help=f"small CT {QUICK_SHAPE} at {QUICK_SPACING} mm, 1 repeat")
-    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_lowmem (prototype memory fixes), cli")
+    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_full, ours_fast, ours_lowmem (prototype memory fixes), cli")
     ap.add_argument("--name", help="results/<name>.json (default inference_<preset>[_quick])")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the generated CT and model files")
     ap.add_argument("--mode", default="auto", choices=["auto", "full", "fast"],
                     help="inference mode of ours (auto: fast on CPU when the model file supports it)")
+    ap.add_argument("--locator-from", type=Path, help="give the random-weight model this model file's locator (fast mode)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran on the machine)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--ct", help=argparse.SUPPRESS)
@@ -271,12 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     cache = Path(args.cache)
     ct = make_benchmark_ct(shape, spacing, cache)  # type: ignore[arg-type]
-    model = Path(args.model) if args.model else benchlib.make_model_file(args.preset, cache)
+    model = Path(args.model) if args.model else benchlib.make_model_file(args.preset, cache, locator_from=args.locator_from)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(CHILDREN)
     if unknown:
         raise SystemExit(f"--methods: unknown method(s) {sorted(unknown)}; use {', '.join(CHILDREN)}")
     name = args.name or f"inference_{args.preset if not args.model else Path(args.model).stem}{'_quick' if args.quick else ''}"
+    name += "_fast" if "ours_fast" in methods and not args.name else ""
     outdir = cache / f"out_{name}"
     outdir.mkdir(parents=True, exist_ok=True)
     load_before = benchlib.load_average()

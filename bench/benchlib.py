@@ -176,22 +176,32 @@ def machine_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ models
-def make_model_file(preset_name: str, cache_dir: Path, patch: int = 96, seed: int = 0) -> Path:
-    """A random-weight V-Net of ``preset_name`` saved as a real model file (cached by preset/patch/seed)."""
+def make_model_file(
+    preset_name: str, cache_dir: Path, patch: int = 96, seed: int = 0, locator_from: Path | None = None
+) -> Path:
+    """A random-weight V-Net of ``preset_name`` saved as a real model file (cached by preset/patch/seed).
+
+    With ``locator_from``, the file also carries that model file's (trained) locator, so fast mode
+    runs the real coarse pass and then this network on the spleen's box.
+    """
     import torch
 
-    from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
+    from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
     from vnetseg.model import build_model, preset
 
-    path = Path(cache_dir) / f"model_{preset_name}_p{patch}_seed{seed}.pt"
+    suffix = f"_locator_{Path(locator_from).stem}" if locator_from else ""
+    path = Path(cache_dir) / f"model_{preset_name}_p{patch}_seed{seed}{suffix}.pt"
     if path.is_file():
         return path
+    locator = load_model(locator_from)[1].locator if locator_from else None
+    if locator_from and locator is None:
+        raise SystemExit(f"{locator_from} carries no locator")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = preset(preset_name)
     info = ModelInfo(cfg, Preprocessing(patch_size=(patch,) * 3),
                      card={"name": f"random-weight {preset_name} V-Net for benchmarks", "trained": False, "seed": seed})
-    save_model(path, build_model(cfg), info)
+    save_model(path, build_model(cfg), info, locator=locator)
     return path
 
 
