@@ -40,3 +40,19 @@ def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
     save_model(path, model, info)
     return path
+
+
+@pytest.fixture(scope="module")
+def env():
+    """A scene that behaves like the application's (slicer-core), one per test module."""
+    from slicer_helpers import make_scene
+
+    return make_scene()
+
+
+@pytest.fixture
+def logic(env, tmp_path: Path):
+    """The Slicer module's Logic on that scene, with an empty model folder of its own."""
+    from VNetSegmentationLib import VNetSegmentationLogic
+
+    return VNetSegmentationLogic(env.scene, tmp_path / "models", includeShippedModels=False)

@@ -6,22 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk
+from slicer_helpers import ijk_to_ras, node_array_ijk
 from vnetseg.checkpoint import SPLEEN_LABELS, Label
-from VNetSegmentationLib import VNetSegmentationLogic, nodes
+from VNetSegmentationLib import nodes
 from VNetSegmentationLib.export import caseNameFrom
 
 import training.data as training_data
-
-
-@pytest.fixture(scope="module")
-def env():
-    return make_scene()
-
-
-@pytest.fixture
-def logic(env, tmp_path):
-    return VNetSegmentationLogic(env.scene, tmp_path / "models", includeShippedModels=False)
 
 
 @pytest.fixture(scope="module")

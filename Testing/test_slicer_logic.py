@@ -14,7 +14,6 @@ import pytest
 from slicer_helpers import (  # one_torch_thread: autouse fixture
     one_torch_thread,  # noqa: F401
     ijk_to_ras,
-    make_scene,
     node_array_ijk,
     ras_centroid,
     reference_prediction,
@@ -30,16 +29,6 @@ OVERLAP = 0.0  # fewer windows: the answers are compared with the core run the s
 SPLEEN_CATEGORY = "SCT^123037004^Anatomical Structure"
 SPLEEN_TYPE = "SCT^78961009^Spleen"
 CASES = ["example_ct_sm.nii.gz", "example_ct.nii.gz", "example_ct_dicom"]
-
-
-@pytest.fixture(scope="module")
-def env():
-    return make_scene()
-
-
-@pytest.fixture
-def logic(env, tmp_path):
-    return VNetSegmentationLogic(env.scene, tmp_path / "models", includeShippedModels=False)
 
 
 def check_spleen_segment(seg, segment_id, volume):

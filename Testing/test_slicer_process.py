@@ -9,9 +9,8 @@ import sys
 import time
 
 import pytest
-from slicer_helpers import make_scene
 from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions, VNetSegmentationLogic
+from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions
 from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment
 
 
@@ -130,16 +129,6 @@ def test_child_finds_the_core():
 
 
 # ------------------------------------------------------------------------------- with the Logic
-@pytest.fixture(scope="module")
-def env():
-    return make_scene()
-
-
-@pytest.fixture
-def logic(env, tmp_path):
-    return VNetSegmentationLogic(env.scene, tmp_path / "models", includeShippedModels=False)
-
-
 def test_cancel_background_run_leaves_scene_unchanged(ct_dir, tiny_model_file, env, logic):
     volume = env.load_volume(ct_dir / "example_ct.nii.gz", "ct")
     before = env.node_ids()
