@@ -142,3 +142,14 @@ def test_shipped_models_are_listed_first(tmp_path, tiny_model_file):
     store = ModelStore(tmp_path / "models", registryFile=weights / "registry.json")
     store.importModel(make_model(tmp_path / "mine.pt", {"name": "mine"}))
     assert [(e.name, e.source) for e in store.listModels()] == [("spleen", "shipped"), ("mine", "user")]
+
+
+def test_self_test_model_loads_and_is_flagged_as_random(tmp_path):
+    """The in-Slicer tests build their model with writeRandomModel; it must load and say what it is."""
+    from vnetseg.checkpoint import load_model
+    from VNetSegmentationLib.models import modelCardText, writeRandomModel
+
+    path = writeRandomModel(tmp_path / "selftest.pt", "self-test model")
+    _, info = load_model(path)
+    assert info.card == {"name": "self-test model", "trained": False}
+    assert "random weights" in modelCardText(info)

@@ -443,9 +443,7 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
     def test_segment_sample_ct(self):
         import numpy as np
         import SampleData
-        import torch
-        from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
-        from vnetseg.model import VNetConfig, build_model
+        from VNetSegmentationLib.models import writeRandomModel
 
         self.delayDisplay("Loading a sample CT")
         volume = SampleData.downloadSample("CTChest")
@@ -453,15 +451,7 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Making a small random-weight model")
         folder = tempfile.mkdtemp(prefix="VNetSegmentationTest-")
-        torch.manual_seed(0)
-        config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
-        info = ModelInfo(
-            config,
-            Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
-            card={"name": "self-test model", "trained": False},
-        )
-        modelPath = os.path.join(folder, "selftest.pt")
-        save_model(modelPath, build_model(config), info)
+        modelPath = str(writeRandomModel(os.path.join(folder, "selftest.pt"), "self-test model"))
         logic = VNetSegmentationLogic(modelFolder=os.path.join(folder, "models"), includeShippedModels=False)
         entry = logic.importModel(modelPath)
         self.assertIn("random weights", logic.modelCardText(entry))

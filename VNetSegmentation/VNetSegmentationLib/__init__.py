@@ -4,13 +4,13 @@ Imports only slicer (MRML classes), vtk and numpy at import time; torch and the 
 are imported when a run starts. Tested headless with ``slicer-core`` (see Testing/test_slicer_*.py).
 """
 
-from .logic import (
+from .logic import VNetSegmentationLogic
+from .runs import (
     BackgroundRun,
     PreRunCheckError,
     SegmentationCancelled,
     SegmentationOptions,
     SegmentationResult,
-    VNetSegmentationLogic,
 )
 
 __all__ = [

@@ -31,14 +31,7 @@ from .models import ModelEntry, ModelStore, modelCardText
 from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand
 from .runs import BackgroundRun, PreRunCheckError, SegmentationCancelled, SegmentationOptions, SegmentationResult
 
-__all__ = [
-    "BackgroundRun",
-    "PreRunCheckError",
-    "SegmentationCancelled",
-    "SegmentationOptions",
-    "SegmentationResult",
-    "VNetSegmentationLogic",
-]
+__all__ = ["VNetSegmentationLogic"]
 
 
 class VNetSegmentationLogic:

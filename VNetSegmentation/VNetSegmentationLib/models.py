@@ -251,3 +251,19 @@ def modelCardText(info) -> str:
     if info.sha256:
         lines.append(f"SHA-256: {info.sha256[:16]}...")
     return "\n".join(lines)
+
+
+def writeRandomModel(path: str | os.PathLike[str], name: str) -> Path:
+    """Save a small random-weight V-Net (4 mm, 32^3 windows) as a model file, for self-tests.
+
+    Its card says ``trained: False``, so the panel flags it as random weights.
+    """
+    import torch
+    from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
+    from vnetseg.model import VNetConfig, build_model
+
+    torch.manual_seed(0)
+    config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
+    preprocessing = Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32))
+    save_model(path, build_model(config), ModelInfo(config, preprocessing, card={"name": name, "trained": False}))
+    return Path(path)

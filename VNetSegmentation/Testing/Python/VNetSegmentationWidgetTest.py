@@ -28,20 +28,9 @@ class VNetSegmentationWidgetTest(unittest.TestCase):
         slicer.mrmlScene.Clear()
 
     def _makeModel(self, folder: str) -> str:
-        import torch
-        from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
-        from vnetseg.model import VNetConfig, build_model
+        from VNetSegmentationLib.models import writeRandomModel
 
-        torch.manual_seed(0)
-        config = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
-        info = ModelInfo(
-            config,
-            Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32)),
-            card={"name": "widget test model", "trained": False},
-        )
-        path = os.path.join(folder, "widgettest.pt")
-        save_model(path, build_model(config), info)
-        return path
+        return str(writeRandomModel(os.path.join(folder, "widgettest.pt"), "widget test model"))
 
     def test_segment_cancel_and_edit(self):
         import SampleData
