@@ -163,8 +163,3 @@ def window_hu(array: np.ndarray, hu_window: tuple[float, float], scale: tuple[fl
     out *= (b - a) / (hi - lo)
     out += a
     return out
-
-
-def pad_to_multiple(shape: tuple[int, ...], patch: tuple[int, ...], multiple: int) -> tuple[int, ...]:
-    """Smallest shape >= max(shape, patch) per axis that is a multiple of ``multiple``."""
-    return tuple(int(np.ceil(max(s, p) / multiple) * multiple) for s, p in zip(shape, patch))
