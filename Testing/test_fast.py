@@ -34,7 +34,15 @@ def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
     ct = _phantom()
     full = predict_volume(ct, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="full"))
     fast = predict_volume(ct, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
-    assert full.mode == "full" and fast.mode == "fast" and fast.notes == []
+    assert full.mode == "full" and fast.mode == "fast" and fast.notes == [] and full.box is None
+    # the box: at least one trained window (48^3) wide, inside the model grid, holding the organ
+    grid = make_grid_map(ct.shape, ct.affine, FAST.preprocessing.target_spacing)
+    start, stop = np.array(fast.box.start), np.array(fast.box.stop)
+    assert (start >= 0).all() and (stop <= grid.model_shape).all()
+    assert (stop - start >= 48).all() and np.prod(stop - start) < 0.6 * np.prod(grid.model_shape)
+    organ = np.argwhere(ct.array > 0) @ ct.affine[:3, :3].T + ct.affine[:3, 3]
+    organ_ijk = organ @ np.linalg.inv(grid.model_affine)[:3, :3].T + np.linalg.inv(grid.model_affine)[:3, 3]
+    assert (organ_ijk.min(0) >= start).all() and (organ_ijk.max(0) <= stop - 1).all()
     truth = ct.array > 0
     assert dice(full.labelmap > 0, truth) > 0.98
     assert dice(fast.labelmap > 0, full.labelmap > 0) >= 0.99

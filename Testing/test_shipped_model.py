@@ -103,30 +103,22 @@ def test_no_confident_spleen_in_the_pelvis(shipped, scans) -> None:
     )
 
 
-def _fast_vs_full(shipped, scans, predictions) -> dict[str, tuple[float, float]]:
+def test_fast_and_full_mode_agree_on_every_real_ct(shipped, scans, predictions) -> None:
+    """Issue 6: fast and full masks agree to Dice >= 0.99 and volume within 2 % on every real CT.
+
+    Measured: Dice 0.9935 / 0.9977 / 0.9906, volume gap 0.62 / 0.05 / 1.04 % (p1_ct / p1_sm /
+    p2_dicom). Before the box was grown to one trained window (a tight box + 15 mm gave the
+    network less context than full mode) it was 0.988 / 0.983 / 0.982.
+    """
     _, net, info = shipped
     found = {}
-    for name in ("p1_sm", "p2_dicom"):
+    for name, scan in scans.items():
         fast = predictions[name]
-        assert fast.mode == "fast"
-        full = predict_volume(scans[name].image, net, info, InferenceOptions(device="cpu", mode="full"))
+        assert fast.mode == "fast" and not any("whole volume" in n for n in fast.notes), (name, fast.notes)
+        full = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode="full"))
         a, b = fast.labelmap > 0, full.labelmap > 0
-        found[name] = (dice(a, b), abs(int(a.sum()) - int(b.sum())) / b.sum())
-    return found
-
-
-def test_fast_and_full_mode_agree_on_the_real_cts(shipped, scans, predictions) -> None:
-    """Measured: Dice 0.983 / 0.982, volume gap 2.0 % / 0.4 % (p1_sm / p2_dicom); this guards that level."""
-    for name, (d, volume_gap) in _fast_vs_full(shipped, scans, predictions).items():
-        assert volume_gap <= 0.03, name
-        assert d >= 0.98, name
-
-
-@pytest.mark.xfail(strict=True, reason="issue 6 asks Dice >= 0.99 and volume within 2 % between fast and full mode; "
-                   "measured Dice 0.982-0.988, volume gap up to 2.01 %: "
-                   "the shipped model's answer depends on where its windows sit, and fast mode places them on the box")
-def test_fast_and_full_mode_agree_to_the_issue_target(shipped, scans, predictions) -> None:
-    assert all(d >= 0.99 and gap <= 0.02 for d, gap in _fast_vs_full(shipped, scans, predictions).values())
+        found[name] = (round(dice(a, b), 4), round(abs(int(a.sum()) - int(b.sum())) / b.sum(), 4))
+    assert all(d >= 0.99 and gap <= 0.02 for d, gap in found.values()), found
 
 
 def test_cli_without_model_uses_the_shipped_default(shipped, ct_dir, tmp_path) -> None:

@@ -20,7 +20,7 @@ import torch
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .model import VNet, VNetConfig
-from .fast import box_from_coarse_mask, single_window_patch
+from .fast import Box, box_from_coarse_mask, single_window_patch
 from .postprocess import QualityReport, fill_holes, largest_component, quality_report, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
@@ -285,6 +285,10 @@ class Prediction:
         report: volume (mL), components and warnings.
         device: the device that ran the network.
         seconds: wall time of ``predict_volume``.
+        notes: how the run went where it matters (fast mode's fallbacks, GPU memory retries).
+        mode: "fast" or "full", as run.
+        box: in fast mode, the box of the full-resolution model grid that was segmented
+            (None: the whole volume was).
     """
 
     labelmap: np.ndarray
@@ -294,6 +298,7 @@ class Prediction:
     seconds: float
     notes: list[str] = field(default_factory=list)
     mode: str = "full"
+    box: Box | None = None
 
     @property
     def volume_ml(self) -> float:
@@ -380,7 +385,7 @@ def predict_volume(
     if progress is not None:
         progress(0.0, "resampling")
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
-    region, fine_from = grid, 0.05
+    region, fine_from, box = grid, 0.05, None
     if mode == "fast":
         if info.locator is not None:  # a small network of its own, at its own spacing
             loc_net, loc_info = info.locator[0].to(device).eval(), info.locator[1]
@@ -390,7 +395,9 @@ def predict_volume(
         coarse = make_grid_map(image.shape, image.affine, spacing)
         locating = _stage(progress, 0.02, 0.2, "locating")
         found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, locating, cancel, notes, True)
-        box, note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
+        # the box is at least one trained window in every direction (centred on the organ), so the
+        # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
+        box, note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid, min_shape=pre.patch_size)
         if box is None:
             notes.append(f"fast mode: {note}; the whole volume was segmented at full resolution")
         else:
@@ -415,7 +422,7 @@ def predict_volume(
     report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
     if progress is not None:
         progress(1.0, "done")
-    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode)
+    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, box)
 
 
 def _labels_on_input_grid(probs: np.ndarray, grid: GridMap, info: ModelInfo, threshold: float) -> np.ndarray:
