@@ -50,10 +50,11 @@ from training.realct.sources import load_scans
 
 SEED = 20260
 PER_KIND = 20  # subjects per patient and kind (real views / synthetic): 80 in all
-# The light preset's shape with quarter widths and batch norm: batch norm makes every output voxel
-# independent of the window it was computed in (eval mode), so fast mode's single window over the
-# spleen's box and the full pass's sliding window give the same answer; quarter widths halve the
-# CPU time of training and inference compared with the light preset's half widths.
+# The light preset's shape with quarter widths and batch norm: in eval mode batch norm uses fixed
+# statistics, so a voxel's output depends only on the image around it (not on statistics of the
+# whole window, as with instance norm); it still depends on how much anatomy the window shows
+# around it, which is why fast mode segments at least one trained window around the organ. Quarter
+# widths halve the CPU time of training and inference compared with the light preset's half widths.
 MAIN_MODEL = preset("light", widths=(4, 8, 16, 32, 64), norm="batch")
 LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch")
 MAIN_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 64))
