@@ -3,8 +3,12 @@
 The spleen fills a few percent of an abdominal CT, so a full-resolution sliding window spends
 most of its time on voxels that cannot be spleen. Fast mode runs the same network once over the
 whole CT at the model's ``coarse_spacing`` (e.g. 4 mm: a 512x512x120 CT becomes about 100^3
-voxels, one window), takes the largest component's bounding box plus a margin, and runs the
-full-resolution pass on that box only. The organ is never cropped silently: when the coarse pass
+voxels, one window), takes the largest component's bounding box plus a margin, grows it to at
+least one of the model's trained windows (centred on the organ), and runs the full-resolution pass
+on that box only. The growth matters: the network's answer near the organ's border depends on how
+much anatomy its window shows around it, and a tight box showed less than full mode does (measured
+with the shipped model: fast vs full Dice 0.982-0.988 with a tight box, 0.991-0.998 with one window
+at least). The organ is never cropped silently: when the coarse pass
 finds nothing, the caller runs the whole-volume pass and says so; when the organ touches the edge
 of the field of view, the box is extended to the image border on that side (the image itself is
 the only limit there) and the result says so.

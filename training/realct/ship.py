@@ -9,6 +9,7 @@ example_ct, and saved with :func:`vnetseg.checkpoint.save_model` (one file, loca
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import platform
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from .evaluate import evaluate_image, evaluate_scan
 from .sources import load_scans, pelvis_part
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
+CORE = Path(vnetseg.__file__).parent
+SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 INFERENCE_PATCH = (160, 160, 32)
 VERSION = "1.0.0"
 
@@ -79,7 +82,9 @@ def cached_scores(out: Path, net: VNet, info: ModelInfo, log: Callable[[str], No
 
     assert info.locator is not None
     key = weights_digest({**net.state_dict(), **{f"loc.{k}": v for k, v in info.locator[0].state_dict().items()}})
-    path = out / f"scores_{key[:16]}_{'x'.join(map(str, info.preprocessing.patch_size))}.json"
+    # the inference code is part of the key: scores from an older fast mode must not describe this one
+    code = hashlib.sha256(b"".join((CORE / name).read_bytes() for name in SCORED_CODE)).hexdigest()
+    path = out / f"scores_{key[:16]}_{code[:8]}_{'x'.join(map(str, info.preprocessing.patch_size))}.json"
     if path.is_file():
         log(f"reusing the scores in {path}")
         return json.loads(path.read_text())
@@ -106,7 +111,9 @@ def write_outputs(
         "role": "locator",
         "description": (
             f"V-Net widths {list(loc_info.config.widths)} (batch norm) at 4 x 4 x 4 mm, run once over the "
-            "whole CT; the largest component's box plus 15 mm is then segmented at 1.5 x 1.5 x 2 mm. "
+            "whole CT; the largest component's box plus 15 mm, grown to at least one "
+            f"{' x '.join(map(str, INFERENCE_PATCH))}-voxel window around the organ, is then segmented at "
+            "1.5 x 1.5 x 2 mm. "
             "Trained with training.engine on the same subjects as the main network."
         ),
         "trained_steps": budget["locator"] * 20,
