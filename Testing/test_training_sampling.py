@@ -40,23 +40,6 @@ def test_foreground_ratio_one_and_zero() -> None:
     assert share < 0.3  # uniform centres rarely hit a 64-voxel structure
 
 
-def test_foreground_jitter_moves_the_organ_across_the_patch() -> None:
-    """fg_jitter 1: the foreground voxel lands anywhere in the patch; 0.5: halfway to the border; 0: the old stream."""
-    label = np.zeros((64, 64, 64), np.uint8)
-    label[32, 32, 32] = 1  # one foreground voxel: where it lands in the patch shows the jitter
-    case = CachedCase("dot", np.zeros((64, 64, 64), np.float32), label, np.argwhere(label > 0).astype(np.int32))
-    jittered = PatchDataset([case], (16, 16, 16), 300, fg_ratio=1.0, seed=0, augment=None, fg_jitter=1.0)
-    where = np.array([np.argwhere(jittered[i]["label"].numpy())[0] for i in range(300)])  # always inside
-    assert where.min() == 0 and where.max() == 15 and where.std(0).min() > 3.0  # the whole patch, every axis
-    half = PatchDataset([case], (16, 16, 16), 300, fg_ratio=1.0, seed=0, augment=None, fg_jitter=0.5)
-    where = np.array([np.argwhere(half[i]["label"].numpy())[0] for i in range(300)])
-    assert where.min() == 4 and where.max() == 11  # voxel 8 of 16, moved by floor(0.5 * 8) down, floor(0.5 * 7) up
-    # without jitter nothing changes, not even the random stream of the other draws (runs stay reproducible)
-    plain = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=None)
-    zero = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=None, fg_jitter=0.0)
-    assert all(torch.equal(plain[i]["image"], zero[i]["image"]) for i in range(8))
-
-
 def test_patches_are_a_function_of_seed_epoch_and_index() -> None:
     aug = AugmentConfig(elastic_prob=0.5, elastic_sigma=(2, 3), elastic_magnitude=(1, 2))
     ds = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=aug)

@@ -66,11 +66,6 @@ class TrainConfig:
         iters_per_epoch: optimiser steps per epoch (per process under DDP the batch is per process).
         batch_size: patches per step and process.
         fg_ratio: share of patches centred on a foreground voxel (the rest: uniform).
-        fg_jitter: moves a foreground patch's centre away from its voxel by up to this fraction of
-            the way to the patch border, per axis (0: centred on the voxel; 1: the voxel anywhere in
-            the patch). Sliding windows at inference cut
-            the organ anywhere; patches that do the same teach the network to answer the same
-            wherever its window sits.
         loss: "dice" (V-Net soft Dice, squared denominators) or "dice_ce" (Dice + cross-entropy).
         optimizer: "sgd" (Nesterov momentum) or "adamw".
         lr / weight_decay / momentum: optimiser settings.
@@ -93,7 +88,6 @@ class TrainConfig:
     iters_per_epoch: int = 250
     batch_size: int = 2
     fg_ratio: float = 0.5
-    fg_jitter: float = 0.0
     loss: str = "dice"
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -123,8 +117,6 @@ class TrainConfig:
             raise ValueError(f"config folds must be >= 2 for cross-validation, got {self.folds}")
         if not 0.0 <= self.fg_ratio <= 1.0:
             raise ValueError(f"config fg_ratio must be in [0, 1], got {self.fg_ratio}")
-        if not 0.0 <= self.fg_jitter <= 1.0:
-            raise ValueError(f"config fg_jitter must be in [0, 1], got {self.fg_jitter}")
         if self.lr <= 0:
             raise ValueError(f"config lr must be > 0, got {self.lr}")
         if self.workers < 0:

@@ -204,7 +204,7 @@ class Trainer:
         cached = load_cached(folder, self.train_names)
         per_rank = cfg.iters_per_epoch * cfg.batch_size
         ds = PatchDataset(cached, cfg.preprocessing.patch_size, per_rank * self.dist.world, cfg.fg_ratio, cfg.seed,
-                          cfg.augment, pad_value=cfg.preprocessing.scale[0], fg_jitter=cfg.fg_jitter)
+                          cfg.augment, pad_value=cfg.preprocessing.scale[0])
         sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=False) if self.dist.enabled else None
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
                             pin_memory=self.dist.device.type == "cuda", drop_last=True,

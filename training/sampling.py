@@ -93,22 +93,19 @@ class PatchDataset(Dataset):
         patch: patch size in voxels.
         length: patches per epoch (all processes together).
         fg_ratio: share of patches centred on a random foreground voxel.
-        fg_jitter: such a centre is moved by up to this fraction of the way to the patch border
-            per axis (1: the foreground voxel may land anywhere in the patch).
         seed: base seed.
         augment: augmentation settings, or None for none.
         pad_value: value outside the volume (the lower end of the intensity scale).
     """
 
     def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int], length: int, fg_ratio: float,
-                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_jitter: float = 0.0) -> None:
+                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
         self.cases = cases
         self.patch = tuple(int(p) for p in patch)
         self.length = int(length)
         self.fg_ratio = float(fg_ratio)
-        self.fg_jitter = float(fg_jitter)
         self.seed = int(seed)
         self.epoch = 0
         self.pad_value = float(pad_value)
@@ -125,13 +122,7 @@ class PatchDataset(Dataset):
 
     def sample_centre(self, case: CachedCase, rng: np.random.Generator) -> np.ndarray:
         if len(case.foreground) and rng.random() < self.fg_ratio:
-            centre = case.foreground[rng.integers(len(case.foreground))].astype(int)
-            if self.fg_jitter > 0:  # drawn only when asked: runs without jitter keep their random stream
-                patch = np.asarray(self.patch)  # the voxel sits at patch // 2 - shift: keep it inside
-                low = np.floor(self.fg_jitter * (patch - 1 - patch // 2)).astype(int)
-                high = np.floor(self.fg_jitter * (patch // 2)).astype(int)
-                centre = centre + np.array([rng.integers(-a, b + 1) for a, b in zip(low, high)])
-            return centre
+            return case.foreground[rng.integers(len(case.foreground))].astype(int)
         # uniform centre such that the patch stays inside the volume where the volume is large enough
         half = np.asarray(self.patch) // 2
         shape = np.asarray(case.image.shape)
