@@ -153,7 +153,7 @@ def write_outputs(
         assert torch.allclose(net2(x), main_net(x), atol=1e-4), "written weights differ from the scored ones"
     write_registry(weights_dir, sha, card)
     (weights_dir / "MODEL_CARD.md").write_text(render_markdown(card, sha, path.stat().st_size))
-    (weights_dir / "README_SECTION.md").write_text(render_readme_section(card, sha, path.stat().st_size))
+    (out / "README_SECTION.md").write_text(render_readme_section(card, sha, path.stat().st_size))  # for README.md
     (out / "shipped_results.json").write_text(json.dumps({"sha256": sha, "card": card}, indent=1))
     log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha})")
     return path
