@@ -96,7 +96,8 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
             f"Training of the main network (steps of batch {card['training']['batch_size']}): "
             f"{card['training']['main_steps']}; locator: "
             f"{card['training']['locator_steps']} steps; on "
-            f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}."
+            f"{card['training']['hardware']}; wall-clock minutes per run {card['training']['train_minutes_wall']}. "
+            f"Reproducibility: {card['training'].get('reproducibility', 'not checked')}."
         ),
         "",
         "## Leave-one-patient-out",
@@ -195,8 +196,9 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
     lines += [
         "",
         (
-            "Regenerate it from scratch (fixed seed; one CPU thread per run, roughly 2 hours on a shared 2-core machine; "
-            "needs `../shared/data/ct`; see the script's docstring for running the stages side by side):"
+            "Regenerate it from scratch (fixed seed, one CPU thread per run: about an hour on a 2-core machine, "
+            "bit-identical weights from run to run with the same torch build; needs `../shared/data/ct`; see the "
+            "script's docstring for running the stages side by side):"
         ),
         "",
         "```",
