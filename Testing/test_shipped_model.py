@@ -67,6 +67,9 @@ def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) 
     assert any("not for clinical decisions" in limit for limit in card["limits"])
     assert any("not validated on MSD" in limit for limit in card["limits"])
     assert set(card["leave_one_patient_out"]) == {"P1", "P2"}
+    # the float16 file was checked against the float32 weights it was rounded from, on every real CT
+    assert {r["scan"] for r in card["float16_vs_float32"]} == set(SCANS)
+    assert all(r["mask_dice"] >= 0.999 and r["max_probability_diff"] < 0.01 for r in card["float16_vs_float32"])
     assert info.locator is not None and info.locator[1].preprocessing.target_spacing == (4.0, 4.0, 4.0)
     assert info.preprocessing.target_spacing == (1.5, 1.5, 2.0) and info.preprocessing.hu_window == (-57.0, 164.0)
 

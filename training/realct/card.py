@@ -143,6 +143,17 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         + ".",
         "",
     ]
+    if card.get("float16_vs_float32"):
+        lines += [
+            "Float16 weights (this file) vs the float32 weights they were rounded from, full mode: "
+            + "; ".join(
+                f"{r['scan']} mask Dice {r['mask_dice']:g}, volume {r['volume_diff_pct']:+g} %, "
+                f"largest probability difference {r['max_probability_diff']:g}"
+                for r in card["float16_vs_float32"]
+            )
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -76,6 +76,36 @@ def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[st
     return {"cases": cases, "fast_vs_full": agreement, "pelvis": pelvis_rows}
 
 
+def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str, Any]]:
+    """Float16 (as stored) vs float32 (as trained) weights on every real CT, full mode: masks and probabilities."""
+    from vnetseg.inference import InferenceOptions, WindowSettings, predict_volume, sliding_window, softmax_foreground
+    from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
+
+    pre = info.preprocessing
+    rows = []
+    for scan in load_scans():
+        masks = [
+            predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode="full")).labelmap > 0
+            for net in (net32, net16)
+        ]
+        grid = make_grid_map(scan.image.shape, scan.image.affine, pre.target_spacing)
+        volume = window_hu(to_model_grid(scan.image.array, grid), pre.hu_window, pre.scale)[None]
+        patch = tuple(min(p, -(-s // 16) * 16) for p, s in zip(pre.patch_size, grid.model_shape))
+        probs = [
+            sliding_window(volume, softmax_foreground(net, False), WindowSettings(patch, 0.25, 1, pre.scale[0]), 1)
+            for net in (net32, net16)
+        ]
+        rows.append(
+            {
+                "scan": scan.name,
+                "mask_dice": round(float(dice(masks[0], masks[1])), 5),
+                "volume_diff_pct": round(100.0 * (int(masks[1].sum()) - int(masks[0].sum())) / max(int(masks[0].sum()), 1), 3),
+                "max_probability_diff": round(float(np.abs(probs[0] - probs[1]).max()), 5),
+            }
+        )
+    return rows
+
+
 def cached_scores(out: Path, net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[str, Any]:
     """:func:`score_all`, reused from ``out`` when the same weights and settings were scored before."""
     from vnetseg.checkpoint import weights_digest
@@ -106,6 +136,7 @@ def write_outputs(
     main_dir, loc_dir = out / "runs" / "final_main_polish" / "fold_0", out / "runs" / "final_locator" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
     loc_net, loc_info = load_model(loc_dir / "model_last.pt")
+    main_net32 = load_model(main_dir / "model_last.pt")[0].eval()  # as trained, to check the float16 copy against
     main_net, loc_net = fp16_roundtrip(main_net), fp16_roundtrip(loc_net)
     loc_card = {
         "role": "locator",
@@ -143,6 +174,9 @@ def write_outputs(
             "locator": _train_minutes(loc_dir),
         },
     )
+    log("float16 vs float32 weights on the real CTs")
+    card["float16_vs_float32"] = precision_check(main_net32, main_net, info)
+    log(f"  {card['float16_vs_float32']}")
     info.card = card
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / MODEL_FILE
