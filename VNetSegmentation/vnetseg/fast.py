@@ -6,9 +6,9 @@ whole CT at the model's ``coarse_spacing`` (e.g. 4 mm: a 512x512x120 CT becomes 
 voxels, one window), takes the largest component's bounding box plus a margin, grows it to at
 least one of the model's trained windows (centred on the organ), and runs the full-resolution pass
 on that box only. The growth matters: the network's answer near the organ's border depends on how
-much anatomy its window shows around it, and a tight box showed less than full mode does (measured
-with the shipped model: fast vs full Dice 0.982-0.988 with a tight box, 0.991-0.998 with one window
-at least). The organ is never cropped silently: when the coarse pass
+much anatomy its window shows around it, and a tight box showed less than full mode does (fast vs
+full Dice on the three real CTs with the shipped model v1.0.0: 0.942-0.981 with a tight box,
+0.986-0.995 with one window at least). The organ is never cropped silently: when the coarse pass
 finds nothing, the caller runs the whole-volume pass and says so; when the organ touches the edge
 of the field of view, the box is extended to the image border on that side (the image itself is
 the only limit there) and the result says so.
