@@ -11,9 +11,9 @@ This script measures that on the real CTs in ``../shared/data/ct``: for each sca
 * fast mode as shipped;
 
 and reports Dice and volume difference of each against full mode (on the model grid, after the
-usual clean-up: largest component, holes filled), plus Dice against the reference pseudo-label and the share of organ voxels whose
-probability lies between 0.3 and 0.7, as a share of the organ's voxel count (how soft the
-network's answer is: those are the voxels a small change flips).
+usual clean-up: largest component, holes filled), plus Dice against the reference pseudo-label and
+how many voxels have a probability between 0.3 and 0.7, as a share of the organ's voxel count (how
+soft the network's answer is: those are the voxels a small change flips).
 
 Usage::
 
@@ -49,7 +49,7 @@ def _probabilities(net, info, volume: np.ndarray, shift: int) -> np.ndarray:
     """Full-mode foreground probability on ``volume`` (model grid) with the window grid moved by ``shift``."""
     pre = info.preprocessing
     padded = np.pad(volume, ((shift, 0), (shift, 0), (0, 0)), constant_values=pre.scale[0])
-    patch = tuple(min(p, -(-s // 16) * 16) for p, s in zip(pre.patch_size, padded.shape))
+    patch = inf.window_for(pre.patch_size, padded.shape, net.config.size_multiple)
     settings = inf.WindowSettings(patch, 0.25, 1, pad_value=pre.scale[0])
     probs = inf.sliding_window(padded[None], inf.softmax_foreground(net, False), settings, 1)[0]
     return probs[shift:, shift:]
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row(scan.name, f"full, grid moved {shift}", moved, base, reference, soft))
         rows.append(_row(scan.name, "fast", _fast_probabilities(net, info, scan, grid), base, reference, soft))
         for r in rows[-(len(args.shifts) + 2):]:
-            print(f"{r['scan']:9s} {r['run']:22s} Dice vs full {r['dice_vs_full']:.4f}  volume {r['volume_diff_pct']:+6.2f} %  "
-                  f"Dice vs reference {r['dice_vs_reference']:.4f}", flush=True)
+            print(f"{r['scan']:9s} {r['run']:22s} Dice vs full {r['dice_vs_full']:.4f}  "
+                  f"volume {r['volume_diff_pct']:+6.2f} %  Dice vs reference {r['dice_vs_reference']:.4f}", flush=True)
     print("\nvoxels with probability 0.3-0.7, as a share of the organ's size: "
           + ", ".join(f"{r['scan']} {r['soft_share']:.1%}" for r in rows if r["run"] == "full"))
     out = {

@@ -319,6 +319,11 @@ def choose_mode(requested: str, device: torch.device, info: ModelInfo) -> str:
     return requested
 
 
+def window_for(patch: tuple[int, ...], shape: tuple[int, ...], multiple: int) -> tuple[int, int, int]:
+    """The trained window ``patch``, but never bigger than ``shape`` rounded up to ``multiple``: no wasted padding."""
+    return tuple(min(p, -(-s // multiple) * multiple) for p, s in zip(patch, shape))  # type: ignore[return-value]
+
+
 def _run_network(
     array: np.ndarray,
     region: GridMap,
@@ -339,9 +344,9 @@ def _run_network(
     pre = info.preprocessing
     volume = window_hu(to_model_grid(array, region), pre.hu_window, pre.scale)
     multiple = model.config.size_multiple
-    patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or tuple(
-        min(p, -(-s // multiple) * multiple) for p, s in zip(pre.patch_size, region.model_shape)
-    )  # a window never deeper than the volume (rounded up to the size multiple): no wasted padding
+    patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or window_for(
+        pre.patch_size, region.model_shape, multiple
+    )
     batch = opts.batch_size or choose_batch_size(model, patch, device)
     return sliding_window(
         volume[None],

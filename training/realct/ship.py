@@ -78,7 +78,14 @@ def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[st
 
 def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str, Any]]:
     """Float16 (as stored) vs float32 (as trained) weights on every real CT, full mode: masks and probabilities."""
-    from vnetseg.inference import InferenceOptions, WindowSettings, predict_volume, sliding_window, softmax_foreground
+    from vnetseg.inference import (
+        InferenceOptions,
+        WindowSettings,
+        predict_volume,
+        sliding_window,
+        softmax_foreground,
+        window_for,
+    )
     from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 
     pre = info.preprocessing
@@ -90,7 +97,7 @@ def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str,
         ]
         grid = make_grid_map(scan.image.shape, scan.image.affine, pre.target_spacing)
         volume = window_hu(to_model_grid(scan.image.array, grid), pre.hu_window, pre.scale)[None]
-        patch = tuple(min(p, -(-s // 16) * 16) for p, s in zip(pre.patch_size, grid.model_shape))
+        patch = window_for(pre.patch_size, grid.model_shape, net16.config.size_multiple)
         probs = [
             sliding_window(volume, softmax_foreground(net, False), WindowSettings(patch, 0.25, 1, pre.scale[0]), 1)
             for net in (net32, net16)
@@ -99,7 +106,7 @@ def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str,
             {
                 "scan": scan.name,
                 "mask_dice": round(float(dice(masks[0], masks[1])), 5),
-                "volume_diff_pct": round(100.0 * (int(masks[1].sum()) - int(masks[0].sum())) / max(int(masks[0].sum()), 1), 3),
+                "volume_diff_pct": round(100.0 * (int(masks[1].sum()) / max(int(masks[0].sum()), 1) - 1.0), 3),
                 "max_probability_diff": round(float(np.abs(probs[0] - probs[1]).max()), 5),
             }
         )
