@@ -30,7 +30,7 @@ def venv_python() -> Path:
 
 def ensure_env() -> Path:
     """Create or update .venv; return its python."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - run.py is started by whatever python3 there is
         sys.exit(f"Python 3.10 or newer is needed, this is {sys.version.split()[0]}")
     wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
     py = venv_python()

@@ -12,6 +12,7 @@ title where the mask came from.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def make_icon(path: Path, size: int = 128) -> None:
     # a "V": encoder down, decoder up, joined by skip connections
     left = [(18, 40), (28, 58), (38, 76)]
     right = [(58, 76), (48, 58)][::-1]
-    for (x0, y0), (x1, y1) in zip(left, left[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(left):
         draw.line([x0 * scale, y0 * scale, x1 * scale, y1 * scale], fill=(255, 204, 64, 255), width=4 * scale)
     draw.line([38 * scale, 76 * scale, 48 * scale, 58 * scale], fill=(255, 204, 64, 255), width=4 * scale)
     draw.line([48 * scale, 58 * scale, 58 * scale, 40 * scale], fill=(255, 204, 64, 255), width=4 * scale)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vnetseg.io import write_nifti
 
 from training.data import CaseError
 from training.evaluate import main as evaluate_main
 from training.metrics import case_metrics, dice_score, hd95_mm, summarise, surface_dice
-from vnetseg.io import write_nifti
 
 
 def _cube(shape=(8, 8, 8), start=(2, 2, 2), size=4) -> np.ndarray:
@@ -82,16 +82,16 @@ def test_evaluate_command_line_on_folders(tmp_path: Path, capsys) -> None:
     assert evaluate_main(["--pred", str(pred), "--labels", str(labels), "--out", str(out), "--tolerance", "1.5"]) == 0
     printed = capsys.readouterr().out
     assert "2 case(s)" in printed and "dice" in printed
-    rows = {r["case"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    rows = {r["case"]: r for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())}
     assert float(rows["case_1"]["dice"]) == pytest.approx(0.75)
     assert float(rows["case_1"]["hd95_mm"]) == pytest.approx(2.0)
     assert float(rows["case_1"]["surface_dice"]) == pytest.approx(80 / 112, rel=1e-5)
     assert float(rows["case_2"]["dice"]) == 1.0
-    summary = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    summary = {r["metric"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
     assert float(summary["dice"]["mean"]) == pytest.approx(0.875)
     assert (out / "boxplot.png").read_bytes()[:4] == b"\x89PNG"
     assert evaluate_main(["--pred", str(pred), "--labels", str(labels)]) == 0
-    default = {r["case"]: r for r in csv.DictReader(open(tmp_path / "pred_eval" / "metrics.csv"))}  # default --out
+    default = {r["case"]: r for r in csv.DictReader((tmp_path / "pred_eval" / "metrics.csv").read_text().splitlines())}  # default --out
     assert float(default["case_1"]["surface_dice"]) == 1.0  # default tolerance 2 mm covers the 2 mm shift
     # a case without a prediction, and a prediction on another grid: errors naming the case
     write_nifti(labels / "case_3.nii.gz", _cube().astype(np.uint8), affine)

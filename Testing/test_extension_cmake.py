@@ -40,9 +40,9 @@ def shipped_files() -> set[str]:
             and not rel.startswith(NOT_SHIPPED)
             and "/__pycache__/" not in rel
             and rel != "CMakeLists.txt"
+            and (path.suffix == ".py" or path.suffix in RESOURCE_SUFFIXES)
         ):
-            if path.suffix == ".py" or path.suffix in RESOURCE_SUFFIXES:
-                found.add(rel)
+            found.add(rel)
     return found - {"SLICER_README_SECTION.md"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 import torch
 from scipy import ndimage
 from test_io import make_affine
-
 from vnetseg.checkpoint import ModelInfo, Preprocessing
 from vnetseg.inference import (
     Cancelled,
@@ -40,7 +40,7 @@ def test_windows_cover_every_voxel_with_the_requested_overlap() -> None:
     for size in (96, 97, 150, 273, 400):
         starts = window_starts(size, 96, 0.25)
         assert starts[0] == 0 and starts[-1] + 96 == size or size <= 96
-        assert all(b - a <= 72 for a, b in zip(starts, starts[1:]))
+        assert all(b - a <= 72 for a, b in itertools.pairwise(starts))
     assert window_starts(50, 96, 0.5) == [0]
     g = gaussian_importance((8, 8, 8))
     assert g.max() == 1.0 and g.min() > 0 and np.allclose(g, g[::-1, ::-1, ::-1])

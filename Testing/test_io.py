@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
 from vnetseg.checkpoint import SPLEEN_TERMINOLOGY
 from vnetseg.io import (
     Image,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vnetseg.model import PRESETS, VNet, VNetConfig, build_model, count_parameters, preset
 
 

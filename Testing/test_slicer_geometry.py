@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from slicer_helpers import ijk_to_ras, node_array_ijk, ras_centroid, resample_nearest, slicer, vtk
+from slicer_helpers import (
+    ijk_to_ras,
+    node_array_ijk,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    ras_centroid,
+    resample_nearest,
+    slicer,
+    vtk,
+)
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
 OPTIONS = SegmentationOptions("cpu", 0.0, postprocess=False)

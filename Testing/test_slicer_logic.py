@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from slicer_helpers import (  # one_torch_thread: autouse fixture
-    one_torch_thread,  # noqa: F401
     ijk_to_ras,
     node_array_ijk,
+    one_torch_thread,  # noqa: F401
     ras_centroid,
     reference_prediction,
     resample_nearest,

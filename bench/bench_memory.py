@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib  # noqa: E402
-from make_ct import DEFAULT_CACHE, make_benchmark_ct  # noqa: E402
+import benchlib
+from make_ct import DEFAULT_CACHE, make_benchmark_ct
 
 MIB = 1024 * 1024
 

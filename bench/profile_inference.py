@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib  # noqa: E402
-from make_ct import DEFAULT_CACHE, make_benchmark_ct  # noqa: E402
+import benchlib
+from make_ct import DEFAULT_CACHE, make_benchmark_ct
 
 # (category, substrings of "file:function" of a profiled leaf), first match wins
 CATEGORIES = [
@@ -121,7 +121,6 @@ def profile_network(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
-
     from vnetseg.model import build_model
 
     torch.manual_seed(0)
@@ -226,7 +225,6 @@ def profile_onednn(args: argparse.Namespace) -> dict[str, Any]:
 def profile_compile(args: argparse.Namespace) -> dict[str, Any]:
     """Eager vs ``torch.compile`` (inductor: fused pointwise ops, prepacked weights), interleaved."""
     import torch
-
     from vnetseg.model import build_model
 
     torch.manual_seed(0)

@@ -23,14 +23,18 @@ def _num(value: float | None) -> str:
 def inference_table(d: dict[str, Any]) -> str:
     ct, st, m = d["ct"], d["settings"], d["machine"]
     lines = [
-        f"**{d['model']['preset'] or Path(d['model']['path']).name}** V-Net, CT {tuple(ct['shape'])} at "
-        f"{tuple(ct['spacing_mm'])} mm ({ct['source']}), patch {st['patch']}, overlap {st['overlap']}, "
-        f"{st['repeats']} runs per method (interleaved), {m['cpu']} ({m['usable_cpus']} cores, torch {m['torch']}, "
-        f"{m['torch_threads']} threads), core {m['git_commit']}, {d['started_utc']}; load average "
-        f"{d['load_average_before']} -> {d['load_average_after']}.",
+        (
+            f"**{d['model']['preset'] or Path(d['model']['path']).name}** V-Net, CT {tuple(ct['shape'])} at "
+            f"{tuple(ct['spacing_mm'])} mm ({ct['source']}), patch {st['patch']}, overlap {st['overlap']}, "
+            f"{st['repeats']} runs per method (interleaved), {m['cpu']} ({m['usable_cpus']} cores, "
+            f"torch {m['torch']}, {m['torch_threads']} threads), core {m['git_commit']}, {d['started_utc']}; "
+            f"load average {d['load_average_before']} -> {d['load_average_after']}."
+        ),
         "",
-        "| method | median s | min s | max s | CPU s (median) | network s (median) | windows x batch "
-        "| peak RSS MiB (median) | RSS before job MiB | time vs MONAI | peak RSS vs MONAI |",
+        (
+            "| method | median s | min s | max s | CPU s (median) | network s (median) | windows x batch "
+            "| peak RSS MiB (median) | RSS before job MiB | time vs MONAI | peak RSS vs MONAI |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, s in d["summary"].items():
@@ -61,11 +65,13 @@ def inference_table(d: dict[str, Any]) -> str:
 
 def memory_table(d: dict[str, Any]) -> str:
     lines = [
-        f"CT {tuple(d['ct']['shape'])} at {tuple(d['ct']['spacing_mm'])} mm, method `{d.get('method', 'ours')}`, "
-        f"model {Path(d['model']).name}, core {d['machine']['git_commit']}: **peak RSS {d['peak_rss_mb']:.0f} MiB = "
-        f"{d['peak_over_float32']:.2f}x** the CT's float32 size ({d['ct_float32_mb']:.0f} MiB; limit {d['limit_mb']:.0f} MiB, "
-        f"{'within' if d['within_limit'] else 'OVER'}); {d['rss_before_job_mb']:.0f} MiB resident before the job; "
-        f"{d['windows']} windows, {d['seconds']:.0f} s.",
+        (
+            f"CT {tuple(d['ct']['shape'])} at {tuple(d['ct']['spacing_mm'])} mm, method `{d.get('method', 'ours')}`, "
+            f"model {Path(d['model']).name}, core {d['machine']['git_commit']}: **peak RSS {d['peak_rss_mb']:.0f} MiB "
+            f"= {d['peak_over_float32']:.2f}x** the CT's float32 size ({d['ct_float32_mb']:.0f} MiB; limit "
+            f"{d['limit_mb']:.0f} MiB, {'within' if d['within_limit'] else 'OVER'}); {d['rss_before_job_mb']:.0f} MiB "
+            f"resident before the job; {d['windows']} windows, {d['seconds']:.0f} s."
+        ),
         "",
         "| step | seconds | peak RSS MiB | RSS after MiB |",
         "|---|---:|---:|---:|",

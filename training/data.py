@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from vnetseg import io as vio
 
 
@@ -166,7 +165,7 @@ def _parse_modality(meta: dict[str, Any], meta_path: Path) -> dict[int, str]:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise DatasetError(f"{meta_path}: one image channel is supported, 'modality' is {raw!r}")
     modality = {int(k): str(v) for k, v in raw.items()}
-    if list(modality.values())[0].upper() != "CT":
+    if next(iter(modality.values())).upper() != "CT":
         raise DatasetError(f"{meta_path}: modality {modality} is not CT; the HU window only makes sense for CT")
     return modality
 
@@ -193,7 +192,7 @@ def load_case(case: Case, labels: dict[int, str]) -> tuple[vio.Image, np.ndarray
     values = np.unique(lab.array)
     if np.any(values != np.round(values)):
         raise CaseError(case.name, f"label {case.label} holds non-integer values; a label map of integers is needed")
-    unknown = sorted(set(int(v) for v in values) - set(labels))
+    unknown = sorted({int(v) for v in values} - set(labels))
     if unknown:
         raise CaseError(
             case.name,
@@ -334,7 +333,7 @@ def add_case_to_msd(
     img = image if isinstance(image, vio.Image) else vio.read_image(image)
     lab = label if isinstance(label, vio.Image) else _read_any_label(Path(label))
     check_same_grid(name, img, lab)
-    unknown = sorted(set(int(v) for v in np.unique(lab.array)) - set(known))
+    unknown = sorted({int(v) for v in np.unique(lab.array)} - set(known))
     if unknown:
         raise CaseError(name, f"label holds values {unknown} that the dataset does not name (known: {sorted(known)})")
     (root_p / "imagesTr").mkdir(parents=True, exist_ok=True)

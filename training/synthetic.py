@@ -20,7 +20,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-
 from vnetseg.io import write_nifti
 
 from .data import write_dataset_json
@@ -78,7 +77,7 @@ def phantom(
     z = (affine[2, 2] * idx[2] + affine[2, 3])[None, None, :]
     hu = np.full(shape, -1000.0, dtype=np.float32)
     a, b = rng.uniform(130, 155), rng.uniform(95, 115)
-    ring = lambda da: ((x / (a - da)) ** 2 + ((y + 0) / (b - da)) ** 2 <= 1.0) & (z < 1e9)  # noqa: E731
+    ring = lambda da: ((x / (a - da)) ** 2 + ((y + 0) / (b - da)) ** 2 <= 1.0) & (z < 1e9)
     body, inner_fat, inner_muscle = ring(0.0), ring(rng.uniform(10, 20)), ring(rng.uniform(25, 32))
     hu[body] = -100.0  # subcutaneous fat
     hu[inner_fat] = 50.0  # abdominal wall muscle
@@ -129,7 +128,7 @@ def make_case(
     """One phantom: (HU image, label, affine), stored in ``orientation``."""
     s_in = rng.uniform(*settings.spacing_range)
     spacing = np.array([s_in, s_in, rng.uniform(*settings.slice_range)])
-    shape = tuple(int(round(f / s)) for f, s in zip(settings.fov_mm, spacing))
+    shape = tuple(round(f / s) for f, s in zip(settings.fov_mm, spacing))
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -0.5 * (np.array(shape) - 1) * spacing + rng.uniform(-10, 10, size=3)
     image, label = phantom(shape, affine, rng, settings.noise_hu)  # type: ignore[arg-type]

@@ -105,7 +105,7 @@ def estimateMemoryBytes(
     """
     nInput = math.prod(int(s) for s in shape)
     modelShape = [
-        max(int(round(d * float(s) / t)), p)
+        max(round(d * float(s) / t), p)
         for d, s, t, p in zip(shape, spacing, preprocessing.target_spacing, preprocessing.patch_size)
     ]
     nModel = math.prod(modelShape)

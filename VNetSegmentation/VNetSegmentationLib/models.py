@@ -8,6 +8,7 @@ Qt-free; torch is imported only when a model is read.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -177,7 +178,7 @@ class ModelStore:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _trainedOn(card: dict[str, Any]) -> str:

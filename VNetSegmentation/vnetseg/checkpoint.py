@@ -312,8 +312,10 @@ def describe(info: ModelInfo) -> str:
     lines = [
         f"format version : {info.format_version}",
         f"sha256         : {info.sha256}",
-        f"architecture   : V-Net widths={list(cfg.widths)} kernel={cfg.kernel_size} norm={cfg.norm} "
-        f"skip={cfg.skip} dropout={cfg.dropout} classes={cfg.out_channels}",
+        (
+            f"architecture   : V-Net widths={list(cfg.widths)} kernel={cfg.kernel_size} norm={cfg.norm} "
+            f"skip={cfg.skip} dropout={cfg.dropout} classes={cfg.out_channels}"
+        ),
         f"weights        : {info.weights_dtype}",
         f"spacing (mm)   : {' x '.join(f'{s:g}' for s in pre.target_spacing)} ({pre.orientation})",
         f"HU window      : {pre.hu_window[0]:g} .. {pre.hu_window[1]:g} -> {pre.scale[0]:g} .. {pre.scale[1]:g}",

@@ -173,8 +173,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             progress.emit("done", **res.__dict__)
         else:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
-            for w in res.warnings:
-                out.write(f"  warning: {w}\n")
+            out.writelines(f"  warning: {w}\n" for w in res.warnings)
     if args.report:
         report = {"version": __version__, "model": model_path, "model_sha256": info.sha256, "cases": [r.__dict__ for r in results]}
         Path(args.report).write_text(json.dumps(report, indent=2))

@@ -19,8 +19,8 @@ import torch
 
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .model import VNet, VNetConfig
 from .fast import Box, box_from_coarse_mask, single_window_patch
+from .model import VNet, VNetConfig
 from .postprocess import QualityReport, fill_holes, largest_component, quality_report, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
