@@ -99,3 +99,54 @@ def test_config_presets_files_and_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="optimizer must be one of"):
         load_config("synthetic", {"optimizer": "lbfgs"})
     assert math.isclose(load_config("synthetic").lr, 3e-3)
+
+
+def test_shift_consistency_loss_compares_only_the_shared_voxels() -> None:
+    from training.losses import shift_consistency_loss
+
+    big = torch.rand(1, 1, 12, 10, 8)
+    a, b = big[:, :, 0:8, 0:8, 0:6], big[:, :, 4:12, 2:10, 2:8]
+    oa, ob = torch.tensor([[0, 0, 0]]), torch.tensor([[4, 2, 2]])
+    # two windows of the same map agree wherever they overlap
+    assert shift_consistency_loss(a, b, oa, ob).item() == 0.0
+    # raise the second view by 0.5 in part of the overlap only: with equal weights the target is the
+    # mean, 0.25 from each view: 2 x 0.25^2 = 0.125 per changed voxel, averaged over the overlap
+    changed = b.clone()
+    changed[:, :, 0:2] += 0.5  # big-patch rows 4-5 (inside the overlap rows 4-7); all overlap columns/slices
+    overlap = 4 * 6 * 4  # rows 4-7, columns 2-7, slices 2-5
+    share = (2 * 6 * 4) / overlap
+    assert shift_consistency_loss(a, changed, oa, ob).item() == pytest.approx(0.125 * share, rel=1e-5)
+    # weights by place in the window: the changed voxels lie in a's rows 4-5 (weight 1/3 here) and b's
+    # rows 0-1 (weight 1), so their target lies 3/4 of the way from a to b
+    importance = torch.ones(8, 8, 6)
+    importance[4:8] = 1.0 / 3.0
+    weighted = shift_consistency_loss(a, changed, oa, ob, importance)
+    # a's rows 4-5 weigh 1/3, b's rows 0-1 weigh 1: the target lies 3/4 of the way to b
+    assert weighted.item() == pytest.approx(((0.5 * 0.75) ** 2 + (0.5 * 0.25) ** 2) * share, rel=1e-5)
+    # the target carries no gradient: each view is pulled towards it, not the target towards the views
+    a_req, b_req = a.clone().requires_grad_(), changed.clone().requires_grad_()
+    shift_consistency_loss(a_req, b_req, oa, ob, importance).backward()
+    n = overlap
+    torch.testing.assert_close(a_req.grad[0, 0, 4, 2, 2], torch.tensor(2 * -0.375 / n))
+    torch.testing.assert_close(b_req.grad[0, 0, 0, 0, 0], torch.tensor(2 * 0.125 / n))
+    # outside the overlap (big-patch rows 8-11) a change costs nothing
+    outside = b.clone()
+    outside[:, :, 4:8] += 0.5
+    assert shift_consistency_loss(a, outside, oa, ob).item() == 0.0
+    # windows that share no voxel contribute nothing
+    far = shift_consistency_loss(a, b, oa, torch.tensor([[8, 0, 0]]))
+    assert far.item() == 0.0
+    with pytest.raises(ValueError, match="offsets"):
+        shift_consistency_loss(a, b, oa[0], ob[0])
+
+
+def test_shift_consistency_settings_are_checked_and_round_trip() -> None:
+    cfg = load_config(TrainConfig(), {"shift_consistency": 2.0, "consistency_shift": [16, 16, 4]})
+    assert cfg.consistency_shift == (16, 16, 4)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="shift_consistency must be >= 0"):
+        TrainConfig(shift_consistency=-1.0)
+    with pytest.raises(ValueError, match="needs a consistency_shift"):
+        TrainConfig(shift_consistency=1.0)
+    with pytest.raises(ValueError, match="3 voxel counts"):
+        TrainConfig(consistency_shift=(4, 4))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from training.cache import CachedCase
 from training.config import AugmentConfig
-from training.sampling import PatchDataset, build_augmentation, crop, crop_margin
+from training.sampling import PatchDataset, build_augmentation, crop, crop_margin, two_views
 
 
 def _case(seed: int = 0) -> CachedCase:
@@ -77,3 +77,20 @@ def test_augmentation_keeps_labels_binary_and_never_flips_by_default() -> None:
 def test_empty_dataset_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one"):
         PatchDataset([], (16, 16, 16), 4, 0.5, 0, None)
+
+
+def test_two_views_are_windows_of_each_patch_at_their_offsets() -> None:
+    image = torch.rand(3, 1, 20, 18, 12)
+    label = (image[:, 0] > 0.5).long()
+    images, labels, offsets = two_views(image, label, (16, 16, 8), torch.Generator().manual_seed(0))
+    assert images.shape == (6, 1, 16, 16, 8) and labels.shape == (6, 16, 16, 8) and offsets.shape == (6, 3)
+    assert offsets.min() >= 0 and (offsets.max(0).values <= torch.tensor([4, 2, 4])).all()
+    for k in range(6):  # first views of items 0-2, then their second views
+        a, b, c = offsets[k].tolist()
+        torch.testing.assert_close(images[k], image[k % 3, :, a : a + 16, b : b + 16, c : c + 8])
+        torch.testing.assert_close(labels[k], label[k % 3, a : a + 16, b : b + 16, c : c + 8])
+    again = two_views(image, label, (16, 16, 8), torch.Generator().manual_seed(0))[2]
+    assert torch.equal(again, offsets)  # the generator decides the offsets
+    assert len({tuple(o) for o in offsets.tolist()}) > 1
+    with pytest.raises(ValueError, match="smaller than the window"):
+        two_views(image, label, (24, 16, 8), torch.Generator())

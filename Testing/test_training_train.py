@@ -12,6 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from training_helpers import real_ct_msd, tiny_config
+from vnetseg.checkpoint import load_model
 
 from training.cache import cache_dir_for, load_cached
 from training.checkpointing import load_state
@@ -20,8 +22,6 @@ from training.data import read_msd
 from training.engine import TrainOptions, train
 from training.synthetic import write_synthetic_task
 from training.train import main as train_main
-from training_helpers import real_ct_msd, tiny_config
-from vnetseg.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,7 +67,7 @@ def test_light_vnet_reaches_dice_085_on_held_out_phantoms(trained) -> None:
 def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: Path, tmp_path: Path) -> None:
     result, out = trained
     fold = out / "fold_0"
-    model, info = load_model(fold / "model_best.pt")
+    info = load_model(fold / "model_best.pt")[1]
     card = info.card
     assert card["fold"] == 0 and card["epochs"] == result.best_epoch and card["seed"] == 12345
     assert card["validation"]["dice_mean"] == pytest.approx(result.best_dice)
@@ -81,12 +81,12 @@ def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: 
     assert last["epochs"] == 8
     # the deployed command line segments a held-out phantom with the exported file (the last one,
     # whose validation Dice is result.last_dice)
-    case = sorted(result.last_dice)[0]
+    case = min(result.last_dice)
     dest = tmp_path / "mask.nii.gz"
     proc = subprocess.run(
         [sys.executable, "-m", "vnetseg", "predict", str(phantoms / "imagesTr" / f"{case}.nii.gz"), "-o", str(dest),
          "--model", str(fold / "model_last.pt"), "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     pred = np.asarray(nib.load(str(dest)).dataobj)
@@ -98,7 +98,7 @@ def test_exported_model_carries_its_card_and_runs_in_the_cli(trained, phantoms: 
 def test_logs_and_plots_are_written(trained) -> None:
     _, out = trained
     fold = out / "fold_0"
-    rows = list(csv.DictReader(open(fold / "log.csv")))
+    rows = list(csv.DictReader((fold / "log.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert [r["val_dice_mean"] != "" for r in rows] == [e % 4 == 0 for e in range(1, 9)]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
@@ -147,7 +147,7 @@ def test_existing_run_is_kept_and_resumed_from_the_command_line(phantoms: Path, 
     # --resume without --config continues with the run's own config.json
     resume = ["--data", str(phantoms), "--out", str(run), "--device", "cpu", "--quiet", "--resume"]
     assert train_main(resume) == 0
-    assert [int(r["epoch"]) for r in csv.DictReader(open(fold / "log.csv"))] == [1, 2]
+    assert [int(r["epoch"]) for r in csv.DictReader((fold / "log.csv").read_text().splitlines())] == [1, 2]
     assert load_state(fold / "checkpoint_last.pth")["epoch"] == 2
     assert train_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--config", "synthetic"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -170,6 +170,28 @@ def test_trains_a_few_iterations_on_an_msd_folder_of_the_real_cts(ct_dir: Path, 
     assert info.card["data"]["train_cases"] == [train_case]
 
 
+def test_shift_consistency_cuts_larger_patches_and_trains(tmp_path: Path) -> None:
+    from training import distributed as dd
+    from training.engine import Trainer
+    from training.synthetic import PhantomSettings
+
+    data = write_synthetic_task(tmp_path / "Task", cases=2, seed=3, settings=PhantomSettings(fov_mm=(300.0, 240.0, 120.0)))
+    cfg = tiny_config(epochs=1, iters_per_epoch=2, shift_consistency=5.0, consistency_shift=[8, 8, 4])
+    opts = TrainOptions(data=data, out=tmp_path / "run", fold="all", config=cfg, device="cpu", quiet=True)
+    trainer = Trainer(opts, dd.setup("cpu"))
+    ds, _ = trainer._loader()
+    assert ds.patch == (40, 40, 36)  # the 32^3 window plus the largest offset between the two views
+    result = trainer.run()
+    assert result.epochs_done == 1 and np.isfinite(trainer.history[-1]["train_loss"])
+    assert trainer.history[-1]["train_consistency"] > 0  # random weights: two windows disagree somewhat
+    with open(result.fold_dir / "log.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["train_consistency"]) == pytest.approx(trainer.history[-1]["train_consistency"], rel=1e-5)
+    saved = json.loads((result.fold_dir / "config.json").read_text())
+    assert saved["shift_consistency"] == 5.0 and saved["consistency_shift"] == [8, 8, 4]
+    # the exported model runs with the window it was trained on, not the larger cut
+    assert load_model(result.fold_dir / "model_last.pt")[1].preprocessing.patch_size == (32, 32, 32)
+
+
 def test_fold_all_trains_and_validates_on_every_case(tmp_path: Path) -> None:
     from training.synthetic import PhantomSettings
 
@@ -185,3 +207,19 @@ def test_fold_all_trains_and_validates_on_every_case(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "splits.json").exists()
     with pytest.raises(ValueError, match="fold number or 'all'"):
         train(TrainOptions(data=data, out=tmp_path / "x", fold="first", config=tiny_config(), device="cpu", quiet=True))
+
+
+def test_log_csv_keeps_the_columns_it_was_started_with(tmp_path: Path) -> None:
+    from training.observe import LOG_FIELDS, append_log
+
+    new = tmp_path / "new.csv"
+    append_log(new, {"epoch": 1, "train_loss": 0.5, "train_consistency": 0.01})
+    rows = list(csv.DictReader(new.read_text().splitlines()))
+    assert tuple(rows[0]) == LOG_FIELDS and rows[0]["train_consistency"] == "0.01"
+    # a log written before the consistency column existed (a resumed old run) stays rectangular
+    old = tmp_path / "old.csv"
+    old.write_text("epoch,train_loss,lr,patches_per_s,seconds,val_dice_mean,best_dice\n1,0.9,0.01,2,10,,\n")
+    append_log(old, {"epoch": 2, "train_loss": 0.8, "lr": 0.01, "train_consistency": 0.02})
+    lines = old.read_text().splitlines()
+    assert [len(line.split(",")) for line in lines] == [7, 7, 7]
+    assert list(csv.DictReader(lines))[1]["train_loss"] == "0.8"

@@ -80,6 +80,12 @@ class TrainConfig:
         val_postprocess: keep the largest component and fill holes before scoring (as deployed).
         folds: number of cross-validation folds.
         augment: augmentation settings.
+        shift_consistency: weight of the shift-consistency loss (0 = off). Each patch is cut a
+            little larger, two views of the patch size at random offsets within it go through the
+            network, and the squared difference of their foreground probabilities where they
+            overlap is added to the loss: the same voxel should get the same answer wherever it
+            falls in a window (sliding-window and fast-mode inference place windows differently).
+        consistency_shift: largest offset between the two views, voxels per axis.
     """
 
     model: VNetConfig = field(default_factory=lambda: preset("paper"))
@@ -105,6 +111,8 @@ class TrainConfig:
     val_postprocess: bool = True
     folds: int = 5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shift_consistency: float = 0.0
+    consistency_shift: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -121,6 +129,12 @@ class TrainConfig:
             raise ValueError(f"config lr must be > 0, got {self.lr}")
         if self.workers < 0:
             raise ValueError(f"config workers must be >= 0, got {self.workers}")
+        if self.shift_consistency < 0:
+            raise ValueError(f"config shift_consistency must be >= 0, got {self.shift_consistency}")
+        if len(self.consistency_shift) != 3 or any(int(v) < 0 for v in self.consistency_shift):
+            raise ValueError(f"config consistency_shift must be 3 voxel counts >= 0, got {self.consistency_shift}")
+        if self.shift_consistency > 0 and not any(self.consistency_shift):
+            raise ValueError("config shift_consistency > 0 needs a consistency_shift > 0 in at least one axis")
         m = self.model.size_multiple
         if any(p % m for p in self.preprocessing.patch_size):
             raise ValueError(
@@ -147,6 +161,8 @@ class TrainConfig:
             aug = dict(data["augment"])
             _reject_unknown(AugmentConfig, aug, "augment")
             data["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+        if "consistency_shift" in data:
+            data["consistency_shift"] = tuple(int(v) for v in data["consistency_shift"])
         return cls(**data)
 
 

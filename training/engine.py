@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import vnetseg
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-
-import vnetseg
 from vnetseg.checkpoint import SPLEEN_LABELS, Label, ModelInfo, save_model
-from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.inference import InferenceOptions, gaussian_importance, predict_volume
 from vnetseg.model import VNet, build_model
 from vnetseg.postprocess import dice
 
@@ -45,10 +44,10 @@ from .cache import cache_dir_for, ensure_cached, load_cached
 from .checkpointing import load_state, save_state, set_rng_state
 from .config import TrainConfig
 from .data import MSDDataset, fold_cases, load_case, load_or_make_folds, read_msd
-from .losses import make_loss
+from .losses import make_loss, shift_consistency_loss
 from .observe import Progress, append_log, plot_curves
 from .optim import build_optimizer, build_scheduler
-from .sampling import PatchDataset
+from .sampling import PatchDataset, two_views
 
 PALETTE = ((157, 108, 162), (221, 130, 101), (128, 174, 128), (216, 101, 79), (241, 214, 145), (111, 184, 210))
 
@@ -174,6 +173,9 @@ class Trainer:
         self.best_dice, self.best_epoch = -1.0, -1
         self.history: list[dict[str, Any]] = []
         self.last_dice: dict[str, float] = {}
+        self.consistency = 0.0
+        # where a voxel sits in a window matters to sliding-window inference as this Gaussian says
+        self.importance = torch.from_numpy(gaussian_importance(cfg.preprocessing.patch_size)).to(self.dist.device)
 
     # ------------------------------------------------------------------ set-up
     def _check_out_dir(self) -> None:
@@ -203,7 +205,10 @@ class Trainer:
         folder = cache_dir_for(cache_root, cfg.preprocessing)
         cached = load_cached(folder, self.train_names)
         per_rank = cfg.iters_per_epoch * cfg.batch_size
-        ds = PatchDataset(cached, cfg.preprocessing.patch_size, per_rank * self.dist.world, cfg.fg_ratio, cfg.seed,
+        # with shift consistency each patch is cut larger: two windows at different offsets come out of it
+        extra = cfg.consistency_shift if cfg.shift_consistency > 0 else (0, 0, 0)
+        size = tuple(p + e for p, e in zip(cfg.preprocessing.patch_size, extra))
+        ds = PatchDataset(cached, size, per_rank * self.dist.world, cfg.fg_ratio, cfg.seed,
                           cfg.augment, pad_value=cfg.preprocessing.scale[0])
         sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=False) if self.dist.enabled else None
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
@@ -246,13 +251,24 @@ class Trainer:
         self.net.train()
         bar = Progress(self.epoch + 1, self.cfg.epochs, len(loader), enabled=self.dist.is_main and not self.opts.quiet)
         total, steps, t0 = 0.0, 0, time.perf_counter()
+        self.consistency = 0.0  # mean shift-consistency term of this epoch (0 when off)
         for step, batch in enumerate(loader, 1):
             image = batch["image"].to(self.dist.device, non_blocking=True)  # (B, 1, X, Y, Z)
             label = batch["label"].to(self.dist.device, non_blocking=True)  # (B, X, Y, Z)
+            offsets = None
+            if self.cfg.shift_consistency > 0:  # two windows per patch (2B), see TrainConfig
+                views = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + step)
+                image, label, offsets = two_views(image, label, self.cfg.preprocessing.patch_size, views)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.use_amp):
                 logits = self.net(image)  # (B, K, X, Y, Z)
             loss = self.loss_fn(logits.float(), label)
+            if offsets is not None:
+                probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+                half = probs.shape[0] // 2
+                term = shift_consistency_loss(probs[:half], probs[half:], offsets[:half], offsets[half:], self.importance)
+                loss = loss + self.cfg.shift_consistency * term
+                self.consistency += float(term.detach()) / len(loader)
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -327,6 +343,8 @@ class Trainer:
             self.epoch += 1
             row: dict[str, Any] = {"epoch": self.epoch, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                    "patches_per_s": rate, "seconds": time.perf_counter() - self._bar.start}
+            if cfg.shift_consistency > 0:
+                row["train_consistency"] = self.consistency
             extra = ""
             if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs or self.epoch == stop:
                 self.last_dice = self.validate()

@@ -45,6 +45,55 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 
     return soft_dice_loss(logits, target) + ce_weight * F.cross_entropy(logits.float(), target.long())
 
 
+def shift_consistency_loss(
+    probs_a: torch.Tensor,
+    probs_b: torch.Tensor,
+    offsets_a: torch.Tensor,
+    offsets_b: torch.Tensor,
+    importance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How far two windows' probabilities are from their weighted mean, over the voxels both contain.
+
+    The target of each shared voxel is the mean of the two views weighted by ``importance`` at the
+    voxel's place in each window (the sliding window's Gaussian: a voxel near one window's centre
+    and the other's border takes its target mostly from the first), held fixed (no gradient): the
+    view that saw the voxel with less context learns to answer as the one that saw more.
+
+    Args:
+        probs_a, probs_b: (B, C, X, Y, Z) probabilities of two windows of the same size cut from
+            the same larger patch.
+        offsets_a, offsets_b: (B, 3) integer start of each window in that larger patch.
+        importance: (X, Y, Z) positive weight of each place in a window; None weighs both views equally.
+
+    Returns:
+        Scalar: the mean over the batch of each item's mean over its overlap of
+        ``(a - t)^2 + (b - t)^2``, ``t`` the weighted mean.
+    """
+    if probs_a.shape != probs_b.shape or offsets_a.shape != (probs_a.shape[0], 3) or offsets_b.shape != offsets_a.shape:
+        raise ValueError(
+            f"two (B, C, X, Y, Z) views and (B, 3) offsets expected, got {tuple(probs_a.shape)}, "
+            f"{tuple(probs_b.shape)}, {tuple(offsets_a.shape)}, {tuple(offsets_b.shape)}"
+        )
+    size = probs_a.shape[2:]
+    weight = torch.ones(size, dtype=probs_a.dtype, device=probs_a.device) if importance is None else importance
+    terms = []
+    for i in range(probs_a.shape[0]):
+        oa, ob = offsets_a[i].tolist(), offsets_b[i].tolist()
+        lo = [max(a, b) for a, b in zip(oa, ob)]
+        hi = [min(a, b) + n for a, b, n in zip(oa, ob, size)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue  # the views do not overlap
+        in_a = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, oa))
+        in_b = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, ob))
+        a, b = probs_a[i][(slice(None), *in_a)], probs_b[i][(slice(None), *in_b)]
+        wa, wb = weight[in_a], weight[in_b]
+        target = ((wa * a + wb * b) / (wa + wb)).detach()
+        terms.append(((a - target) ** 2 + (b - target) ** 2).mean())
+    if not terms:
+        return probs_a.sum() * 0.0
+    return torch.stack(terms).mean()
+
+
 def make_loss(name: str):
     """The loss function called ``name`` ("dice" or "dice_ce")."""
     if name == "dice":

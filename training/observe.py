@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-LOG_FIELDS = ("epoch", "train_loss", "lr", "patches_per_s", "seconds", "val_dice_mean", "best_dice")
+LOG_FIELDS = ("epoch", "train_loss", "lr", "patches_per_s", "seconds", "val_dice_mean", "best_dice", "train_consistency")
 
 
 class Progress:
@@ -47,13 +47,17 @@ class Progress:
 
 
 def append_log(path: Path, row: dict[str, Any]) -> None:
-    """Append one row to the CSV log (header written when the file is new)."""
+    """Append one row to the CSV log (header written when the file is new; an older log keeps its columns)."""
     new = not path.is_file()
+    fields = LOG_FIELDS
+    if not new:
+        with open(path, newline="") as f:
+            fields = tuple(next(csv.reader(f), LOG_FIELDS))
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+        writer.writerow({k: _fmt(row.get(k)) for k in fields})
 
 
 def _fmt(value: Any) -> str:

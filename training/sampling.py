@@ -24,6 +24,7 @@ def build_augmentation(aug: AugmentConfig, patch: tuple[int, int, int]):
     The input is a crop larger than ``patch`` (see :func:`crop_margin`); the spatial transform
     resamples its centre to exactly ``patch``, so rotated patches have no empty corners.
     """
+    from monai.data import set_track_meta
     from monai.transforms import (
         Compose,
         Rand3DElasticd,
@@ -34,8 +35,6 @@ def build_augmentation(aug: AugmentConfig, patch: tuple[int, int, int]):
         RandScaleIntensityd,
         RandShiftIntensityd,
     )
-
-    from monai.data import set_track_meta
 
     set_track_meta(False)  # plain tensors out: no metadata bookkeeping per patch
     rot = [math.radians(d) for d in aug.rotate_deg]
@@ -81,6 +80,34 @@ def crop(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], pad_valu
         dst.append(slice(a - s, a - s + max(0, b - a)))
     out[tuple(dst)] = volume[tuple(src)]
     return out
+
+
+def two_views(
+    image: torch.Tensor, label: torch.Tensor, patch: tuple[int, int, int], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two windows of ``patch`` voxels at random offsets in each (larger) patch of a batch.
+
+    Args:
+        image: (B, C, X, Y, Z) patches at least ``patch`` large.
+        label: (B, X, Y, Z) labels of the same patches.
+        patch: the window size.
+        generator: draws the offsets (uniform in each axis).
+
+    Returns:
+        images (2B, C, *patch) and labels (2B, *patch): all first views, then all second views;
+        offsets (2B, 3): where each window starts in its patch.
+    """
+    room = [s - p for s, p in zip(image.shape[2:], patch)]
+    if any(r < 0 for r in room):
+        raise ValueError(f"patches {tuple(image.shape[2:])} are smaller than the window {patch}")
+    n = image.shape[0]
+    offsets = torch.stack([torch.randint(0, r + 1, (2 * n,), generator=generator) for r in room], dim=1)
+    images, labels = [], []
+    for k in range(2 * n):
+        a, b, c = offsets[k].tolist()
+        images.append(image[k % n, :, a : a + patch[0], b : b + patch[1], c : c + patch[2]])
+        labels.append(label[k % n, a : a + patch[0], b : b + patch[1], c : c + patch[2]])
+    return torch.stack(images), torch.stack(labels), offsets
 
 
 class PatchDataset(Dataset):
