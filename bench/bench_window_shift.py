@@ -9,11 +9,17 @@ This script measures that on the real CTs in ``../shared/data/ct``: for each sca
   both in-plane axes of the model grid (the CT is padded with air at the start, the result
   cropped back: same voxels, same network, only the window positions change);
 * fast mode as shipped;
+* "full, its windows on the organ": only those windows of full mode's own grid that touch the
+  organ's box (the locator's box plus the 15 mm margin, not grown): the exact alternative to fast
+  mode, identical to full mode inside that box, and the number of windows it needs;
 
 and reports Dice and volume difference of each against full mode (on the model grid, after the
 usual clean-up: largest component, holes filled), plus Dice against the reference pseudo-label and
 how many voxels have a probability between 0.3 and 0.7, as a share of the organ's voxel count (how
-soft the network's answer is: those are the voxels a small change flips).
+soft the network's answer is: those are the voxels a small change flips), and the windows each run
+needs. It also counts (without running the main network) the windows full mode, fast mode and the
+exact alternative need on the speed benchmark's CT (bench_inference.py: example_ct resampled to
+512 x 512 x 120 at 0.8 x 0.8 x 2.5 mm) with the paper V-Net's 96^3 window.
 
 Usage::
 
@@ -38,11 +44,14 @@ import benchlib
 sys.path.insert(0, str(benchlib.REPO))
 from vnetseg import inference as inf
 from vnetseg.checkpoint import load_model
-from vnetseg.postprocess import clean_mask, dice
+from vnetseg.fast import box_from_coarse_mask
+from vnetseg.postprocess import clean_mask, dice, largest_component
 from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 from vnetseg.registry import default_model
 
 from training.realct.sources import load_scans
+
+PAPER_WINDOW = (96, 96, 96)
 
 
 def _probabilities(net, info, volume: np.ndarray, shift: int) -> np.ndarray:
@@ -55,8 +64,59 @@ def _probabilities(net, info, volume: np.ndarray, shift: int) -> np.ndarray:
     return probs[shift:, shift:]
 
 
-def _fast_probabilities(net, info, scan, grid) -> np.ndarray:
-    """Fast mode's probability on the full model grid (zero outside its box)."""
+def _organ_box(image, info, grid):
+    """The locator's largest component's box plus the margin, on ``grid`` (fast mode's box before growing)."""
+    loc_net, loc_info = info.locator
+    coarse = make_grid_map(image.shape, image.affine, loc_info.preprocessing.target_spacing)
+    opts = inf.InferenceOptions(device="cpu", mode="fast")
+    found = inf._run_network(image.array, coarse, loc_net.eval(), loc_info, opts, torch.device("cpu"), None, None, [], True)
+    box, _note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
+    return box
+
+
+def _grid_windows(shape, patch) -> list[tuple[int, int, int]]:
+    return inf._windows(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.25)
+
+
+def _touching(windows, patch, box) -> list[tuple[int, int, int]]:
+    """The windows that share at least one voxel with ``box``."""
+    return [w for w in windows if all(a < hi and a + p > lo for a, p, lo, hi in zip(w, patch, box.start, box.stop))]
+
+
+def _subset_probabilities(net, info, volume: np.ndarray, box) -> tuple[np.ndarray, int]:
+    """Full mode's Gaussian-weighted mean, but only over its windows that touch ``box`` (exact inside it)."""
+    pre = info.preprocessing
+    patch = inf.window_for(pre.patch_size, volume.shape, net.config.size_multiple)
+    padded = tuple(max(s, p) for s, p in zip(volume.shape, patch))
+    vol = np.pad(volume, [(0, p - s) for s, p in zip(volume.shape, padded)], constant_values=pre.scale[0])
+    chosen = _touching(_grid_windows(volume.shape, patch), patch, box)
+    weight = inf.gaussian_importance(patch)
+    acc, norm = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
+    run = inf.softmax_foreground(net, False)
+    for a, b, c in chosen:
+        tile = np.ascontiguousarray(vol[None, None, a : a + patch[0], b : b + patch[1], c : c + patch[2]])
+        with torch.inference_mode():
+            out = run(torch.from_numpy(tile))[0, 0].numpy()
+        acc[a : a + patch[0], b : b + patch[1], c : c + patch[2]] += out * weight
+        norm[a : a + patch[0], b : b + patch[1], c : c + patch[2]] += weight
+    probs = np.zeros(volume.shape, np.float32)
+    (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
+    probs[x0:x1, y0:y1, z0:z1] = acc[x0:x1, y0:y1, z0:z1] / norm[x0:x1, y0:y1, z0:z1]
+    return probs, len(chosen)
+
+
+def _window_counts(shape, patch, multiple, fast_box, organ_box) -> dict[str, int]:
+    full_patch = inf.window_for(patch, shape, multiple)
+    fast_patch = inf.window_for(patch, fast_box.shape, multiple)
+    return {
+        "full": len(_grid_windows(shape, full_patch)),
+        "fast": len(_grid_windows(fast_box.shape, fast_patch)),
+        "exact_subset": len(_touching(_grid_windows(shape, full_patch), full_patch, organ_box)),
+    }
+
+
+def _fast_probabilities(net, info, scan, grid):
+    """Fast mode's probability on the full model grid (zero outside its box), and the box."""
     captured = {}
     original = inf._run_network
 
@@ -73,21 +133,45 @@ def _fast_probabilities(net, info, scan, grid) -> np.ndarray:
         inf._run_network = original
     full = np.zeros(grid.model_shape, np.float32)
     if pred.box is None:
-        return captured["probs"][0]
+        raise SystemExit(f"{scan.name}: fast mode fell back to the whole volume ({pred.notes})")
     (a, b, c), (x, y, z) = pred.box.start, pred.box.stop
     full[a:x, b:y, c:z] = captured["probs"][0]
-    return full
+    return full, pred.box
 
 
-def _row(scan: str, kind: str, probs: np.ndarray, base: np.ndarray, reference: np.ndarray, soft: float) -> dict:
+def _row(
+    scan: str, kind: str, probs: np.ndarray, base: np.ndarray, reference: np.ndarray, soft: float, windows: int
+) -> dict:
     mask = clean_mask(probs > 0.5)  # as shipped: largest component, holes filled
     return {
         "scan": scan,
         "run": kind,
+        "windows": windows,
         "dice_vs_full": round(float(dice(mask, base)), 4),
         "volume_diff_pct": round(100.0 * (int(mask.sum()) - int(base.sum())) / max(int(base.sum()), 1), 2),
         "dice_vs_reference": round(float(dice(mask, reference)), 4),
         "soft_share": round(soft, 3),
+    }
+
+
+def _paper_window_counts(info) -> dict:
+    """Window counts on the speed benchmark's CT with the paper V-Net's window (the locator's box, no main network)."""
+    from make_ct import make_benchmark_ct
+    from vnetseg.io import read_image
+
+    image = read_image(make_benchmark_ct())
+    grid = make_grid_map(image.shape, image.affine, info.preprocessing.target_spacing)
+    organ = _organ_box(image, info, grid)
+    mask = np.zeros(grid.model_shape, bool)  # fast mode's box: the organ's box grown to at least one window
+    mask[tuple(slice(a, b) for a, b in zip(organ.start, organ.stop))] = True
+    fast_box = box_from_coarse_mask(mask, grid, grid, margin_mm=0.0, min_shape=PAPER_WINDOW)[0]
+    return {
+        "ct_shape": list(image.shape),
+        "model_grid": list(grid.model_shape),
+        "window": list(PAPER_WINDOW),
+        "organ_box": [list(organ.start), list(organ.stop)],
+        "fast_box": [list(fast_box.start), list(fast_box.stop)],
+        "windows": _window_counts(grid.model_shape, PAPER_WINDOW, 16, fast_box, organ),
     }
 
 
@@ -113,17 +197,26 @@ def main(argv: list[str] | None = None) -> int:
         full = _probabilities(net, info, volume, 0)
         base = clean_mask(full > 0.5)
         soft = float(((full > 0.3) & (full < 0.7)).sum() / max(base.sum(), 1))
+        organ = _organ_box(scan.image, info, grid)
+        fast_probs, fast_box = _fast_probabilities(net, info, scan, grid)
+        counts = _window_counts(volume.shape, pre.patch_size, net.config.size_multiple, fast_box, organ)
 
-        rows.append(_row(scan.name, "full", full, base, reference, soft))
+        rows.append(_row(scan.name, "full", full, base, reference, soft, counts["full"]))
         for shift in args.shifts:
             moved = _probabilities(net, info, volume, shift)
-            rows.append(_row(scan.name, f"full, grid moved {shift}", moved, base, reference, soft))
-        rows.append(_row(scan.name, "fast", _fast_probabilities(net, info, scan, grid), base, reference, soft))
-        for r in rows[-(len(args.shifts) + 2):]:
-            print(f"{r['scan']:9s} {r['run']:22s} Dice vs full {r['dice_vs_full']:.4f}  "
+            rows.append(_row(scan.name, f"full, grid moved {shift}", moved, base, reference, soft, counts["full"]))
+        rows.append(_row(scan.name, "fast", fast_probs, base, reference, soft, counts["fast"]))
+        subset, n = _subset_probabilities(net, info, volume, organ)
+        rows.append(_row(scan.name, "full, its windows on the organ", subset, base, reference, soft, n))
+        for r in rows[-(len(args.shifts) + 3):]:
+            print(f"{r['scan']:9s} {r['run']:30s} {r['windows']:3d} windows  Dice vs full {r['dice_vs_full']:.4f}  "
                   f"volume {r['volume_diff_pct']:+6.2f} %  Dice vs reference {r['dice_vs_reference']:.4f}", flush=True)
     print("\nvoxels with probability 0.3-0.7, as a share of the organ's size: "
           + ", ".join(f"{r['scan']} {r['soft_share']:.1%}" for r in rows if r["run"] == "full"))
+    paper = _paper_window_counts(info)
+    print(f"speed benchmark CT {tuple(paper['ct_shape'])} -> model grid {tuple(paper['model_grid'])}, windows of "
+          f"{PAPER_WINDOW}: full {paper['windows']['full']}, fast {paper['windows']['fast']}, "
+          f"exact subset {paper['windows']['exact_subset']}")
     out = {
         "benchmark": "window_shift",
         "started_utc": started,
@@ -132,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "overlap": 0.25,
         "machine": benchlib.machine_info(),
         "rows": rows,
+        "speed_benchmark_ct_paper_window": paper,
     }
     benchlib.RESULTS.mkdir(exist_ok=True)
     dest = benchlib.RESULTS / f"{args.name}.json"
