@@ -60,6 +60,7 @@ def logic_result(ct_dir: Path, model: Path | None):
     sys.path[:0] = [str(REPO / "Testing"), str(REPO / "VNetSegmentation")]
     import nibabel as nib
     from slicer_helpers import make_scene, node_array_ijk
+
     from vnetseg.checkpoint import SPLEEN_LABELS
     from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 

@@ -28,6 +28,7 @@ def ct_dir() -> Path:
 def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight V-Net small enough for fast tests, saved as a real model file."""
     import torch
+
     from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
     from vnetseg.model import VNetConfig, build_model
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from vnetseg.cli import main
 from vnetseg.io import affine_from_sitk, read_image
 

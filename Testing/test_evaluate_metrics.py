@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vnetseg.io import write_nifti
 
 from training.data import CaseError
 from training.evaluate import main as evaluate_main
 from training.metrics import case_metrics, dice_score, hd95_mm, summarise, surface_dice
+from vnetseg.io import write_nifti
 
 
 def _cube(shape=(8, 8, 8), start=(2, 2, 2), size=4) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from test_inference import ThresholdNet
 from test_io import make_affine
+
 from vnetseg.checkpoint import ModelInfo, Preprocessing
 from vnetseg.fast import box_from_coarse_mask, single_window_patch
 from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
@@ -101,6 +102,7 @@ def test_box_covers_the_coarse_mask_in_physical_space_with_margin() -> None:
 def test_a_locator_carried_in_the_model_file_drives_fast_mode(tmp_path) -> None:
     """Round trip of a model file with a locator; fast mode then uses the locator's own spacing."""
     import torch
+
     from vnetseg.checkpoint import describe, load_model, save_model
     from vnetseg.model import VNet
 

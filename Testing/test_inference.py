@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 from test_io import make_affine
+
 from vnetseg.checkpoint import ModelInfo, Preprocessing
 from vnetseg.inference import (
     Cancelled,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from vnetseg.checkpoint import SPLEEN_TERMINOLOGY
 from vnetseg.io import (
     Image,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from vnetseg.model import PRESETS, VNet, VNetConfig, build_model, count_parameters, preset
 
 

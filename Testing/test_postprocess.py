@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from vnetseg.postprocess import clean_mask, components_ml, dice, fill_holes, largest_component, quality_report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_io import ORIENTATIONS, make_affine
+
 from vnetseg.preprocess import make_grid_map, to_input_grid, to_model_grid, window_hu
 
 COEF = np.array([0.7, -1.3, 0.4])

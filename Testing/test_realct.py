@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
-from vnetseg import io as vio
 
 from training.data import load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
@@ -16,6 +15,7 @@ from training.realct.build import pool_cases, write_pool, write_task
 from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics
 from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
+from vnetseg import io as vio
 
 SPACING = (1.5, 1.5, 2.0)
 

@@ -12,13 +12,13 @@ import json
 
 import numpy as np
 import pytest
+
+from training.realct.evaluate import anatomy_checks, mask_metrics
+from training.realct.sources import Scan, centroid_ras, load_scans, pelvis_part
 from vnetseg.checkpoint import file_sha256, load_model
 from vnetseg.inference import InferenceOptions, predict_volume
 from vnetseg.postprocess import dice
 from vnetseg.registry import REGISTRY_FILE, default_model
-
-from training.realct.evaluate import anatomy_checks, mask_metrics
-from training.realct.sources import Scan, centroid_ras, load_scans, pelvis_part
 
 SCANS = ("p1_ct", "p1_sm", "p2_dicom")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from slicer_helpers import ijk_to_ras, make_scene, node_array_ijk, slicer
+
 from vnetseg.checkpoint import SPLEEN_LABELS, Preprocessing
 from VNetSegmentationLib import PreRunCheckError, SegmentationOptions, VNetSegmentationLogic, checks, nodes
 

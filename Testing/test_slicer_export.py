@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 from slicer_helpers import ijk_to_ras, node_array_ijk
+
+import training.data as training_data
 from vnetseg.checkpoint import SPLEEN_LABELS, Label
 from VNetSegmentationLib import nodes
 from VNetSegmentationLib.export import caseNameFrom
-
-import training.data as training_data
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from slicer_helpers import (
     slicer,
     vtk,
 )
+
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
 OPTIONS = SegmentationOptions("cpu", 0.0, postprocess=False)

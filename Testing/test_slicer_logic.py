@@ -22,6 +22,7 @@ from slicer_helpers import (  # one_torch_thread: autouse fixture
     slicer,
     vtk,
 )
+
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 from VNetSegmentationLib.logic import PreRunCheckError
 

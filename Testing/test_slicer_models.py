@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from vnetseg.checkpoint import ModelFileError, ModelInfo, Preprocessing, file_sha256, save_model
 from VNetSegmentationLib.models import ModelStore, modelCardText
 
 
 def make_model(path, card, seed=1):
     import torch
+
     from vnetseg.model import VNetConfig, build_model
 
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from slicer_helpers import slicer
+
 from VNetSegmentationLib.parameters import (
     DEVICES,
     MODES,

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
 from VNetSegmentationLib import SegmentationCancelled, SegmentationOptions
 from VNetSegmentationLib.process import BackgroundProcess, PredictCommand, childEnvironment
 
@@ -188,6 +189,7 @@ def test_cancel_callback_in_background_mode(ct_dir, tiny_model_file, env, logic)
 def test_empty_result_from_the_background_process(ct_dir, env, logic, tmp_path):
     """A model that always answers 'background': the empty mask is read back, and the run says so."""
     import torch
+
     from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
     from vnetseg.model import VNetConfig, build_model
 

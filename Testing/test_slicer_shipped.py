@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from slicer_helpers import ijk_to_ras, make_scene, one_torch_thread, resample_nearest  # noqa: F401 (autouse)
+
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic, nodes
 
 

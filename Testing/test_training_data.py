@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from training_helpers import blob_case, write_case, write_dataset
-from vnetseg.checkpoint import Preprocessing
 
 from training.cache import cache_dir_for, ensure_cached, load_cached, preprocess_case
 from training.data import (
@@ -24,6 +23,7 @@ from training.data import (
     read_msd,
 )
 from training.synthetic import PhantomSettings, make_case, reorient, write_synthetic_task
+from vnetseg.checkpoint import Preprocessing
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -201,9 +201,8 @@ def test_reoriented_phantom_preprocesses_to_the_same_model_grid(tmp_path: Path) 
 
 
 def test_add_case_to_msd_builds_a_folder_the_reader_accepts(tmp_path: Path) -> None:
-    from vnetseg.io import Image
-
     from training.data import add_case_to_msd
+    from vnetseg.io import Image
 
     root = tmp_path / "Export"
     image, label = blob_case()

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from training_helpers import tiny_config
-from vnetseg.checkpoint import load_model
 
 from training.checkpointing import load_state
 from training.synthetic import PhantomSettings, write_synthetic_task
+from vnetseg.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

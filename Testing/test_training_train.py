@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from training_helpers import real_ct_msd, tiny_config
-from vnetseg.checkpoint import load_model
 
 from training.cache import cache_dir_for, load_cached
 from training.checkpointing import load_state
@@ -22,6 +21,7 @@ from training.data import read_msd
 from training.engine import TrainOptions, train
 from training.synthetic import write_synthetic_task
 from training.train import main as train_main
+from vnetseg.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

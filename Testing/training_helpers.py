@@ -7,11 +7,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from training.config import AugmentConfig, TrainConfig, load_config
 from vnetseg.checkpoint import Preprocessing
 from vnetseg.io import write_nifti
 from vnetseg.model import VNetConfig
-
-from training.config import AugmentConfig, TrainConfig, load_config
 
 TINY_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
 

@@ -29,6 +29,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
 from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic
 from VNetSegmentationLib.checks import ERROR
 from VNetSegmentationLib.environment import deviceLabels, installPackages, missingPackages, pyTorchUtilsLogic
@@ -443,6 +444,7 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
     def test_segment_sample_ct(self):
         import numpy as np
         import SampleData
+
         from VNetSegmentationLib.models import writeRandomModel
 
         self.delayDisplay("Loading a sample CT")

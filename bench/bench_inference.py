@@ -106,9 +106,10 @@ def child_ours_lowmem(ct: str, model: str, out: str, overlap: float, batch: int 
 def child_monai(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
     import numpy as np
     import torch
+    from monai.inferers import sliding_window_inference
+
     import vnetseg.inference as inf
     import vnetseg.io as vio
-    from monai.inferers import sliding_window_inference
     from vnetseg.preprocess import make_grid_map
 
     net_time: dict[str, Any] = {"seconds": 0.0, "windows": 0, "batch_sizes": set()}

@@ -42,14 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
+from training.realct.sources import load_scans
 from vnetseg import inference as inf
 from vnetseg.checkpoint import load_model
 from vnetseg.fast import box_from_coarse_mask
 from vnetseg.postprocess import clean_mask, dice, largest_component
 from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 from vnetseg.registry import default_model
-
-from training.realct.sources import load_scans
 
 PAPER_WINDOW = (96, 96, 96)
 
@@ -157,6 +156,7 @@ def _row(
 def _paper_window_counts(info) -> dict:
     """Window counts on the speed benchmark's CT with the paper V-Net's window (the locator's box, no main network)."""
     from make_ct import make_benchmark_ct
+
     from vnetseg.io import read_image
 
     image = read_image(make_benchmark_ct())

@@ -185,6 +185,7 @@ def make_model_file(
     runs the real coarse pass and then this network on the spleen's box.
     """
     import torch
+
     from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
     from vnetseg.model import build_model, preset
 

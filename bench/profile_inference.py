@@ -121,6 +121,7 @@ def profile_network(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
+
     from vnetseg.model import build_model
 
     torch.manual_seed(0)
@@ -225,6 +226,7 @@ def profile_onednn(args: argparse.Namespace) -> dict[str, Any]:
 def profile_compile(args: argparse.Namespace) -> dict[str, Any]:
     """Eager vs ``torch.compile`` (inductor: fused pointwise ops, prepacked weights), interleaved."""
     import torch
+
     from vnetseg.model import build_model
 
     torch.manual_seed(0)

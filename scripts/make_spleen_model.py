@@ -40,8 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch
-from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model
-from vnetseg.model import VNetConfig, preset
 
 from training import distributed as dd
 from training.config import AugmentConfig, TrainConfig, train_preset
@@ -50,6 +48,8 @@ from training.realct.build import pool_cases, write_pool, write_real_cases, writ
 from training.realct.evaluate import evaluate_scan
 from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs
 from training.realct.sources import load_scans
+from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model
+from vnetseg.model import VNetConfig, preset
 
 SEED = 20260
 PER_KIND = 20  # subjects per patient and kind (real views / synthetic): 80 in all

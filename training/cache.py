@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from vnetseg.checkpoint import Preprocessing
 from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 

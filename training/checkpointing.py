@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from vnetseg.checkpoint import save_atomically
 
 STATE_FORMAT = "vnetseg-train-state"

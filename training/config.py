@@ -82,8 +82,9 @@ class TrainConfig:
         augment: augmentation settings.
         shift_consistency: weight of the shift-consistency loss (0 = off). Each patch is cut a
             little larger, two views of the patch size at random offsets within it go through the
-            network, and the squared difference of their foreground probabilities where they
-            overlap is added to the loss: the same voxel should get the same answer wherever it
+            network, and where they overlap the squared distance of each view's foreground
+            probability from their Gaussian-weighted mean is added to the loss (see
+            losses.shift_consistency_loss): the same voxel should get the same answer wherever it
             falls in a window (sliding-window and fast-mode inference place windows differently).
         consistency_shift: largest offset between the two views, voxels per axis.
     """

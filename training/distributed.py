@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
 from vnetseg.inference import resolve_device
 
 

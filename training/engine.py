@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import vnetseg
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+
+import vnetseg
 from vnetseg.checkpoint import SPLEEN_LABELS, Label, ModelInfo, save_model
 from vnetseg.inference import InferenceOptions, gaussian_importance, predict_volume
 from vnetseg.model import VNet, build_model
@@ -174,8 +175,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_dice: dict[str, float] = {}
         self.consistency = 0.0
-        # where a voxel sits in a window matters to sliding-window inference as this Gaussian says
-        self.importance = torch.from_numpy(gaussian_importance(cfg.preprocessing.patch_size)).to(self.dist.device)
+        # shift consistency weighs a voxel's place in each window as the sliding window's Gaussian does
+        self.importance = (
+            torch.from_numpy(gaussian_importance(cfg.preprocessing.patch_size)).to(self.dist.device)
+            if cfg.shift_consistency > 0 else None
+        )
 
     # ------------------------------------------------------------------ set-up
     def _check_out_dir(self) -> None:

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelFileError, load_model
 from vnetseg.inference import InferenceOptions, predict_file

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
 from vnetseg.io import write_nifti
 
 from .data import write_dataset_json

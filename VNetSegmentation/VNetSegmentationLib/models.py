@@ -260,6 +260,7 @@ def writeRandomModel(path: str | os.PathLike[str], name: str) -> Path:
     Its card says ``trained: False``, so the panel flags it as random weights.
     """
     import torch
+
     from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
     from vnetseg.model import VNetConfig, build_model
 

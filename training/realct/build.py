@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from vnetseg.io import write_nifti
 
 from ..data import write_dataset_json

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo
 from vnetseg.inference import InferenceOptions, predict_volume

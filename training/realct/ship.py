@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 import vnetseg
 from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
 from vnetseg.model import VNet

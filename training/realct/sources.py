@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
 from vnetseg import io as vio
 
 REPO = Path(__file__).resolve().parents[2]
