@@ -24,8 +24,12 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    subject made from its label map), scored on P1's real CTs; then the same for P2. The numbers
    go into the card (run ``bundle`` again afterwards; ``all`` does the stages in the order
    pool, lopo, final, bundle).
+5. ``trials`` (not part of ``all``, not shipped): a fourth stage with shift consistency
+   (TrainConfig.shift_consistency), in the variants of ``TRIALS``, each from the main network's third
+   stage; each is scored like the shipped model (fast and full mode on every real CT) and the table
+   in training/README.md ("Shift consistency") comes from ``trials.json``.
 
-Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle]``.
+Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials]``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,28 @@ def polish_config(epochs: int, iters: int = 20) -> TrainConfig:
     """Stage three: the same wide patches, a third of them on the spleen (more liver and bowel negatives), low rate."""
     cfg = context_config(epochs, iters)
     return TrainConfig(**{**cfg.__dict__, "lr": 5e-4, "fg_ratio": 0.33, "warmup_iters": 0})
+
+
+# stage-four variants of the ``trials`` stage: (name, consistency weight, largest offset between the two
+# windows, window, epochs of 20 steps); weight 0 is the control (more steps, no consistency)
+TRIALS = (
+    ("control", 0.0, (0, 0, 0), (128, 128, 32), 10),
+    ("w20_s32", 20.0, (32, 32, 8), (128, 128, 32), 10),
+    ("w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15),
+    ("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15),
+    ("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15),
+    ("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10),
+)
+
+
+def trial_config(weight: float, shift: tuple[int, int, int], window: tuple[int, int, int], epochs: int) -> TrainConfig:
+    """A fourth stage from stage three's weights: patches half on the spleen, low rate, optional shift consistency."""
+    cfg = context_config(epochs)
+    pre = Preprocessing(**{**cfg.preprocessing.__dict__, "patch_size": window})
+    return TrainConfig(
+        **{**cfg.__dict__, "preprocessing": pre, "lr": 5e-4, "warmup_iters": 0, "fg_ratio": 0.5,
+           "shift_consistency": weight, "consistency_shift": shift}
+    )
 
 
 def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -218,10 +244,40 @@ def stage_final(out: Path) -> None:
     _train(out, task, "final_locator", locator_config(BUDGET["locator"]))
 
 
+def stage_trials(out: Path, only: str | None = None) -> None:
+    """Train and score the stage-four variants of TRIALS (after ``final``); results in OUT/trials.json."""
+    from training.realct.ship import _with_patch, fp16_roundtrip, score_all
+
+    stage3 = out / "runs" / "final_main_polish" / "fold_0" / "model_last.pt"
+    locator = out / "runs" / "final_locator" / "fold_0" / "model_last.pt"
+    if not (stage3.is_file() and locator.is_file()):
+        raise SystemExit(f"run --stage final into {out} first: trials start from {stage3} and use {locator}")
+    loc_net, loc_info = load_model(locator)
+    loc_net, loc_info = fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH)
+    results_path = out / "trials.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name, weight, shift, window, epochs in (("stage3", 0.0, (0, 0, 0), (0, 0, 0), 0), *TRIALS):
+        if only not in (None, name) or name in results:
+            continue
+        if name == "stage3":  # the baseline: the shipped recipe's last stage, scored the same way
+            model_path = stage3
+        else:
+            model_path = _train(out, out / "tasks" / "all", f"trial_{name}", trial_config(weight, shift, window, epochs),
+                                init=stage3)
+        net, info = load_model(model_path)
+        info = _with_patch(info, INFERENCE_PATCH)
+        info.locator = (loc_net, loc_info)
+        scores = score_all(fp16_roundtrip(net), info, log=lambda m: log("  " + m))
+        results[name] = {"weight": weight, "shift": list(shift), "window": list(window), "steps": epochs * 20, **scores}
+        results_path.write_text(json.dumps(results, indent=1))
+        log(f"trial {name}: fast vs full {[a['dice_fast_vs_full'] for a in scores['fast_vs_full']]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
-    parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle"))
+    parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle", "trials"))
+    parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
         "--held", choices=("P1", "P2"), help="lopo stage: only this held-out patient (to run both in parallel)"
     )
@@ -249,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_lopo(args.out, args.held)
         elif stage == "final":
             stage_final(args.out)
+        elif stage == "trials":
+            stage_trials(args.out, args.trial)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)
