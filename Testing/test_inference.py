@@ -158,3 +158,27 @@ def test_bad_options_are_rejected() -> None:
         InferenceOptions(threshold=0.0)
     with pytest.raises(ValueError, match="batch_size"):
         InferenceOptions(batch_size=0)
+
+
+def test_sliding_window_over_some_windows_equals_the_full_pass_where_they_are_all_run() -> None:
+    rng = np.random.default_rng(3)
+    vol = rng.random((1, 50, 40, 30)).astype(np.float32)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:  # depends on the window: a voxel's value and the window mean
+        return x * 0.5 + x.mean(dim=(2, 3, 4), keepdim=True)
+
+    settings = WindowSettings((24, 24, 16), 0.25, 1)
+    full = sliding_window(vol, predictor, settings, 1)
+    lo, hi = (20, 10, 8), (30, 22, 14)  # a box; run only the windows that share a voxel with it
+
+    def touches(w: tuple[int, int, int]) -> bool:
+        return all(a < h and a + p > low for a, p, low, h in zip(w, settings.patch, lo, hi))
+
+    some = sliding_window(vol, predictor, settings, 1, only=touches)
+    box = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
+    np.testing.assert_array_equal(some[box], full[box])  # every window over the box ran: identical values
+    assert not np.array_equal(some, full)  # elsewhere windows are missing
+    # z windows start at 0, 7 and 14; the last misses the box (slices 8-13), so slices 23+ are
+    # covered by no run window: 0 there, not NaN
+    assert window_starts(30, 16, 0.25) == [0, 7, 14]
+    assert np.all(some[..., 23:] == 0.0) and np.isfinite(some).all() and np.all(some[..., :23] > 0)

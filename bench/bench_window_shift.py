@@ -86,22 +86,14 @@ def _subset_probabilities(net, info, volume: np.ndarray, box) -> tuple[np.ndarra
     """Full mode's Gaussian-weighted mean, but only over its windows that touch ``box`` (exact inside it)."""
     pre = info.preprocessing
     patch = inf.window_for(pre.patch_size, volume.shape, net.config.size_multiple)
-    padded = tuple(max(s, p) for s, p in zip(volume.shape, patch))
-    vol = np.pad(volume, [(0, p - s) for s, p in zip(volume.shape, padded)], constant_values=pre.scale[0])
-    chosen = _touching(_grid_windows(volume.shape, patch), patch, box)
-    weight = inf.gaussian_importance(patch)
-    acc, norm = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
-    run = inf.softmax_foreground(net, False)
-    for a, b, c in chosen:
-        tile = np.ascontiguousarray(vol[None, None, a : a + patch[0], b : b + patch[1], c : c + patch[2]])
-        with torch.inference_mode():
-            out = run(torch.from_numpy(tile))[0, 0].numpy()
-        acc[a : a + patch[0], b : b + patch[1], c : c + patch[2]] += out * weight
-        norm[a : a + patch[0], b : b + patch[1], c : c + patch[2]] += weight
-    probs = np.zeros(volume.shape, np.float32)
-    (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
-    probs[x0:x1, y0:y1, z0:z1] = acc[x0:x1, y0:y1, z0:z1] / norm[x0:x1, y0:y1, z0:z1]
-    return probs, len(chosen)
+    n = len(_touching(_grid_windows(volume.shape, patch), patch, box))
+    settings = inf.WindowSettings(patch, 0.25, 1, pad_value=pre.scale[0])
+    probs = inf.sliding_window(
+        volume[None], inf.softmax_foreground(net, False), settings, 1, only=lambda w: bool(_touching([w], patch, box))
+    )[0]
+    inside = np.zeros(volume.shape, bool)
+    inside[tuple(slice(a, b) for a, b in zip(box.start, box.stop))] = True
+    return np.where(inside, probs, 0.0).astype(np.float32), n
 
 
 def _window_counts(shape, patch, multiple, fast_box, organ_box) -> dict[str, int]:

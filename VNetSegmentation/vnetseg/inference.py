@@ -168,6 +168,7 @@ def sliding_window(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     on_oom: Callable[[int], None] | None = None,
+    only: Callable[[tuple[int, int, int]], bool] | None = None,
 ) -> np.ndarray:
     """Gaussian-weighted sliding-window prediction over a whole volume.
 
@@ -179,6 +180,8 @@ def sliding_window(
         progress: called with (fraction done, message) after each batch.
         cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
         on_oom: called with the new batch size when CUDA memory runs out and the batch is halved.
+        only: run only the grid's windows (start indices) for which this returns True; voxels no
+            run window covers come out as 0.
 
     Returns:
         (out_channels, X, Y, Z) float32: the weighted mean of all window predictions.
@@ -197,6 +200,8 @@ def sliding_window(
     weight = gaussian_importance(patch)
     weight_t = torch.from_numpy(weight).to(device)
     windows = _windows(padded, patch, settings.overlap)
+    if only is not None:
+        windows = [w for w in windows if only(w)]
     batch_size = settings.batch_size
     done = 0
     pending = list(windows)
@@ -227,7 +232,7 @@ def sliding_window(
         done += len(batch)
         if progress is not None:
             progress(done / len(windows), f"window {done}/{len(windows)}")
-    acc /= norm[None]
+    np.divide(acc, norm[None], out=acc, where=norm[None] > 0)
     return acc[(slice(None), *(slice(0, s) for s in shape))]
 
 
