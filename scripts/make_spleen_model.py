@@ -115,6 +115,8 @@ TRIALS = (
     ("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15),
     ("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15),
     ("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10),
+    ("w100_s64_long", 100.0, (64, 64, 8), (128, 128, 32), 30),
+    ("w300_s64", 300.0, (64, 64, 8), (128, 128, 32), 15),
 )
 
 
@@ -268,6 +270,7 @@ def stage_trials(out: Path, only: str | None = None) -> None:
         info = _with_patch(info, INFERENCE_PATCH)
         info.locator = (loc_net, loc_info)
         scores = score_all(fp16_roundtrip(net), info, log=lambda m: log("  " + m))
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # trials may run in parallel
         results[name] = {"weight": weight, "shift": list(shift), "window": list(window), "steps": epochs * 20, **scores}
         results_path.write_text(json.dumps(results, indent=1))
         log(f"trial {name}: fast vs full {[a['dice_fast_vs_full'] for a in scores['fast_vs_full']]}")
