@@ -150,3 +150,5 @@ def test_shift_consistency_settings_are_checked_and_round_trip() -> None:
         TrainConfig(shift_consistency=1.0)
     with pytest.raises(ValueError, match="3 voxel counts"):
         TrainConfig(consistency_shift=(4, 4))
+    with pytest.raises(ValueError, match="fg_offset must be in"):
+        TrainConfig(fg_offset=-0.1)

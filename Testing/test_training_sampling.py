@@ -40,6 +40,27 @@ def test_foreground_ratio_one_and_zero() -> None:
     assert share < 0.3  # uniform centres rarely hit a 64-voxel structure
 
 
+def test_foreground_offset_places_the_organ_anywhere_in_the_patch() -> None:
+    # one foreground voxel in a volume large enough that no patch reaches the border
+    image = np.zeros((60, 60, 60), np.float32)
+    label = np.zeros((60, 60, 60), np.uint8)
+    label[30, 30, 30] = 1
+    case = CachedCase("dot", image, label, np.argwhere(label > 0).astype(np.int32))
+    centred = PatchDataset([case], (16, 16, 8), 50, fg_ratio=1.0, seed=0, augment=None)
+    assert all(centred.sample_centre(case, np.random.default_rng(i)).tolist() == [30, 30, 30] for i in range(20))
+    spread = PatchDataset([case], (16, 16, 8), 400, fg_ratio=1.0, seed=0, augment=None, fg_offset=1.0)
+    where = np.array([np.argwhere(spread[i]["label"].numpy())[0] for i in range(400)])  # the voxel, in the patch
+    assert len(where) == 400  # it is always inside the patch ...
+    # ... and reaches from one border to the other: half patch minus one on each side of the centre
+    assert where.min(0).tolist() == [1, 1, 1] and where.max(0).tolist() == [15, 15, 7]
+    assert len({tuple(w) for w in where}) > 300  # spread, not a handful of places
+    half = PatchDataset([case], (16, 16, 8), 400, fg_ratio=1.0, seed=0, augment=None, fg_offset=0.5)
+    where = np.array([np.argwhere(half[i]["label"].numpy())[0] for i in range(400)])
+    assert where.min(0).tolist() == [5, 5, 3] and where.max(0).tolist() == [11, 11, 5]  # floor(0.5 * 7) = 3, floor(0.5 * 3) = 1
+    with pytest.raises(ValueError, match="fg_offset"):
+        PatchDataset([case], (16, 16, 8), 4, fg_ratio=1.0, seed=0, augment=None, fg_offset=1.5)
+
+
 def test_patches_are_a_function_of_seed_epoch_and_index() -> None:
     aug = AugmentConfig(elastic_prob=0.5, elastic_sigma=(2, 3), elastic_magnitude=(1, 2))
     ds = PatchDataset([_case(0), _case(1)], (16, 16, 16), 8, fg_ratio=0.5, seed=3, augment=aug)

@@ -176,18 +176,19 @@ def test_shift_consistency_cuts_larger_patches_and_trains(tmp_path: Path) -> Non
     from training.synthetic import PhantomSettings
 
     data = write_synthetic_task(tmp_path / "Task", cases=2, seed=3, settings=PhantomSettings(fov_mm=(300.0, 240.0, 120.0)))
-    cfg = tiny_config(epochs=1, iters_per_epoch=2, shift_consistency=5.0, consistency_shift=[8, 8, 4])
+    cfg = tiny_config(epochs=1, iters_per_epoch=2, shift_consistency=5.0, consistency_shift=[8, 8, 4], fg_offset=0.5)
     opts = TrainOptions(data=data, out=tmp_path / "run", fold="all", config=cfg, device="cpu", quiet=True)
     trainer = Trainer(opts, dd.setup("cpu"))
     ds, _ = trainer._loader()
     assert ds.patch == (40, 40, 36)  # the 32^3 window plus the largest offset between the two views
+    assert ds.fg_offset == 0.5  # the setting reaches the sampler
     result = trainer.run()
     assert result.epochs_done == 1 and np.isfinite(trainer.history[-1]["train_loss"])
     assert trainer.history[-1]["train_consistency"] > 0  # random weights: two windows disagree somewhat
     with open(result.fold_dir / "log.csv", newline="") as f:
         assert float(next(csv.DictReader(f))["train_consistency"]) == pytest.approx(trainer.history[-1]["train_consistency"], rel=1e-5)
     saved = json.loads((result.fold_dir / "config.json").read_text())
-    assert saved["shift_consistency"] == 5.0 and saved["consistency_shift"] == [8, 8, 4]
+    assert saved["shift_consistency"] == 5.0 and saved["consistency_shift"] == [8, 8, 4] and saved["fg_offset"] == 0.5
     # the exported model runs with the window it was trained on, not the larger cut
     assert load_model(result.fold_dir / "model_last.pt")[1].preprocessing.patch_size == (32, 32, 32)
 

@@ -107,26 +107,31 @@ def polish_config(epochs: int, iters: int = 20) -> TrainConfig:
 
 
 # stage-four variants of the ``trials`` stage: (name, consistency weight, largest offset between the two
-# windows, window, epochs of 20 steps); weight 0 is the control (more steps, no consistency)
+# windows, window, epochs of 20 steps, fg_offset); weight 0 is the control (more steps, no consistency);
+# fg_offset > 0 places the spleen voxel a patch is cut around anywhere in the patch (not only at its centre)
 TRIALS = (
-    ("control", 0.0, (0, 0, 0), (128, 128, 32), 10),
-    ("w20_s32", 20.0, (32, 32, 8), (128, 128, 32), 10),
-    ("w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15),
-    ("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15),
-    ("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15),
-    ("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10),
-    ("w100_s64_long", 100.0, (64, 64, 8), (128, 128, 32), 30),
-    ("w300_s64", 300.0, (64, 64, 8), (128, 128, 32), 15),
+    ("control", 0.0, (0, 0, 0), (128, 128, 32), 10, 0.0),
+    ("w20_s32", 20.0, (32, 32, 8), (128, 128, 32), 10, 0.0),
+    ("w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15, 0.0),
+    ("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15, 0.0),
+    ("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15, 0.0),
+    ("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10, 0.0),
+    ("w100_s64_long", 100.0, (64, 64, 8), (128, 128, 32), 30, 0.0),
+    ("w300_s64", 300.0, (64, 64, 8), (128, 128, 32), 15, 0.0),
+    ("offset1", 0.0, (0, 0, 0), (128, 128, 32), 15, 1.0),
+    ("offset1_w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15, 1.0),
 )
 
 
-def trial_config(weight: float, shift: tuple[int, int, int], window: tuple[int, int, int], epochs: int) -> TrainConfig:
+def trial_config(
+    weight: float, shift: tuple[int, int, int], window: tuple[int, int, int], epochs: int, fg_offset: float = 0.0
+) -> TrainConfig:
     """A fourth stage from stage three's weights: patches half on the spleen, low rate, optional shift consistency."""
     cfg = context_config(epochs)
     pre = Preprocessing(**{**cfg.preprocessing.__dict__, "patch_size": window})
     return TrainConfig(
         **{**cfg.__dict__, "preprocessing": pre, "lr": 5e-4, "warmup_iters": 0, "fg_ratio": 0.5,
-           "shift_consistency": weight, "consistency_shift": shift}
+           "shift_consistency": weight, "consistency_shift": shift, "fg_offset": fg_offset}
     )
 
 
@@ -258,20 +263,21 @@ def stage_trials(out: Path, only: str | None = None) -> None:
     loc_net, loc_info = fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH)
     results_path = out / "trials.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, weight, shift, window, epochs in (("stage3", 0.0, (0, 0, 0), (0, 0, 0), 0), *TRIALS):
+    for name, weight, shift, window, epochs, offset in (("stage3", 0.0, (0, 0, 0), (0, 0, 0), 0, 0.0), *TRIALS):
         if only not in (None, name) or name in results:
             continue
         if name == "stage3":  # the baseline: the shipped recipe's last stage, scored the same way
             model_path = stage3
         else:
-            model_path = _train(out, out / "tasks" / "all", f"trial_{name}", trial_config(weight, shift, window, epochs),
+            model_path = _train(out, out / "tasks" / "all", f"trial_{name}", trial_config(weight, shift, window, epochs, offset),
                                 init=stage3)
         net, info = load_model(model_path)
         info = _with_patch(info, INFERENCE_PATCH)
         info.locator = (loc_net, loc_info)
         scores = score_all(fp16_roundtrip(net), info, log=lambda m: log("  " + m))
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # trials may run in parallel
-        results[name] = {"weight": weight, "shift": list(shift), "window": list(window), "steps": epochs * 20, **scores}
+        results[name] = {"weight": weight, "shift": list(shift), "window": list(window), "steps": epochs * 20,
+                         "fg_offset": offset, **scores}
         results_path.write_text(json.dumps(results, indent=1))
         log(f"trial {name}: fast vs full {[a['dice_fast_vs_full'] for a in scores['fast_vs_full']]}")
 

@@ -66,6 +66,9 @@ class TrainConfig:
         iters_per_epoch: optimiser steps per epoch (per process under DDP the batch is per process).
         batch_size: patches per step and process.
         fg_ratio: share of patches centred on a foreground voxel (the rest: uniform).
+        fg_offset: where that foreground voxel may sit in its patch, as a share of the half patch
+            per axis: 0 puts it at the centre; 1 anywhere in the patch, so the organ is also seen
+            at the window's border and cut by it, as a sliding window sees it.
         loss: "dice" (V-Net soft Dice, squared denominators) or "dice_ce" (Dice + cross-entropy).
         optimizer: "sgd" (Nesterov momentum) or "adamw".
         lr / weight_decay / momentum: optimiser settings.
@@ -95,6 +98,7 @@ class TrainConfig:
     iters_per_epoch: int = 250
     batch_size: int = 2
     fg_ratio: float = 0.5
+    fg_offset: float = 0.0
     loss: str = "dice"
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -126,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"config folds must be >= 2 for cross-validation, got {self.folds}")
         if not 0.0 <= self.fg_ratio <= 1.0:
             raise ValueError(f"config fg_ratio must be in [0, 1], got {self.fg_ratio}")
+        if not 0.0 <= self.fg_offset <= 1.0:
+            raise ValueError(f"config fg_offset must be in [0, 1], got {self.fg_offset}")
         if self.lr <= 0:
             raise ValueError(f"config lr must be > 0, got {self.lr}")
         if self.workers < 0:

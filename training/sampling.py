@@ -123,16 +123,21 @@ class PatchDataset(Dataset):
         seed: base seed.
         augment: augmentation settings, or None for none.
         pad_value: value outside the volume (the lower end of the intensity scale).
+        fg_offset: how far from the patch centre the foreground voxel may lie, as a share of half
+            of ``patch`` per axis (uniform; 0 = centred on it; the voxel always stays inside).
     """
 
     def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int], length: int, fg_ratio: float,
-                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0) -> None:
+                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_offset: float = 0.0) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
         self.cases = cases
         self.patch = tuple(int(p) for p in patch)
         self.length = int(length)
         self.fg_ratio = float(fg_ratio)
+        if not 0.0 <= fg_offset <= 1.0:
+            raise ValueError(f"fg_offset must be in [0, 1], got {fg_offset}")
+        self.fg_offset = float(fg_offset)
         self.seed = int(seed)
         self.epoch = 0
         self.pad_value = float(pad_value)
@@ -149,7 +154,11 @@ class PatchDataset(Dataset):
 
     def sample_centre(self, case: CachedCase, rng: np.random.Generator) -> np.ndarray:
         if len(case.foreground) and rng.random() < self.fg_ratio:
-            return case.foreground[rng.integers(len(case.foreground))].astype(int)
+            voxel = case.foreground[rng.integers(len(case.foreground))].astype(int)
+            if self.fg_offset == 0:  # no extra draw: runs without an offset stay as they were
+                return voxel
+            reach = np.floor(self.fg_offset * (np.asarray(self.patch) // 2 - 1)).astype(int)
+            return voxel + np.array([rng.integers(-r, r + 1) for r in reach])
         # uniform centre such that the patch stays inside the volume where the volume is large enough
         half = np.asarray(self.patch) // 2
         shape = np.asarray(case.image.shape)
