@@ -8,7 +8,9 @@ least one of the model's trained windows (centred on the organ), and runs the fu
 on that box only. The growth matters: the network's answer near the organ's border depends on how
 much anatomy its window shows around it, and a tight box showed less than full mode does (fast vs
 full Dice on the three real CTs with the shipped model v1.0.0: 0.942-0.981 with a tight box,
-0.986-0.995 with one window at least). The organ is never cropped silently: when the coarse pass
+0.986-0.995 with one 160 x 160 x 32 window at least; v1.1.0 runs 256 x 256 x 32 windows, wide
+enough that full mode's windows also show the organ whole: 0.991-1.000). The organ is never
+cropped silently: when the coarse pass
 finds nothing, the caller runs the whole-volume pass and says so; when the organ touches the edge
 of the field of view, the box is extended to the image border on that side (the image itself is
 the only limit there) and the result says so.

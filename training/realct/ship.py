@@ -31,8 +31,15 @@ from .sources import load_scans, pelvis_part
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
 CORE = Path(vnetseg.__file__).parent
 SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
-INFERENCE_PATCH = (160, 160, 32)
-VERSION = "1.0.0"
+# The network answers best when its window shows the whole spleen with its surroundings (trained
+# mostly on patches around the organ). 256 x 256 voxels in-plane are 384 x 384 mm, most of an
+# abdomen's cross-section, so full mode's windows see the organ whole as fast mode's window does
+# and the two modes agree: fast vs full Dice on the three real CTs 0.9908 / 1.0000 / 0.9960 with
+# 256 against 0.9861 / 0.9948 / 0.9858 with 160 (v1.0.0), 0.9863 / 0.9943 / 0.9855 with 240, the
+# same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
+# slabs (20-slice P2) add padding it never saw.
+INFERENCE_PATCH = (256, 256, 32)
+VERSION = "1.1.0"
 
 
 def fp16_roundtrip(net: VNet) -> VNet:
@@ -224,8 +231,11 @@ def build_card(
             f"V-Net ({main_info.config.to_dict()}), the 'light' preset's shape with quarter widths "
             "(half the CPU time) and batch norm (fixed statistics at inference, unlike instance norm's "
             f"per-window ones); run with {INFERENCE_PATCH[0]} x {INFERENCE_PATCH[1]} x {INFERENCE_PATCH[2]} "
-            "windows, 32 slices deep as in training: deeper windows over thin slabs (20-slice P2) add "
-            "padding it never saw and changed its output there"
+            "windows: 384 x 384 mm in-plane, most of an abdomen's cross-section, so that full mode's "
+            "windows, like fast mode's, show the spleen whole with its surroundings (with 160 x 160 "
+            "windows, v1.0.0, full mode saw the organ cut by window borders and fast and full mode agreed "
+            "only to Dice 0.986-0.995); 32 slices deep as in training: deeper windows over thin slabs "
+            "(20-slice P2) add padding it never saw and changed its output there"
         ),
         "training_data": {
             "source": "two real abdominal CTs from the TotalSegmentator test fixtures "
