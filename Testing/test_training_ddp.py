@@ -22,7 +22,9 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
     small = PhantomSettings(fov_mm=(300.0, 240.0, 160.0))
     data = write_synthetic_task(tmp_path / "Task", cases=4, seed=1, settings=small)
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(tiny_config(epochs=2, iters_per_epoch=2, val_every=2, folds=2).to_dict()))
+    # with shift consistency on: two windows per patch under DDP, and its term reduced over both ranks
+    settings = {"shift_consistency": 1.0, "consistency_shift": [8, 8, 0]}
+    cfg.write_text(json.dumps(tiny_config(epochs=2, iters_per_epoch=2, val_every=2, folds=2, **settings).to_dict()))
     out = tmp_path / "run"
     path = os.pathsep.join([str(REPO), str(REPO / "VNetSegmentation")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -36,6 +38,7 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path: Path) -> None:
     assert not list(fold.glob(".*"))  # no leftover temporary files from a second writer
     rows = list(csv.DictReader((fold / "log.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]  # one writer: each epoch logged once
+    assert all(float(r["train_consistency"]) > 0 for r in rows)
     assert proc.stderr.count("epoch 2/2") == 1 and proc.stderr.count("done:") == 1  # only rank 0 reports
     _, info = load_model(fold / "model_last.pt")
     assert info.card["world_size"] == 2 and info.card["epochs"] == 2

@@ -255,7 +255,7 @@ class Trainer:
         self.net.train()
         bar = Progress(self.epoch + 1, self.cfg.epochs, len(loader), enabled=self.dist.is_main and not self.opts.quiet)
         total, steps, t0 = 0.0, 0, time.perf_counter()
-        self.consistency = 0.0  # mean shift-consistency term of this epoch (0 when off)
+        consistency = 0.0  # sum of the shift-consistency terms of this epoch (0 when off)
         for step, batch in enumerate(loader, 1):
             image = batch["image"].to(self.dist.device, non_blocking=True)  # (B, 1, X, Y, Z)
             label = batch["label"].to(self.dist.device, non_blocking=True)  # (B, X, Y, Z)
@@ -272,7 +272,7 @@ class Trainer:
                 half = probs.shape[0] // 2
                 term = shift_consistency_loss(probs[:half], probs[half:], offsets[:half], offsets[half:], self.importance)
                 loss = loss + self.cfg.shift_consistency * term
-                self.consistency += float(term.detach()) / len(loader)
+                consistency += float(term.detach())
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -284,7 +284,8 @@ class Trainer:
             steps += 1
             bar.update(step, total / steps, image.shape[0])
         seconds = time.perf_counter() - t0
-        sums = dd.all_reduce_sum(torch.tensor([total, steps, steps * self.cfg.batch_size]), self.dist)
+        sums = dd.all_reduce_sum(torch.tensor([total, steps, steps * self.cfg.batch_size, consistency]), self.dist)
+        self.consistency = float(sums[3] / max(sums[1], 1))  # mean over every process's steps, like the loss
         self._bar = bar
         return float(sums[0] / max(sums[1], 1)), float(sums[2] / max(seconds, 1e-9))
 
