@@ -49,8 +49,9 @@ def test_foreground_offset_places_the_organ_anywhere_in_the_patch() -> None:
     centred = PatchDataset([case], (16, 16, 8), 50, fg_ratio=1.0, seed=0, augment=None)
     assert all(centred.sample_centre(case, np.random.default_rng(i)).tolist() == [30, 30, 30] for i in range(20))
     spread = PatchDataset([case], (16, 16, 8), 400, fg_ratio=1.0, seed=0, augment=None, fg_offset=1.0)
-    where = np.array([np.argwhere(spread[i]["label"].numpy())[0] for i in range(400)])  # the voxel, in the patch
-    assert len(where) == 400  # it is always inside the patch ...
+    labels = [spread[i]["label"].numpy() for i in range(400)]
+    assert all(lab.sum() == 1 for lab in labels)  # the voxel is always inside the patch ...
+    where = np.array([np.argwhere(lab)[0] for lab in labels])  # ... where
     # ... and reaches from one border to the other: half patch minus one on each side of the centre
     assert where.min(0).tolist() == [1, 1, 1] and where.max(0).tolist() == [15, 15, 7]
     assert len({tuple(w) for w in where}) > 300  # spread, not a handful of places

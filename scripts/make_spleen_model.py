@@ -39,6 +39,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -106,34 +107,42 @@ def polish_config(epochs: int, iters: int = 20) -> TrainConfig:
     return TrainConfig(**{**cfg.__dict__, "lr": 5e-4, "fg_ratio": 0.33, "warmup_iters": 0})
 
 
-# stage-four variants of the ``trials`` stage: (name, consistency weight, largest offset between the two
-# windows, window, epochs of 20 steps, fg_offset); weight 0 is the control (more steps, no consistency);
-# fg_offset > 0 places the spleen voxel a patch is cut around anywhere in the patch (not only at its centre)
+class Trial(NamedTuple):
+    """A stage-four variant of the ``trials`` stage, trained from stage three's weights."""
+
+    name: str
+    weight: float  # shift-consistency weight; 0 with no offset is the control (more steps, nothing else)
+    shift: tuple[int, int, int]  # largest offset between the two consistency windows
+    window: tuple[int, int, int]  # training patch
+    epochs: int  # of 20 steps
+    fg_offset: float = 0.0  # > 0: the spleen voxel a patch is cut around lands anywhere in the patch
+
+
 TRIALS = (
-    ("control", 0.0, (0, 0, 0), (128, 128, 32), 10, 0.0),
-    ("w20_s32", 20.0, (32, 32, 8), (128, 128, 32), 10, 0.0),
-    ("w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15, 0.0),
-    ("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15, 0.0),
-    ("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15, 0.0),
-    ("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10, 0.0),
-    ("w100_s64_long", 100.0, (64, 64, 8), (128, 128, 32), 30, 0.0),
-    ("w300_s64", 300.0, (64, 64, 8), (128, 128, 32), 15, 0.0),
-    ("offset1", 0.0, (0, 0, 0), (128, 128, 32), 15, 1.0),
-    ("offset1_w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15, 1.0),
-    ("offset1_long", 0.0, (0, 0, 0), (128, 128, 32), 30, 1.0),
-    ("offset1_win160", 0.0, (0, 0, 0), (160, 160, 32), 20, 1.0),
+    Trial("control", 0.0, (0, 0, 0), (128, 128, 32), 10),
+    Trial("w20_s32", 20.0, (32, 32, 8), (128, 128, 32), 10),
+    Trial("w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15),
+    Trial("w100_s64_z16", 100.0, (64, 64, 16), (128, 128, 32), 15),
+    Trial("w100_s96", 100.0, (96, 96, 8), (128, 128, 32), 15),
+    Trial("w50_win160", 50.0, (48, 48, 8), (160, 160, 32), 10),
+    Trial("w100_s64_long", 100.0, (64, 64, 8), (128, 128, 32), 30),
+    Trial("w300_s64", 300.0, (64, 64, 8), (128, 128, 32), 15),
+    Trial("offset1", 0.0, (0, 0, 0), (128, 128, 32), 15, 1.0),
+    Trial("offset1_w100_s64", 100.0, (64, 64, 8), (128, 128, 32), 15, 1.0),
+    Trial("offset1_long", 0.0, (0, 0, 0), (128, 128, 32), 30, 1.0),
+    Trial("offset1_win160", 0.0, (0, 0, 0), (160, 160, 32), 20, 1.0),
 )
+# the baseline row of trials.json: the shipped recipe's last stage itself, scored the same way
+STAGE3 = Trial("stage3", 0.0, (0, 0, 0), (0, 0, 0), 0)
 
 
-def trial_config(
-    weight: float, shift: tuple[int, int, int], window: tuple[int, int, int], epochs: int, fg_offset: float = 0.0
-) -> TrainConfig:
+def trial_config(trial: Trial) -> TrainConfig:
     """A fourth stage from stage three's weights: patches half on the spleen, low rate, optional shift consistency."""
-    cfg = context_config(epochs)
-    pre = Preprocessing(**{**cfg.preprocessing.__dict__, "patch_size": window})
+    cfg = context_config(trial.epochs)
+    pre = Preprocessing(**{**cfg.preprocessing.__dict__, "patch_size": trial.window})
     return TrainConfig(
         **{**cfg.__dict__, "preprocessing": pre, "lr": 5e-4, "warmup_iters": 0, "fg_ratio": 0.5,
-           "shift_consistency": weight, "consistency_shift": shift, "fg_offset": fg_offset}
+           "shift_consistency": trial.weight, "consistency_shift": trial.shift, "fg_offset": trial.fg_offset}
     )
 
 
@@ -265,21 +274,21 @@ def stage_trials(out: Path, only: str | None = None) -> None:
     loc_net, loc_info = fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH)
     results_path = out / "trials.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, weight, shift, window, epochs, offset in (("stage3", 0.0, (0, 0, 0), (0, 0, 0), 0, 0.0), *TRIALS):
+    for trial in (STAGE3, *TRIALS):
+        name = trial.name
         if only not in (None, name) or name in results:
             continue
-        if name == "stage3":  # the baseline: the shipped recipe's last stage, scored the same way
+        if trial is STAGE3:
             model_path = stage3
         else:
-            model_path = _train(out, out / "tasks" / "all", f"trial_{name}", trial_config(weight, shift, window, epochs, offset),
-                                init=stage3)
+            model_path = _train(out, out / "tasks" / "all", f"trial_{name}", trial_config(trial), init=stage3)
         net, info = load_model(model_path)
         info = _with_patch(info, INFERENCE_PATCH)
         info.locator = (loc_net, loc_info)
         scores = score_all(fp16_roundtrip(net), info, log=lambda m: log("  " + m))
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # trials may run in parallel
-        results[name] = {"weight": weight, "shift": list(shift), "window": list(window), "steps": epochs * 20,
-                         "fg_offset": offset, **scores}
+        results[name] = {"weight": trial.weight, "shift": list(trial.shift), "window": list(trial.window),
+                         "steps": trial.epochs * 20, "fg_offset": trial.fg_offset, **scores}
         results_path.write_text(json.dumps(results, indent=1))
         log(f"trial {name}: fast vs full {[a['dice_fast_vs_full'] for a in scores['fast_vs_full']]}")
 
