@@ -42,6 +42,28 @@ def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def blind_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a locator that never finds a spleen (its output bias says background)."""
+    import torch
+
+    from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
+    from vnetseg.model import VNetConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
+    model, locator = build_model(cfg), build_model(cfg)
+    with torch.no_grad():
+        locator.head.weight.zero_()
+        locator.head.bias.copy_(torch.tensor([10.0, -10.0]))  # background everywhere
+    info = ModelInfo(cfg, Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(32, 32, 32)),
+                     card={"name": "tiny model whose locator sees no spleen", "trained": False})
+    loc_info = ModelInfo(cfg, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(32, 32, 32)))
+    path = tmp_path_factory.mktemp("models") / "blind.pt"
+    save_model(path, model, info, locator=(locator, loc_info))
+    return path
+
+
 @pytest.fixture(scope="module")
 def env():
     """A scene that behaves like the application's (slicer-core), one per test module."""

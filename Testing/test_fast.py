@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_inference import ThresholdNet
 from test_io import make_affine
 
 from vnetseg.checkpoint import ModelInfo, Preprocessing
-from vnetseg.fast import box_from_coarse_mask, single_window_patch
+from vnetseg.fast import box_from_coarse_mask, locate, single_window_patch
 from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
 from vnetseg.io import Image
 from vnetseg.model import VNetConfig
@@ -49,16 +50,88 @@ def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
     assert abs(fast.volume_ml - full.volume_ml) / full.volume_ml < 0.02
 
 
-def test_fast_never_crops_the_organ_when_nothing_or_an_edge_is_found() -> None:
-    empty = Image(np.full((120, 100, 40), -50.0, np.float32) + np.arange(40, dtype=np.float32), make_affine("RAS", spacing=(1.0, 1.0, 2.5)))
-    res = predict_volume(empty, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
-    assert res.labelmap.sum() == 0 and any("found no spleen" in n and "whole volume" in n for n in res.notes)
+def test_fast_never_crops_the_organ_at_an_edge() -> None:
     edge = _phantom(centre_mm=(60.0, 0.0, 15.0))  # cut by the image's right-left border
     res = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
     assert any("edge of the field of view" in n and "image border" in n for n in res.notes)
     full = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="full"))
     assert dice(res.labelmap > 0, full.labelmap > 0) >= 0.99  # nothing cut off at the border
     assert dice(res.labelmap > 0, edge.array > 0) > 0.98
+
+
+class BandNet(torch.nn.Module):
+    """A stand-in locator: foreground where the windowed intensity lies in (0.6, 0.85), i.e. 76-131 HU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = VNetConfig(widths=(4, 8, 16, 32, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 40.0 * torch.minimum(x - 0.6, 0.85 - x)], dim=1)
+
+
+def _two_organs(kind: str = "LPS") -> tuple[Image, np.ndarray, np.ndarray]:
+    """A 100 HU 'spleen' on the patient's left and a larger 160 HU 'heart' above it on the right."""
+    shape, aff = (200, 180, 80), make_affine(kind, spacing=(0.8, 0.8, 2.5), origin=(80.0, 70.0, -90.0))
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    ras = ijk @ aff[:3, :3].T + aff[:3, 3]
+    spleen = (((ras - (-35.0, 0.0, -30.0)) / (25.0, 20.0, 30.0)) ** 2).sum(-1) <= 1.0
+    heart = (((ras - (25.0, 0.0, 40.0)) / (40.0, 35.0, 40.0)) ** 2).sum(-1) <= 1.0
+    hu = np.full(shape, -50.0, np.float32)
+    hu[spleen], hu[heart] = 100.0, 160.0
+    return Image(hu, aff), spleen, heart
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_the_whole_ct_view_decides_which_part_is_the_spleen_in_both_modes(mode: str) -> None:
+    """The main network finds both organs; the larger one is not kept when the locator rejects it."""
+    ct, spleen, heart = _two_organs()
+    assert heart.sum() > 3 * spleen.sum()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BandNet(), loc_info)
+    res = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert res.mode == mode and res.report.found
+    assert dice(res.labelmap > 0, spleen) > 0.97 and not (res.labelmap > 0)[heart].any()
+    assert len(res.report.components_ml) == 2  # both parts were seen at full resolution; one was kept
+    # without the whole-CT view, "keep the largest component" would have returned the heart
+    plain = predict_volume(ct, ThresholdNet(), ModelInfo(info.config, info.preprocessing), InferenceOptions(device="cpu"))
+    assert dice(plain.labelmap > 0, heart) > 0.97
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_no_spleen_in_view_is_an_answer_in_both_modes(mode: str) -> None:
+    """Nothing located: an empty mask on the input grid, said plainly, and no full-resolution pass."""
+    ct, _spleen, heart = _two_organs()
+    ct = Image(np.where(heart, 160.0, -50.0).astype(np.float32), ct.affine)  # the heart alone
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BandNet(), loc_info)
+    seen: list[str] = []
+    res = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode), lambda f, m: seen.append(m))
+    assert res.labelmap.shape == ct.shape and res.labelmap.dtype == np.uint8 and not res.labelmap.any()
+    assert not res.report.found and res.report.message.startswith("no spleen found in the field of view")
+    assert res.volume_ml == 0 and res.report.warnings == [] and res.box is None
+    assert not any(m.startswith("segmenting") for m in seen)  # the full-resolution network never ran
+
+
+def test_locate_picks_the_most_probable_part_and_refuses_small_ones() -> None:
+    coarse = make_grid_map((50, 50, 50), np.diag([4.0, 4.0, 4.0, 1.0]), (4.0, 4.0, 4.0))
+    probs = np.zeros((50, 50, 50), np.float32)
+    probs[5:25, 5:25, 5:25] = 0.55  # big, hesitant: 512 mL
+    probs[30:40, 30:40, 30:40] = 0.99  # smaller, sure: 64 mL, but less mass (990 vs 4400)
+    loc = locate(probs, coarse)
+    assert loc.found and loc.mask[10, 10, 10] and not loc.mask[35, 35, 35]
+    assert loc.volume_ml == pytest.approx(512.0) and loc.candidates_ml == [512.0, 64.0]
+    probs[5:25, 5:25, 5:25] = 0.3
+    loc = locate(probs, coarse)
+    assert loc.found and loc.mask[35, 35, 35] and loc.candidates_ml == [64.0]
+    tiny = np.zeros_like(probs)
+    tiny[1:3, 1:3, 1:5] = 0.9  # 16 voxels of 64 uL: 1.0 mL
+    loc = locate(tiny, coarse, min_ml=10.0)
+    assert not loc.found and not loc.mask.any() and "1.0 mL, under 10 mL" in loc.reason
+    none = locate(np.zeros_like(probs), coarse)
+    assert not none.found and none.reason.startswith("no spleen found in the field of view")
 
 
 def test_mode_choice() -> None:

@@ -55,7 +55,8 @@ def test_quality_report_normal_spleen_has_no_warning() -> None:
 
 def test_quality_report_fires_each_warning_on_its_trigger() -> None:
     voxel = 1.0 / 1000
-    assert "no spleen found" in quality_report(np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool), voxel).warnings[0]
+    empty = quality_report(np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool), voxel)
+    assert not empty.found and empty.message == "no spleen found in the field of view" and empty.warnings == []
     tiny = _ball((40, 40, 40), (20, 20, 20), 5)
     assert any("implausible" in w for w in quality_report(tiny, tiny, voxel).warnings)
     edge = _ball((40, 40, 40), (0, 20, 20), 30)

@@ -255,3 +255,28 @@ def test_mode_reaches_the_core_in_both_paths(ct_dir, tiny_model_file, env, logic
     assert env.node_ids() == before
     with pytest.raises(ValueError, match="mode must be"):
         SegmentationOptions(mode="quick")
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_no_spleen_in_view_leaves_the_scene_as_it_was_and_says_so(ct_dir, blind_model_file, env, logic, background):
+    """"No spleen found in the field of view" is an answer: no empty or replaced segment, a clear summary."""
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", f"sm-none-{background}")
+    output = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"mine-{background}")
+    output.CreateDefaultDisplayNodes()
+    from vnetseg.checkpoint import Label
+
+    mine = np.zeros(nodes.volumeShape(volume), np.uint8)
+    mine[10:20, 10:20, 10:20] = 1
+    nodes.fillSegments(output, volume, mine, [Label(1, "Spleen")])
+    ids_before = env.node_ids()
+    for mode in ("fast", "full"):
+        options = SegmentationOptions("cpu", OVERLAP, postprocess=True, mode=mode)
+        seg, result = logic.segment(volume, blind_model_file, options, outputSegmentation=output, replace=True,
+                                    background=background)
+        assert seg is None and not result.found and result.segmentIDs == [] and result.volumeMl == 0.0
+        assert result.message.startswith("no spleen found in the field of view")
+        assert result.background == background
+        first = result.summary().splitlines()[0]
+        assert first.startswith("No spleen found in the field of view") and "nothing was added" in first
+        assert env.node_ids() == ids_before  # no new node
+        assert np.array_equal(nodes.segmentMask(output, "Spleen", volume), mine)  # the user's segment is kept

@@ -317,8 +317,13 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResult(self, node, result) -> None:
         p = self._parameterNode
-        p.outputSegmentation = node
         p.resultSummary = result.summary()
+        if not result.found:  # "no spleen in view" is an answer: the scene was left as it was
+            self.ui.statusLabel.text = _("No spleen found in the field of view ({seconds:.1f} s).").format(
+                seconds=result.seconds
+            )
+            return
+        p.outputSegmentation = node
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=result.seconds)
         slicer.util.setSliceViewerLayers(background=p.inputVolume, fit=True)
         node.GetDisplayNode().SetVisibility(True)

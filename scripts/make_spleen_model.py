@@ -49,15 +49,17 @@ import torch
 from training import distributed as dd
 from training.config import AugmentConfig, TrainConfig, train_preset
 from training.engine import Trainer, TrainOptions
-from training.realct.build import pool_cases, write_pool, write_real_cases, write_task
+from training.realct.build import TRAIN_SCANS, pool_cases, read_pool_records, write_pool, write_real_cases, write_task
 from training.realct.evaluate import evaluate_scan
 from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs
-from training.realct.sources import load_scans
+from training.realct.sources import PATIENTS, load_scans
 from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model
 from vnetseg.model import VNetConfig, preset
 
 SEED = 20260
-PER_KIND = 20  # subjects per patient and kind (real views / synthetic): 80 in all
+# subjects per patient and kind: P1 and P2 (organ label maps) give 16 real views and 16 synthetic CTs
+# each, P3-P5 (spleen-only references) 24 real views each: 136 in all
+PER_KIND = 16
 # The light preset's shape with quarter widths and batch norm: in eval mode batch norm uses fixed
 # statistics, so a voxel's output depends only on the image around it (not on statistics of the
 # whole window, as with instance norm); it still depends on how much anatomy the window shows
@@ -66,7 +68,10 @@ PER_KIND = 20  # subjects per patient and kind (real views / synthetic): 80 in a
 MAIN_MODEL = preset("light", widths=(4, 8, 16, 32, 64), norm="batch")
 LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch")
 MAIN_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 64))
-LOCATOR_PRE = Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 164.0), patch_size=(48, 48, 48))
+# the locator decides whether a spleen is in view and which part is the spleen, for both modes: it is
+# trained on 256 x 256 x 192 mm patches (half the abdomen's width, the heart above the spleen, the
+# kidney below it) and run over the whole CT as one window
+LOCATOR_PRE = Preprocessing(target_spacing=(4.0, 4.0, 4.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 48))
 # second stage: flat patches with 192 mm of in-plane context, so the network sees the spine, the
 # stomach and the ribs around the organ and can tell the spleen (patient's left) from the liver
 CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(128, 128, 32))
@@ -86,7 +91,7 @@ def main_config(epochs: int, iters: int = 20) -> TrainConfig:
         lr=3e-3,
         warmup_iters=20,
         workers=0,
-        val_every=min(epochs, 10),
+        val_every=epochs,  # once, at the end: the real CTs are big and every minute counts on a CPU
         folds=2,
         seed=SEED,
         fg_ratio=0.5,
@@ -147,29 +152,30 @@ def trial_config(trial: Trial) -> TrainConfig:
 
 
 def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
+    """The locator: 4 mm, large patches, 40 % of them on the spleen (most of the others hold the heart, liver, bowel)."""
     cfg = main_config(epochs, iters)
-    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE})
+    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4})
 
 
 # epochs of 20 steps x 2 patches: main stage one (64^3) for the final model and for each
-# leave-one-patient-out model, stage two (128 x 128 x 32) for both, and the locator
-BUDGET = {"lopo": 30, "final": 50, "context": 20, "polish": 10, "locator": 30}
+# leave-one-patient-out model, stage two (128 x 128 x 32) for both, stage three, and the locator
+BUDGET = {"lopo": 30, "final": 50, "context": 20, "polish": 10, "locator": 40}
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def stage_pool(out: Path) -> None:
+def stage_pool(out: Path, only: str | None = None) -> None:
     log("building training subjects")
-    write_pool(out, PER_KIND, SEED, log=lambda m: log("  " + m))
+    names = TRAIN_SCANS if only is None else (only,)
+    write_pool(out, PER_KIND, SEED, scans=load_scans(names=names), log=lambda m: log("  " + m))
 
 
 def _subjects(out: Path):
     from training.realct.build import Subject
 
-    records = json.loads((out / "pool" / "subjects.json").read_text())
-    return [Subject(r["name"], r["patient"], r["kind"], r["spleen_ml"], {}) for r in records]
+    return [Subject(r["name"], r["patient"], r["kind"], r["spleen_ml"], {}) for r in read_pool_records(out)]
 
 
 def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None = None) -> Path:
@@ -205,44 +211,57 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None 
     return fold_dir / "model_last.pt"
 
 
+def _train_networks(out: Path, task: Path, prefix: str, first_epochs: int) -> tuple[Path, Path, list[Path]]:
+    """The main network's three stages and the locator on ``task``; returns (main, locator, every run)."""
+    first = _train(out, task, prefix, main_config(first_epochs))
+    second = _train(out, task, f"{prefix}_context", context_config(BUDGET["context"]), init=first)
+    main = _train(out, task, f"{prefix}_polish", polish_config(BUDGET["polish"]), init=second)
+    locator = _train(out, task, f"{prefix.replace('_main', '')}_locator", locator_config(BUDGET["locator"]))
+    return main, locator, [first, second, main, locator]
+
+
 def stage_lopo(out: Path, only: str | None = None) -> None:
+    """Per held-out patient: both networks trained on the other four patients, scored on its CTs in both modes."""
+    from training.realct.ship import score_all
+
     scans = load_scans()
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
-    for held, other in (("P1", "P2"), ("P2", "P1")):
+    for held in PATIENTS:
         if only not in (None, held):
             continue
+        others = tuple(p for p in PATIENTS if p != held)
         val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
         task = write_task(
             out / "tasks" / f"lopo_without_{held}",
-            pool_cases(out, subjects, (other,)),
+            pool_cases(out, subjects, others),
             val,
-            f"subjects of {other} only; validation on {held}'s real CTs",
+            f"subjects of {', '.join(others)}; validation on {held}'s real CTs",
         )
-        first = _train(out, task, f"lopo_without_{held}", main_config(BUDGET["lopo"]))
-        second = _train(out, task, f"lopo_without_{held}_context", context_config(BUDGET["context"]), init=first)
-        model_path = _train(out, task, f"lopo_without_{held}_polish", polish_config(BUDGET["polish"]), init=second)
-        net, info = load_model(model_path)
-        info = ModelInfo(
-            info.config, Preprocessing(**{**info.preprocessing.__dict__, "patch_size": INFERENCE_PATCH}), info.labels
-        )
-        rows = []
-        for scan in scans:
-            if scan.patient == held:
-                row = evaluate_scan(scan, net, info, mode="full")
-                row.pop("_mask")
-                rows.append(row)
-                log(f"lopo held-out {held} {scan.name}: {row}")
-        minutes = sum(
-            json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in (first, second, model_path)
-        )
+        main, locator, runs = _train_networks(out, task, f"lopo_without_{held}", BUDGET["lopo"])
+        net, info = _bundle_in_memory(main, locator)
+        scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,))
+        minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
         result = {
-            "trained_on": other,
-            "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + {BUDGET['polish'] * 20} (128x128x32)",
+            "trained_on": list(others),
+            "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + {BUDGET['polish'] * 20} "
+            f"(128x128x32); locator {BUDGET['locator'] * 20}",
             "train_minutes": round(minutes, 1),
-            "cases": rows,
+            **scores,
         }
         (out / f"lopo_{held}.json").write_text(json.dumps(result, indent=1))
+        log(f"lopo {held} done: {[(c['scan'], c['mode'], c['dice']) for c in scores['cases']]}")
+
+
+def _bundle_in_memory(main: Path, locator: Path):
+    """The two networks as the shipped file would hold them (float16 weights, inference window), not written."""
+    from training.realct.ship import _with_patch, fp16_roundtrip
+
+    net, info = load_model(main)
+    loc_net, loc_info = load_model(locator)
+    info = _with_patch(info, INFERENCE_PATCH)
+    info.locator = (fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH))
+    return fp16_roundtrip(net), info
 
 
 def stage_final(out: Path) -> None:
@@ -252,14 +271,11 @@ def stage_final(out: Path) -> None:
     val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
     task = write_task(
         out / "tasks" / "all",
-        pool_cases(out, subjects, ("P1", "P2")),
+        pool_cases(out, subjects, PATIENTS),
         val,
-        "subjects of both patients; validation on P2's real CT (a training-set check)",
+        "subjects of all five patients; validation on P2's real CT (a training-set check)",
     )
-    first = _train(out, task, "final_main", main_config(BUDGET["final"]))
-    second = _train(out, task, "final_main_context", context_config(BUDGET["context"]), init=first)
-    _train(out, task, "final_main_polish", polish_config(BUDGET["polish"]), init=second)
-    _train(out, task, "final_locator", locator_config(BUDGET["locator"]))
+    _train_networks(out, task, "final_main", BUDGET["final"])
 
 
 def stage_trials(out: Path, only: str | None = None) -> None:
@@ -299,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle", "trials"))
     parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
-        "--held", choices=("P1", "P2"), help="lopo stage: only this held-out patient (to run both in parallel)"
+        "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
     )
+    parser.add_argument("--scan", choices=TRAIN_SCANS, help="pool stage: only this scan's subjects (in parallel)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = ("pool", "lopo", "final", "bundle") if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "pool":
-            stage_pool(args.out)
+            stage_pool(args.out, args.scan)
         elif stage == "lopo":
             stage_lopo(args.out, args.held)
         elif stage == "final":

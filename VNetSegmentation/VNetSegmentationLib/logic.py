@@ -224,6 +224,9 @@ class VNetSegmentationLogic:
         except Cancelled:
             raise SegmentationCancelled("the segmentation was cancelled; nothing was added to the scene") from None
         del image
+        if not prediction.report.found:
+            return None, self._noSpleen(prediction.report.message, started, prediction.device,
+                                        prediction.notes, warnings, entry.name, background=False)
         return self._output(
             volumeNode,
             prediction.labelmap,
@@ -298,6 +301,9 @@ class VNetSegmentationLogic:
             labelmap = _readMask(run.outputPath, volumeNode)
             output = self.scene.GetNodeByID(run.outputSegmentationID) if run.outputSegmentationID else None
             done = run.process.result or {}
+            if done.get("spleen_found") is False and not labelmap.any():
+                return None, self._noSpleen(str(done.get("message") or ""), run.started, str(done.get("device", "")),
+                                            done.get("warnings") or [], run.preRunWarnings, run.model.name, True)
             return self._output(
                 volumeNode,
                 labelmap,
@@ -312,6 +318,15 @@ class VNetSegmentationLogic:
             )
         finally:
             run.cleanup()
+
+    @staticmethod
+    def _noSpleen(message, started, device, notes, preRunWarnings, modelName, background) -> SegmentationResult:
+        """ "No spleen in view" is an answer: the scene is left exactly as it was (no empty or replaced segment)."""
+        return SegmentationResult(
+            "", [], 0.0, time.monotonic() - started, device,
+            warnings=checks.warningsFromTexts(notes), preRunWarnings=preRunWarnings, modelName=modelName,
+            background=background, found=False, message=message or "no spleen found in the field of view",
+        )
 
     def _output(self, volumeNode, labelmap, info, outputSegmentation, started: float, **details):
         """Put (I, J, K) ``labelmap`` into a new or the given segmentation node; return it and the result.

@@ -70,6 +70,9 @@ class SegmentationResult:
         device: what ran the network ("cuda:0", "cpu"...).
         warnings: post-run warnings; preRunWarnings: the pre-run warnings the user accepted.
         modelName: the model used; background: True when it ran in a separate process.
+        found: False when the answer is "no spleen found in the field of view": then nothing was
+            added to or changed in the scene (segmentationNodeID is "" and segmentIDs is empty).
+        message: that answer in one line (with the core's reason).
     """
 
     segmentationNodeID: str
@@ -81,9 +84,18 @@ class SegmentationResult:
     preRunWarnings: list[checks.CheckMessage] = field(default_factory=list)
     modelName: str = ""
     background: bool = False
+    found: bool = True
+    message: str = ""
 
     def summary(self) -> str:
         """The text the panel shows after a run."""
+        if not self.found:
+            first = self.message[:1].upper() + self.message[1:] if self.message else "No spleen found"
+            return "\n".join([
+                f"{first}: nothing was added to the scene.",
+                f"Time: {self.seconds:.1f} s on {self.device}",
+                f"Model: {self.modelName}",
+            ] + [f"Note: {w.message}" for w in self.warnings])
         lines = [
             f"Spleen volume: {self.volumeMl:.1f} mL",
             f"Time: {self.seconds:.1f} s on {self.device}",

@@ -56,6 +56,8 @@ class CaseResult:
     mode: str | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    spleen_found: bool | None = None  # False: "no spleen found in the field of view" (an empty mask, not an error)
+    message: str | None = None  # that answer in one line
 
 
 # -------------------------------------------------------------------------- progress
@@ -166,11 +168,15 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             continue
         res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
         res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
+        res.spleen_found, res.message = pred.report.found, pred.report.message or None
         results.append(res)
         if args.overlay_dir:
             _write_overlay(case, pred, Path(args.overlay_dir), err)
         if progress.mode == "json":
             progress.emit("done", **res.__dict__)
+        elif not res.spleen_found:
+            out.write(f"{case.name}: {res.message} (empty mask), {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
+            out.writelines(f"  note: {w}\n" for w in res.warnings)
         else:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
             out.writelines(f"  warning: {w}\n" for w in res.warnings)

@@ -1,19 +1,23 @@
-"""Coarse-to-fine ("fast") inference: find the organ at low resolution, then segment only its box.
+"""The whole-CT view (one anatomical decision for both modes) and coarse-to-fine ("fast") inference.
 
-The spleen fills a few percent of an abdominal CT, so a full-resolution sliding window spends
-most of its time on voxels that cannot be spleen. Fast mode runs the same network once over the
-whole CT at the model's ``coarse_spacing`` (e.g. 4 mm: a 512x512x120 CT becomes about 100^3
-voxels, one window), takes the largest component's bounding box plus a margin, grows it to at
-least one of the model's trained windows (centred on the organ), and runs the full-resolution pass
-on that box only. The growth matters: the network's answer near the organ's border depends on how
-much anatomy its window shows around it, and a tight box showed less than full mode does (fast vs
-full Dice on the three real CTs with the shipped model v1.0.0: 0.942-0.981 with a tight box,
-0.986-0.995 with one 160 x 160 x 32 window at least; v1.1.0 runs 256 x 256 x 32 windows, wide
-enough that full mode's windows also show the organ whole: 0.991-1.000). The organ is never
-cropped silently: when the coarse pass
-finds nothing, the caller runs the whole-volume pass and says so; when the organ touches the edge
-of the field of view, the box is extended to the image border on that side (the image itself is
-the only limit there) and the result says so.
+A model file with a locator (or a coarse spacing) first looks at the whole CT at low resolution
+(e.g. 4 mm: a 512x512x120 CT becomes about 100^3 voxels, one window) and decides, for both modes,
+whether a spleen is in view and which part of the CT it is (:func:`locate`): the part holding the
+most probability mass, if it has at least ``MIN_LOCATED_ML``. When nothing is located the answer
+is "no spleen found in the field of view": an empty mask, said plainly, in fast and full mode
+alike. Otherwise the full-resolution mask may only lie on the located part (grown by
+``LOCATED_GROW_MM``): its component that overlaps the located part most is the spleen, so keeping
+"the largest component" can never pick the heart or a muscle that the whole-CT view rejected.
+
+Fast mode then runs the full-resolution pass on the located part's box only: the spleen fills a
+few percent of an abdominal CT, so a full-resolution sliding window spends most of its time on
+voxels that cannot be spleen. The box is the located part's bounding box plus a margin, grown to
+at least one of the model's trained windows (centred on the organ). The growth matters: the
+network's answer near the organ's border depends on how much anatomy its window shows around it,
+and a tight box showed less than full mode does (fast vs full Dice on the three real CTs with the
+shipped model v1.0.0: 0.942-0.981 with a tight box, 0.986-0.995 with one 160 x 160 x 32 window at
+least). When the organ touches the edge of the field of view, the box is extended to the image
+border on that side (the image itself is the only limit there) and the result says so.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .preprocess import GridMap
 
@@ -30,6 +35,12 @@ from .preprocess import GridMap
 # paper V-Net's activations on CPU around 1 GB.
 SINGLE_WINDOW_VOXELS = 2_600_000
 MARGIN_MM = 15.0
+# The whole-CT view answers "spleen in view" only with a located part of at least this volume: a
+# spleen tip cut by the field of view is smaller, and so is what it calls spleen in spleen-free CT.
+MIN_LOCATED_ML = 10.0
+# The located part, grown by this much, is where the full-resolution mask may lie (both modes).
+LOCATED_GROW_MM = 12.0
+NO_SPLEEN = "no spleen found in the field of view"
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,58 @@ class Box:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+
+@dataclass
+class Location:
+    """The whole-CT view's answer: is a spleen in view, and which part of the CT is it.
+
+    Attributes:
+        found: a part of at least ``MIN_LOCATED_ML`` was located.
+        mask: (X, Y, Z) bool, the located part on the coarse model grid (empty when not found).
+        volume_ml: the located part's volume at the coarse spacing (mL).
+        candidates_ml: every part the coarse pass found, by volume (mL), the located one first.
+        reason: why nothing was located ("" when found).
+    """
+
+    found: bool
+    mask: np.ndarray
+    volume_ml: float
+    candidates_ml: list[float]
+    reason: str = ""
+
+
+def locate(probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML) -> Location:
+    """Pick the spleen among the coarse pass's parts: the one holding the most probability mass.
+
+    Args:
+        probs: (X, Y, Z) float32 spleen probability on ``coarse``'s model grid.
+        coarse: the coarse grid map.
+        min_ml: smallest part that counts as a spleen in view.
+    """
+    voxel_ml = float(np.prod(coarse.model_spacing)) / 1000.0
+    labels, n = ndimage.label(probs > 0.5, structure=ndimage.generate_binary_structure(3, 1))
+    if n == 0:
+        return Location(False, labels > 0, 0.0, [], f"{NO_SPLEEN} (the whole-CT view found none)")
+    index = np.arange(1, n + 1)
+    mass = ndimage.sum_labels(probs, labels, index)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    best = int(np.argmax(mass))
+    volume = float(sizes[best]) * voxel_ml
+    others = sorted((float(v) * voxel_ml for i, v in enumerate(sizes) if i != best), reverse=True)
+    candidates = [round(volume, 1)] + [round(v, 1) for v in others]
+    if volume < min_ml:
+        return Location(
+            False, np.zeros(probs.shape, bool), volume, candidates,
+            f"{NO_SPLEEN} (the whole-CT view's best candidate is {volume:.1f} mL, under {min_ml:g} mL)",
+        )
+    return Location(True, labels == best + 1, volume, candidates)
+
+
+def grown(mask: np.ndarray, grid: GridMap, mm: float = LOCATED_GROW_MM) -> np.ndarray:
+    """``mask`` (on ``grid``'s model grid) dilated by ``mm`` along each axis (a box-shaped growth)."""
+    radius = np.maximum(1, np.round(mm / grid.model_spacing).astype(int))
+    return ndimage.maximum_filter(mask, size=tuple(int(2 * r + 1) for r in radius))
 
 
 def single_window_patch(shape: tuple[int, ...], multiple: int, limit: int = SINGLE_WINDOW_VOXELS) -> tuple[int, int, int] | None:

@@ -19,9 +19,9 @@ import torch
 
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .fast import Box, box_from_coarse_mask, single_window_patch
+from .fast import Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
-from .postprocess import QualityReport, fill_holes, largest_component, quality_report, split_components
+from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
 ProgressFn = Callable[[float, str], None]
@@ -371,6 +371,41 @@ def _stage(progress: ProgressFn | None, lo: float, hi: float, label: str) -> Pro
     return lambda f, m: progress(lo + (hi - lo) * f, f"{label}: {m}")
 
 
+def whole_ct_view(
+    image: vio.Image,
+    model: VNet,
+    info: ModelInfo,
+    opts: InferenceOptions,
+    device: torch.device,
+    progress: ProgressFn | None,
+    cancel: CancelFn | None,
+    notes: list[str],
+) -> tuple[Location, GridMap] | None:
+    """Run the locator (or the model at its coarse spacing) over the whole CT; None for models with neither."""
+    if info.locator is not None:  # a small network of its own, at its own spacing
+        loc_net, loc_info = info.locator[0].to(device).eval(), info.locator[1]
+        spacing = loc_info.preprocessing.target_spacing
+    elif info.preprocessing.coarse_spacing is not None:  # the model itself, trained to work coarse too
+        loc_net, loc_info, spacing = model, info, info.preprocessing.coarse_spacing
+    else:
+        return None
+    coarse = make_grid_map(image.shape, image.affine, spacing)
+    found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True)
+    return locate(found.sum(0), coarse), coarse
+
+
+def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
+    """The first-class "no spleen in view" answer: an empty mask on the input grid, said plainly."""
+    labelmap = np.zeros(image.shape, dtype=np.uint8)
+    report = quality_report(labelmap, labelmap, 1.0, info.labels[0].name.lower(), raw_components=[])
+    report.message = location.reason
+    if location.candidates_ml:
+        shown = ", ".join(f"{v:g}" for v in location.candidates_ml[:3])
+        more = f" and {len(location.candidates_ml) - 3} smaller" if len(location.candidates_ml) > 3 else ""
+        notes.append(f"whole-CT view: its likeliest parts were {shown} mL{more}; none was located as the spleen")
+    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, None)
+
+
 def predict_volume(
     image: vio.Image,
     model: VNet,
@@ -381,8 +416,11 @@ def predict_volume(
 ) -> Prediction:
     """Segment one CT volume held in memory; the result lies exactly on the input grid.
 
-    In fast mode a coarse pass over the whole CT finds the organ and the full-resolution pass
-    runs on its box only (see :mod:`vnetseg.fast`); otherwise the whole volume is windowed.
+    When the model file has a locator (or a coarse spacing), a whole-CT view decides first, for
+    both modes, whether a spleen is in view and where (see :mod:`vnetseg.fast`): nothing located
+    gives an empty mask with ``report.found`` False and the reason in ``report.message``; otherwise
+    only the component on the located part is kept. Fast mode then windows the located part's box
+    only, full mode the whole volume.
     """
     opts = options or InferenceOptions()
     t0 = time.perf_counter()
@@ -396,23 +434,22 @@ def predict_volume(
         progress(0.0, "resampling")
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
     region, fine_from, box = grid, 0.05, None
-    if mode == "fast":
-        if info.locator is not None:  # a small network of its own, at its own spacing
-            loc_net, loc_info = info.locator[0].to(device).eval(), info.locator[1]
-            spacing = loc_info.preprocessing.target_spacing
-        else:  # the model itself, trained to work at the coarse spacing too
-            loc_net, loc_info, spacing = model, info, pre.coarse_spacing  # type: ignore[assignment]
-        coarse = make_grid_map(image.shape, image.affine, spacing)
-        locating = _stage(progress, 0.02, 0.2, "locating")
-        found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, locating, cancel, notes, True)
-        # the box is at least one trained window in every direction (centred on the organ), so the
-        # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
-        box, note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid, min_shape=pre.patch_size)
-        if box is None:
-            notes.append(f"fast mode: {note}; the whole volume was segmented at full resolution")
-        else:
+    view = whole_ct_view(image, model, info, opts, device, _stage(progress, 0.02, 0.2, "locating"), cancel, notes)
+    if view is not None:
+        location, coarse = view
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user")
+        if not location.found:
+            if progress is not None:
+                progress(1.0, "done: no spleen in view")
+            return _empty_prediction(image, info, location, device, t0, notes, mode)
+        fine_from = 0.2
+        if mode == "fast":
+            # the box is at least one trained window in every direction (centred on the organ), so the
+            # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
+            box, note = box_from_coarse_mask(location.mask, coarse, grid, min_shape=pre.patch_size)
             notes += [f"fast mode: {note}"] if note else []
-            region, fine_from = grid.crop(box.start, box.stop), 0.2
+            region = grid.crop(box.start, box.stop)  # type: ignore[union-attr]
     # the main network always uses its trained window (fast mode just runs fewer of them): its output
     # depends on the window size, so one big window would not give the full pass's answer
     segmenting = _stage(progress, fine_from, 0.9, "segmenting")
@@ -424,10 +461,17 @@ def predict_volume(
     labelmap = _labels_on_input_grid(probs, region, info, opts.threshold)
     del probs
     raw = labelmap > 0
-    largest, counts = split_components(raw)  # labelled once: clean-up and the report share it
+    if view is None:  # no whole-CT view: the largest component is the organ
+        keep, counts = split_components(raw)  # labelled once: clean-up and the report share it
+        keep = keep if opts.postprocess else raw
+    else:
+        located = to_input_grid(grown(location.mask, coarse).astype(np.float32), coarse, order=0, threshold=0.5) > 0
+        keep, counts = select_located(raw, located, single=opts.postprocess)
+        if raw.any() and not keep.any():
+            notes.append("the full-resolution mask does not overlap the part the whole-CT view located")
     if opts.postprocess:
-        keep = fill_holes(largest)
-        labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
+        keep = fill_holes(keep)
+    labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
     report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
     if progress is not None:

@@ -48,6 +48,40 @@ def split_components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return out, sorted((int(s) for s in sizes[1:]), reverse=True)
 
 
+def select_located(mask: np.ndarray, located: np.ndarray, single: bool = True) -> tuple[np.ndarray, list[int]]:
+    """The component(s) of ``mask`` that the whole-CT view located as the spleen.
+
+    Args:
+        mask: (I, J, K) bool thresholded network output.
+        located: (I, J, K) bool region the whole-CT view located (already grown).
+        single: keep only the component overlapping ``located`` most (ties: the larger one);
+            False keeps every component that overlaps it.
+
+    Returns:
+        (the kept voxels as a boolean mask, voxel counts of all components of ``mask``, largest first).
+        Components that do not touch ``located`` are never kept, however large.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bbox(mask)
+    if box is None:
+        return out, []
+    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
+    if not n:
+        return out, []
+    sizes = label_sizes(labels, n)
+    overlap = np.bincount(labels[located[box]].ravel(), minlength=n + 1)
+    overlap[0] = 0
+    counts = sorted((int(s) for s in sizes[1:]), reverse=True)
+    if not overlap.any():
+        return out, counts
+    if single:
+        best = int(np.lexsort((sizes, overlap))[-1])  # most overlap, then the larger
+        out[box] = labels == best
+    else:
+        out[box] = np.isin(labels, np.flatnonzero(overlap))
+    return out, counts
+
+
 def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
     """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
     return [s * voxel_ml for s in split_components(mask)[1]]
@@ -85,6 +119,8 @@ class QualityReport:
     components_ml: list[float] = field(default_factory=list)
     touches_edge: bool = False
     warnings: list[str] = field(default_factory=list)
+    found: bool = True  # False: "no spleen found in the field of view" is the answer (an empty mask)
+    message: str = ""  # the answer in one line when nothing was found
 
 
 def quality_report(
@@ -108,7 +144,8 @@ def quality_report(
     comps = [c * voxel_ml for c in counts]
     report = QualityReport(volume_ml=volume, components_ml=comps)
     if volume == 0:
-        report.warnings.append(f"no {name} found: the result is empty (is the {name} in the field of view?)")
+        report.found = False
+        report.message = f"no {name} found in the field of view"
         return report
     lo, hi = PLAUSIBLE_ML
     if volume < lo or volume > hi:

@@ -104,12 +104,13 @@ def group_table(version: str, size: int = 256) -> np.ndarray:
     """Lookup array: label value -> group index into ``GROUP_NAMES`` (-1 for background/unknown).
 
     Args:
-        version: "v1" (104 classes) or "v2" (117 classes).
+        version: "v1" (104 classes), "v2" (117 classes) or "spleen" (a spleen-only reference:
+            everything else is unlabelled).
         size: lookup length (label values must be below it).
     """
-    groups = {"v1": GROUPS_V1, "v2": GROUPS_V2}.get(version)
+    groups = {"v1": GROUPS_V1, "v2": GROUPS_V2, "spleen": {"spleen": [1]}}.get(version)
     if groups is None:
-        raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+        raise ValueError(f"version must be 'v1', 'v2' or 'spleen', got {version!r}")
     table = np.full(size, -1, dtype=np.int16)
     for name, values in groups.items():
         table[values] = GROUP_NAMES.index(name)

@@ -89,7 +89,11 @@ def _voxels_ras(scan: Scan, mask: np.ndarray, rng: np.random.Generator, n: int =
 
 
 def choose_centre(scan: Scan, mode: str, fov: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A view centre (RAS mm) for ``mode``; "away" falls back to "body" when the scan has no room."""
+    """A view centre (RAS mm) for ``mode``; "away" falls back to "body" when the scan has no room.
+
+    "away" views hold no spleen: wholly below it (lower abdomen, pelvis), above it (chest, heart)
+    or on the patient's right of it.
+    """
     body = body_mask(scan.image.array)
     spleen = scan.spleen
     if mode == "spleen" and spleen.any():
@@ -102,8 +106,9 @@ def choose_centre(scan: Scan, mode: str, fov: np.ndarray, rng: np.random.Generat
         grid = np.argwhere(body[::4, ::4, ::4]) * 4
         cand = grid @ scan.image.affine[:3, :3].T + scan.image.affine[:3, 3]
         below = cand[:, 2] + fov[2] / 2 + 10 < lo[2]  # the whole view below the spleen (pelvis)
+        above = cand[:, 2] - fov[2] / 2 - 10 > hi[2]  # the whole view above it (chest, heart)
         right = cand[:, 0] - fov[0] / 2 - 10 > hi[0]  # the whole view on the patient's right (RAS +x)
-        ok = cand[below | right]
+        ok = cand[below | above | right]
         if len(ok):
             return ok[rng.integers(len(ok))], mode
         mode = "body"

@@ -4,13 +4,14 @@ Layout under ``OUT`` (a run folder, never committed)::
 
     OUT/pool/imagesTr/<subject>.nii.gz   every subject (int16 HU, 1.5 x 1.5 x 2.0 mm, RAS)
     OUT/pool/labelsTr/<subject>.nii.gz   its spleen mask (uint8, 1 = spleen)
-    OUT/pool/subjects.json               how each subject was made (patient, kind, view, phase...)
+    OUT/pool/subjects_<scan>.json        how each subject was made (patient, kind, view, phase...)
     OUT/real/...                         the real CTs with their spleen pseudo-labels (validation)
     OUT/tasks/<task>/                    MSD task folders (symlinks into pool/ and real/),
                                          dataset.json and splits.json (one fold: train / val)
 
 Subject names say where they come from: ``p1_real_007`` (a view of P1's real image) or
-``p2_syn_003`` (a synthetic CT drawn from P2's label map). Leaving a patient out therefore means
+``p2_syn_003`` (a synthetic CT drawn from P2's label map); P3-P5 have spleen-only references and
+give real views only (``p4_real_012``). Leaving a patient out therefore means
 dropping every subject whose name starts with its prefix.
 
 Command line: ``python -m training.realct.build --out runs/realct --per-kind 20 --seed 0``.
@@ -36,7 +37,21 @@ from .sources import Scan, load_scans
 from .synth import group_map, group_means, rephase_real, synthesize
 
 KINDS = ("real", "syn")
-TRAIN_SCANS = ("p1_ct", "p2_dicom")  # p1_sm is a crop of p1_ct: no new voxels to learn from
+# p1_sm is a crop of p1_ct: no new voxels to learn from
+TRAIN_SCANS = ("p1_ct", "p2_dicom", "p3_cptac", "p4_acrin", "p5_lidc")
+# more views away from the spleen than the ViewSettings default: chest with the heart, lower abdomen,
+# pelvis and the patient's right side, so that the network learns what the spleen is not
+POOL_VIEWS = ViewSettings(mode_p=(0.45, 0.2, 0.35))
+
+
+def kinds_of(scan: Scan) -> tuple[str, ...]:
+    """Synthetic CTs need an organ label map: scans with a spleen-only reference give real views only."""
+    return KINDS if scan.version in ("v1", "v2") else ("real",)
+
+
+def subjects_per_kind(scan: Scan, per_kind: int) -> int:
+    """Subjects per kind: a scan with real views only gets 1.5x as many, so every patient weighs about the same."""
+    return per_kind if len(kinds_of(scan)) > 1 else (3 * per_kind) // 2
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,7 @@ def make_subject(
     groups = group_map(labels, scan.version)
     if kind == "syn":
         hu, phase = synthesize(hu, groups, rng)
-    elif rng.random() < 0.7:
+    elif scan.version in ("v1", "v2") and rng.random() < 0.7:  # needs the organs' labels
         hu, phase = rephase_real(hu, groups, source_means, rng)
     else:
         phase = "as scanned"
@@ -94,21 +109,25 @@ def write_pool(
 ) -> list[Subject]:
     """Write ``per_kind`` real-view and ``per_kind`` synthetic subjects for each training scan.
 
-    Subjects already on disk (same name) are kept, so an interrupted build resumes; each subject
-    is a pure function of (seed, scan, kind, index).
+    Scans with a spleen-only reference give 1.5 x ``per_kind`` real views and no synthetic CTs
+    (:func:`subjects_per_kind`). Subjects already on disk (same name) are kept, so an interrupted
+    build resumes; each subject is a pure function of (seed, scan, kind, index), so scans may be
+    written by separate processes (each scan keeps its own record, ``subjects_<scan>.json``).
     """
-    settings = settings or ViewSettings()
+    settings = settings or POOL_VIEWS
     pool = Path(out) / "pool"
     (pool / "imagesTr").mkdir(parents=True, exist_ok=True)
     (pool / "labelsTr").mkdir(parents=True, exist_ok=True)
     scans = scans if scans is not None else load_scans(names=TRAIN_SCANS)
-    record_path = pool / "subjects.json"
-    records = {r["name"]: r for r in json.loads(record_path.read_text())} if record_path.is_file() else {}
     subjects = []
-    for s_index, scan in enumerate(scans):
+    for scan in scans:
+        s_index = TRAIN_SCANS.index(scan.name) if scan.name in TRAIN_SCANS else len(TRAIN_SCANS)
+        record_path = pool / f"subjects_{scan.name}.json"
+        records = {r["name"]: r for r in json.loads(record_path.read_text())} if record_path.is_file() else {}
         means = group_means(scan.image.array, group_map(scan.labels, scan.version))
-        for k_index, kind in enumerate(KINDS):
-            for n in range(per_kind):
+        for kind in kinds_of(scan):
+            k_index = KINDS.index(kind)
+            for n in range(subjects_per_kind(scan, per_kind)):
                 name = f"{scan.patient.lower()}_{kind}_{n:03d}"
                 img_path, lab_path = pool / "imagesTr" / f"{name}.nii.gz", pool / "labelsTr" / f"{name}.nii.gz"
                 if name in records and img_path.is_file() and lab_path.is_file():
@@ -131,6 +150,19 @@ def write_pool(
                         f"({time.perf_counter() - t0:.1f} s)"
                     )
     return subjects
+
+
+def read_pool_records(out: str | os.PathLike[str]) -> list[dict]:
+    """Every subject's record in ``OUT/pool`` (all ``subjects_<scan>.json`` files, in TRAIN_SCANS order)."""
+    pool = Path(out) / "pool"
+    records = []
+    for name in TRAIN_SCANS:
+        path = pool / f"subjects_{name}.json"
+        if path.is_file():
+            records += json.loads(path.read_text())
+    if not records:
+        raise FileNotFoundError(f"no subject records in {pool}: build the pool first")
+    return records
 
 
 def write_real_cases(out: str | os.PathLike[str], scans: list[Scan]) -> dict[str, tuple[Path, Path]]:

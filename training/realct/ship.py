@@ -26,7 +26,7 @@ from vnetseg.postprocess import dice
 
 from .card import MODEL_FILE, MODEL_NAME, render_markdown, render_readme_section, write_registry
 from .evaluate import evaluate_image, evaluate_scan
-from .sources import load_scans, pelvis_part
+from .sources import load_scans, spleen_free_parts
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
 CORE = Path(vnetseg.__file__).parent
@@ -54,10 +54,16 @@ def _with_patch(info: ModelInfo, patch: tuple[int, int, int], card: dict[str, An
     return ModelInfo(info.config, pre, info.labels, card if card is not None else {})
 
 
-def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[str, Any]:
-    """Fast- and full-mode results on every real CT, their agreement, and the pelvis check."""
-    scans = load_scans()
-    cases, agreement = [], []
+def score_all(
+    net: VNet, info: ModelInfo, log: Callable[[str], None], patients: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Fast- and full-mode results on every real CT (of ``patients``), their agreement, and spleen-free parts.
+
+    The spleen-free parts are each CT's part above or below its spleen (:func:`spleen_free_parts`):
+    chest with the heart, lower abdomen, pelvis; the right answer there is "no spleen".
+    """
+    scans = [s for s in load_scans() if patients is None or s.patient in patients]
+    cases, agreement, free = [], [], []
     for scan in scans:
         by_mode = {}
         for mode in ("fast", "full"):
@@ -74,14 +80,15 @@ def score_all(net: VNet, info: ModelInfo, log: Callable[[str], None]) -> dict[st
                 "volume_diff_pct": round(float(vol_diff), 2),
             }
         )
-    pelvis = pelvis_part(next(s for s in scans if s.name == "p1_ct"))
-    pelvis_rows = [
-        {"image": "example_ct slices 0-49 (pelvis, below the spleen)", **evaluate_image(pelvis, net, info, mode)}
-        for mode in ("fast", "full")
-    ]
-    for row in pelvis_rows:
-        log(f"  pelvis: {json.dumps(row)}")
-    return {"cases": cases, "fast_vs_full": agreement, "pelvis": pelvis_rows}
+        if scan.name == "p1_sm":  # a crop of p1_ct: its parts are p1_ct's
+            continue
+        for part, image in spleen_free_parts(scan).items():
+            for mode in ("fast", "full"):
+                row = {"scan": scan.name, "patient": scan.patient, "part": part, "slices": image.shape[2],
+                       **evaluate_image(image, net, info, mode)}
+                free.append(row)
+                log(f"  spleen-free {scan.name} {part}: {json.dumps(row)}")
+    return {"cases": cases, "fast_vs_full": agreement, "spleen_free": free}
 
 
 def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str, Any]]:
