@@ -11,9 +11,11 @@ from scipy import ndimage
 from training.data import load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
 from training.realct.augment import View, ViewSettings, draw_view, sample_view
-from training.realct.build import pool_cases, write_pool, write_task
+from training.realct.augment import draw_view, sample_view
+from training.realct.build import POOL_VIEWS, kinds_of, pool_cases, read_pool_records, write_pool, write_task
 from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics
-from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part
+from training.realct.evaluate import misplaced
+from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part, spleen_free_parts
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
 from vnetseg import io as vio
 
@@ -112,6 +114,7 @@ def test_pool_and_task_folders_train_ready(scans, tmp_path) -> None:
     assert np.allclose(image.spacing, SPACING) and set(np.unique(label)) <= {0, 1}
     assert json.loads((task / "splits.json").read_text()) == [{"train": ["p2_real_000", "p2_syn_000"], "val": []}]
     assert pool_cases(tmp_path, subjects, ("P1",)) == {}
+    assert [r["name"] for r in read_pool_records(tmp_path)] == ["p2_real_000", "p2_syn_000"]
 
 
 def test_metrics_known_answers() -> None:
@@ -130,3 +133,56 @@ def test_pelvis_part_keeps_physical_position(scans) -> None:
     part = pelvis_part(scan, (10, 20))
     assert part.shape[2] == 10 and np.array_equal(part.array, scan.image.array[:, :, 10:20])
     assert np.allclose(part.affine @ [0, 0, 0, 1], scan.image.affine @ [0, 0, 10, 1])
+
+
+@pytest.fixture(scope="module")
+def chest_scan(ct_dir):
+    """P5: a contrast chest CT from the neck base to the mid kidneys, with a spleen-only reference."""
+    return load_scans(ct_dir, ("p5_lidc",))[0]
+
+
+def test_tcia_scans_carry_spleen_only_references_on_their_own_grid(chest_scan) -> None:
+    assert chest_scan.patient == "P5" and chest_scan.version == "spleen"
+    assert set(np.unique(chest_scan.labels)) == {0, 1} and chest_scan.labels.shape == chest_scan.image.shape
+    ml = chest_scan.spleen.sum() * chest_scan.image.voxel_volume_ml
+    assert ml == pytest.approx(118.9, abs=0.5)  # the data README's volume
+    assert kinds_of(chest_scan) == ("real",)  # no organ map: no synthetic CTs, no rephasing
+    assert group_map(chest_scan.labels, "spleen").max() == GROUP_NAMES.index("spleen")
+
+
+def test_spleen_free_parts_lie_where_they_were_cut_and_hold_no_spleen(chest_scan, scans) -> None:
+    parts = spleen_free_parts(chest_scan, gap_mm=20.0)
+    assert set(parts) == {"chest", "below"}
+    k = np.flatnonzero(chest_scan.spleen.any(axis=(0, 1)))
+    top_mm = (chest_scan.image.affine @ [0, 0, k.max(), 1])[2]
+    bottom_mm = (chest_scan.image.affine @ [0, 0, k.min(), 1])[2]
+    chest, below = parts["chest"], parts["below"]
+    assert (chest.affine @ [0, 0, 0, 1])[2] >= top_mm + 20.0  # wholly above the spleen, 20 mm or more
+    assert (below.affine @ [0, 0, below.shape[2] - 1, 1])[2] <= bottom_mm - 20.0
+    first = int(round(np.linalg.solve(chest_scan.image.affine, chest.affine @ [0, 0, 0, 1])[2]))
+    assert np.array_equal(chest.array, chest_scan.image.array[:, :, first : first + chest.shape[2]])
+    assert spleen_free_parts(scans["p2_dicom"]) == {}  # the 20-slice series has spleen in nearly every slice
+    assert set(spleen_free_parts(scans["p1_ct"])) == {"below"}
+
+
+def test_away_views_of_a_chest_ct_hold_no_spleen(chest_scan) -> None:
+    rng = np.random.default_rng(3)
+    held = 0
+    for _ in range(6):
+        view = draw_view(chest_scan, rng, POOL_VIEWS, mode="away")
+        if view.mode != "away":
+            continue
+        _hu, labels = sample_view(chest_scan, view, SPACING)
+        assert not (labels == 1).any(), view
+        held += 1
+    assert held >= 4
+
+
+def test_misplaced_volume_and_what_it_covers(scans) -> None:
+    scan = scans["p1_ct"]
+    liver = scan.labels == 5  # v1: liver
+    assert misplaced(scan.spleen, scan) == {"misplaced_ml": 0.0, "misplaced_in": {}}
+    far = misplaced(scan.spleen | liver, scan)
+    # the liver lies more than 10 mm from the spleen nearly everywhere
+    liver_ml = liver.sum() * scan.image.voxel_volume_ml
+    assert 0.9 * liver_ml < far["misplaced_ml"] <= liver_ml + 0.05 and set(far["misplaced_in"]) == {"liver"}

@@ -1,8 +1,10 @@
-"""The shipped spleen model on the real CTs: right organ, right place, right size; honest when absent.
+"""The shipped spleen model on the real CTs: right organ, right place, right size; "no spleen" when absent.
 
 Anatomy in RAS: +x points to the patient's RIGHT, so the spleen (on the patient's left) has its
-centroid at a smaller x than the body's midline. References are TotalSegmentator pseudo-labels.
-Each real CT is segmented once (in the default mode: fast on CPU) and shared by the tests.
+centroid at a smaller x than the body's midline. References: TotalSegmentator pseudo-labels (P1,
+P2) and semi-automatic references (P3-P5). Each real CT is segmented once per mode and shared by
+the tests. These CTs were used in training: the held-out evidence is the card's
+leave-one-patient-out record, checked at the end.
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from training.realct.evaluate import anatomy_checks, mask_metrics
-from training.realct.sources import Scan, centroid_ras, load_scans, pelvis_part
+from training.realct.sources import ALL_SCANS, CONTRAST, PATIENTS, Scan, centroid_ras, load_scans, spleen_free_parts
 from vnetseg.checkpoint import file_sha256, load_model
 from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.io import write_nifti
 from vnetseg.postprocess import dice
 from vnetseg.registry import REGISTRY_FILE, default_model
 
-SCANS = ("p1_ct", "p1_sm", "p2_dicom")
+SCANS = ALL_SCANS
+MODES = ("fast", "full")
+FREE_ML = 5.0  # issue 12: a spleen-free CT gives "no spleen" (under 5 mL) in both modes
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,13 @@ def scans(ct_dir) -> dict[str, Scan]:
 
 @pytest.fixture(scope="module")
 def predictions(shipped, scans):
+    """(scan name, mode) -> Prediction; the default mode on CPU is fast."""
     _, net, info = shipped
-    return {name: predict_volume(scan.image, net, info, InferenceOptions(device="cpu")) for name, scan in scans.items()}
+    return {
+        (name, mode): predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode=mode))
+        for name, scan in scans.items()
+        for mode in MODES
+    }
 
 
 def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) -> None:
@@ -64,9 +75,11 @@ def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) 
         assert key in card, key
     data_text = json.dumps(card["training_data"])
     assert "Apache-2.0" in data_text and "CC-BY-4.0" in data_text and "Wasserthal" in data_text
+    assert "TCIA" in data_text and "CC BY 3.0" in data_text and "Clark" in data_text
+    assert set(card["training_data"]["subjects"]["per_patient"]) == set(PATIENTS)
     assert any("not for clinical decisions" in limit for limit in card["limits"])
     assert any("not validated on MSD" in limit for limit in card["limits"])
-    assert set(card["leave_one_patient_out"]) == {"P1", "P2"}
+    assert set(card["leave_one_patient_out"]) == set(PATIENTS)
     # the float16 file was checked against the float32 weights it was rounded from, on every real CT
     assert {r["scan"] for r in card["float16_vs_float32"]} == set(SCANS)
     assert all(r["mask_dice"] >= 0.999 and r["max_probability_diff"] < 0.01 for r in card["float16_vs_float32"])
@@ -74,75 +87,87 @@ def test_registry_records_the_file_sha256_and_the_card_says_what_it_is(shipped) 
     assert info.preprocessing.target_spacing == (1.5, 1.5, 2.0) and info.preprocessing.hu_window == (-57.0, 164.0)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", SCANS)
-def test_finds_the_spleen_on_the_patients_left_upper_abdomen_one_component_right_volume(
-    name, scans, predictions
-) -> None:
-    scan, pred = scans[name], predictions[name]
+def test_finds_the_spleen_on_the_patients_left_one_component_dice_090(name, mode, scans, predictions) -> None:
+    scan, pred = scans[name], predictions[(name, mode)]
     mask = pred.labelmap > 0
-    assert mask.any(), f"{name}: no spleen found ({pred.report.warnings}, {pred.notes})"
+    assert pred.mode == mode and pred.report.found, f"{name} {mode}: {pred.report.message} ({pred.notes})"
     checks = anatomy_checks(mask, scan.image)
     assert checks["patient_left"], (
         f"{name}: spleen centroid x {checks['centroid_ras'][0]} mm is not left of the midline {checks['body_midline_x']} mm"
     )
-    # upper abdomen: where the reference spleen is (within 25 mm), not in the liver, kidney or pelvis
     offset = np.linalg.norm(centroid_ras(mask, scan.image.affine) - centroid_ras(scan.spleen, scan.image.affine))
-    assert offset < 25.0, f"{name}: centroid {offset:.0f} mm from the reference spleen's"
+    assert offset < 15.0, f"{name}: centroid {offset:.0f} mm from the reference spleen's"
+    assert ndimage.label(mask)[1] == 1, f"{name}: the result has several parts"
     raw = pred.report.components_ml
     assert raw[0] >= 0.9 * sum(raw), f"{name}: the raw mask is split into parts {raw} mL"
     metrics = mask_metrics(mask, scan.spleen, scan.image)
-    assert abs(metrics["volume_error_pct"]) <= 30.0, f"{name}: {metrics}"
-    assert metrics["dice"] > 0.7, f"{name}: {metrics}"
+    assert metrics["dice"] >= 0.90, f"{name} {mode}: {metrics}"
 
 
-def test_no_confident_spleen_in_the_pelvis(shipped, scans) -> None:
+@pytest.mark.parametrize("name", [n for n in SCANS if n != "p1_sm"])  # p1_sm is a crop of p1_ct
+def test_spleen_free_parts_of_every_ct_give_no_spleen_in_both_modes(name, shipped, scans) -> None:
     _, net, info = shipped
-    pelvis = pelvis_part(scans["p1_ct"])
-    top = pelvis.affine @ [0, 0, pelvis.shape[2] - 1, 1]
-    assert top[2] < centroid_ras(scans["p1_ct"].spleen, scans["p1_ct"].image.affine)[2] - 100  # truly below the spleen
-    pred = predict_volume(pelvis, net, info, InferenceOptions(device="cpu"))
-    assert pred.volume_ml == 0.0 or pred.report.warnings, (
-        f"{pred.volume_ml:.0f} mL 'spleen' in the pelvis without a warning"
-    )
-
-
-def _fast_vs_full(shipped, scans, predictions) -> dict[str, tuple[float, float]]:
-    _, net, info = shipped
-    found = {}
-    for name, scan in scans.items():
-        fast = predictions[name]
-        assert fast.mode == "fast" and not any("whole volume" in n for n in fast.notes), (name, fast.notes)
-        full = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode="full"))
-        a, b = fast.labelmap > 0, full.labelmap > 0
-        found[name] = (round(dice(a, b), 4), round(abs(int(a.sum()) - int(b.sum())) / b.sum(), 4))
-    return found
+    scan = scans[name]
+    parts = spleen_free_parts(scan)
+    if not parts:
+        assert scan.spleen.any(axis=(0, 1)).mean() > 0.6  # P2: the spleen is in most of its 20 slices
+        pytest.skip(f"{name}: no part of the CT is free of spleen")
+    for part, image in parts.items():
+        for mode in MODES:
+            pred = predict_volume(image, net, info, InferenceOptions(device="cpu", mode=mode))
+            assert pred.volume_ml < FREE_ML, f"{name} {part} {mode}: {pred.volume_ml:.1f} mL 'spleen' ({pred.notes})"
+            if pred.volume_ml == 0:
+                assert not pred.report.found and pred.report.message.startswith("no spleen found in the field of view")
 
 
 @pytest.fixture(scope="module")
-def fast_vs_full(shipped, scans, predictions) -> dict[str, tuple[float, float]]:
-    return _fast_vs_full(shipped, scans, predictions)
+def fast_vs_full(scans, predictions) -> dict[str, tuple[float, float]]:
+    found = {}
+    for name in scans:
+        a, b = predictions[(name, "fast")].labelmap > 0, predictions[(name, "full")].labelmap > 0
+        found[name] = (round(dice(a, b), 4), round(abs(int(a.sum()) - int(b.sum())) / max(int(b.sum()), 1), 4))
+    return found
 
 
 def test_fast_and_full_mode_agree_on_every_real_ct(fast_vs_full) -> None:
-    """Issue 6: Dice >= 0.99 and volume within 2 %. Measured with v1.1.0 (256 x 256 x 32 windows):
-    Dice 0.9908 / 1.0000 / 0.9960, volume gap 0.36 / 0.00 / 0.51 % (p1_ct / p1_sm / p2_dicom);
-    v1.0.0's 160 x 160 x 32 windows reached only 0.9861 / 0.9948 / 0.9858."""
-    assert all(d >= 0.99 and gap <= 0.02 for d, gap in fast_vs_full.values()), fast_vs_full
+    """Issue 12: fast and full mode agree to Dice >= 0.97 on every real CT."""
+    assert all(d >= 0.97 for d, _gap in fast_vs_full.values()), fast_vs_full
 
 
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:
-    """The agreement above is not fast mode quietly running full mode: on the long CT and on the
+    """The agreement above is not fast mode quietly running full mode: on the long CTs and on the
     wide DICOM series its box leaves out part of the model grid (example_ct_sm's 30 slices and
     366 x 303 mm fit in one window, so there fast mode's box is the whole grid, by design)."""
     from vnetseg.preprocess import make_grid_map
 
     _, _, info = shipped
-    for name in ("p1_ct", "p2_dicom"):
-        box, image = predictions[name].box, scans[name].image
+    for name in ("p1_ct", "p2_dicom", "p4_acrin", "p5_lidc"):
+        box, image = predictions[(name, "fast")].box, scans[name].image
         grid = make_grid_map(image.shape, image.affine, info.preprocessing.target_spacing)
         assert box is not None, name
         share = np.prod(box.shape) / np.prod(grid.model_shape)
         assert share < 0.7, f"{name}: fast mode's box {box} is {share:.0%} of the model grid {grid.model_shape}"
+
+
+def _held_out(card: dict) -> list[tuple[str, dict]]:
+    return [(held, row) for held, record in card["leave_one_patient_out"].items() for row in record["cases"]]
+
+
+def test_leave_one_patient_out_never_labels_another_organ_and_says_no_spleen_on_spleen_free_parts(shipped) -> None:
+    """The card's held-out record (both networks trained without the patient): in both modes, no held-out
+    run puts a sizeable part of its mask away from the reference spleen (heart, muscle, bowel...), and
+    every held-out spleen-free part gives under 5 mL."""
+    card = shipped[2].card
+    rows = _held_out(card)
+    assert {(r["patient"], r["mode"]) for _h, r in rows} == {(p, m) for p in PATIENTS for m in MODES}
+    for held, r in rows:
+        assert r["patient"] == held
+        assert r["misplaced_ml"] < 10.0, f"held-out {r['scan']} {r['mode']}: {r['misplaced_ml']} mL away ({r})"
+    free = [r for record in card["leave_one_patient_out"].values() for r in record["spleen_free"]]
+    assert {r["patient"] for r in free} == {"P1", "P3", "P4", "P5"}  # P2's 20 slices all hold spleen
+    assert all(r["volume_ml"] < FREE_ML for r in free), [r for r in free if r["volume_ml"] >= FREE_ML]
 
 
 def test_cli_without_model_uses_the_shipped_default(shipped, ct_dir, tmp_path) -> None:
@@ -158,3 +183,24 @@ def test_cli_without_model_uses_the_shipped_default(shipped, ct_dir, tmp_path) -
     assert model["sha256"] == entry.sha256 and model["path"] == str(entry.path)
     done = next(e for e in events if e["event"] == "done")
     assert dest.is_file() and 150.0 < done["volume_ml"] < 350.0
+
+
+def test_cli_says_no_spleen_in_view_and_exits_0(shipped, scans, tmp_path) -> None:
+    """A chest-only CT: an empty mask written, exit status 0, one clear line, and the JSON report says so."""
+    from vnetseg.cli import main
+
+    chest = spleen_free_parts(scans["p5_lidc"])["chest"]
+    src = tmp_path / "chest_only.nii.gz"
+    write_nifti(src, np.round(chest.array).astype(np.int16), chest.affine)
+    dest, report = tmp_path / "chest_spleen.nii.gz", tmp_path / "report.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(src), "-o", str(dest), "--report", str(report), "--progress", "none"], out, err)
+    assert code == 0, err.getvalue()
+    assert "chest_only.nii.gz: no spleen found in the field of view" in out.getvalue()
+    case = json.loads(report.read_text())["cases"][0]
+    assert case["spleen_found"] is False and case["volume_ml"] == 0.0 and case["error"] is None
+    assert case["message"].startswith("no spleen found in the field of view")
+    from vnetseg.io import read_image
+
+    mask = read_image(dest, allow_uniform=True)
+    assert mask.shape == chest.shape and np.allclose(mask.affine, chest.affine, atol=1e-4) and not mask.array.any()

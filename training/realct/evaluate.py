@@ -1,7 +1,7 @@
 """Scores of a model on the real CTs: Dice, HD95 (mm), volume error, and anatomical checks.
 
-Everything is measured on the scan's own grid against its TotalSegmentator pseudo-label (not
-manual ground truth). Anatomical checks follow RAS: +x is the patient's RIGHT, so a spleen on
+Everything is measured on the scan's own grid against its reference (TotalSegmentator
+pseudo-labels for P1 and P2, semi-automatic references for P3-P5: neither is manual ground truth). Anatomical checks follow RAS: +x is the patient's RIGHT, so a spleen on
 the patient's left has its centroid at a smaller x than the body's midline.
 """
 
@@ -74,8 +74,35 @@ def anatomy_checks(mask: np.ndarray, image: vio.Image) -> dict[str, Any]:
     }
 
 
+def misplaced(mask: np.ndarray, scan: Scan, distance_mm: float = 10.0) -> dict[str, Any]:
+    """What the mask holds away from the reference spleen: its volume there, and which structures it covers.
+
+    A voxel is misplaced when it lies more than ``distance_mm`` from every reference spleen voxel
+    (a boundary disagreement is not a wrong organ). For scans with an organ label map (P1, P2) the
+    misplaced volume is broken down by tissue group (heart, muscle, liver, ...).
+
+    Returns:
+        {"misplaced_ml": mL, "misplaced_in": {group: mL, ...} (label-map scans, groups over 1 mL)}.
+    """
+    from .anatomy import GROUP_NAMES
+    from .synth import group_map
+
+    if not mask.any():
+        return {"misplaced_ml": 0.0, "misplaced_in": {}}
+    far = ndimage.distance_transform_edt(~scan.spleen, sampling=scan.image.spacing) > distance_mm
+    away = mask & far
+    voxel_ml = scan.image.voxel_volume_ml
+    where: dict[str, float] = {}
+    if scan.version in ("v1", "v2") and away.any():
+        groups = group_map(scan.labels[away], scan.version)
+        names = [*GROUP_NAMES, "unlabelled"]
+        counts = np.bincount(np.where(groups < 0, len(GROUP_NAMES), groups), minlength=len(names))
+        where = {names[g]: round(float(c) * voxel_ml, 1) for g, c in enumerate(counts) if c * voxel_ml >= 1.0}
+    return {"misplaced_ml": round(float(away.sum()) * voxel_ml, 1), "misplaced_in": where}
+
+
 def evaluate_scan(scan: Scan, net: VNet, info: ModelInfo, mode: str = "full", overlap: float = 0.25) -> dict[str, Any]:
-    """Segment one real scan and score it against its pseudo-label."""
+    """Segment one real scan and score it against its reference (and say what lies away from it)."""
     t0 = time.perf_counter()
     pred = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode=mode, overlap=overlap))
     mask = pred.labelmap > 0
@@ -86,6 +113,8 @@ def evaluate_scan(scan: Scan, net: VNet, info: ModelInfo, mode: str = "full", ov
         **mask_metrics(mask, scan.spleen, scan.image),
     }
     out.update(anatomy_checks(mask, scan.image))
+    out.update(misplaced(mask, scan))
+    out["found"] = pred.report.found
     out["warnings"] = list(pred.report.warnings)
     out["notes"] = list(pred.notes)
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -98,6 +127,8 @@ def evaluate_image(image: vio.Image, net: VNet, info: ModelInfo, mode: str = "fu
     pred = predict_volume(image, net, info, InferenceOptions(device="cpu", mode=mode))
     return {
         "mode": pred.mode,
+        "found": pred.report.found,
+        "message": pred.report.message,
         "volume_ml": round(pred.volume_ml, 1),
         "warnings": list(pred.report.warnings),
         "notes": list(pred.notes),
