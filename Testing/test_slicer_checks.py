@@ -182,5 +182,6 @@ def test_core_warning_texts_get_their_codes():
     edge = np.zeros((8, 8, 8), bool)
     edge[0:4, 2:6, 2:6] = True
     texts = quality_report(empty, empty, 1.0).warnings + quality_report(edge, edge, 1.0).warnings
-    assert [checks.warningCode(t) for t in texts] == ["empty", "touchesEdge"]
+    assert [checks.warningCode(t) for t in texts] == ["touchesEdge"]  # empty is an answer, not a warning
+    assert [w.code for w in checks.postRunWarnings(empty, 1.0)[1]] == ["empty"]  # but an emptied segment is
     assert checks.warningCode("GPU out of memory: retried with batch size 2") == "other"

@@ -46,7 +46,7 @@ from training.realct.sources import load_scans
 from vnetseg import inference as inf
 from vnetseg.checkpoint import load_model
 from vnetseg.fast import box_from_coarse_mask
-from vnetseg.postprocess import clean_mask, dice, largest_component
+from vnetseg.postprocess import clean_mask, dice
 from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 from vnetseg.registry import default_model
 
@@ -64,12 +64,12 @@ def _probabilities(net, info, volume: np.ndarray, shift: int) -> np.ndarray:
 
 
 def _organ_box(image, info, grid):
-    """The locator's largest component's box plus the margin, on ``grid`` (fast mode's box before growing)."""
-    loc_net, loc_info = info.locator
-    coarse = make_grid_map(image.shape, image.affine, loc_info.preprocessing.target_spacing)
+    """The located part's box plus the margin, on ``grid`` (fast mode's box before growing); None: no spleen in view."""
     opts = inf.InferenceOptions(device="cpu", mode="fast")
-    found = inf._run_network(image.array, coarse, loc_net.eval(), loc_info, opts, torch.device("cpu"), None, None, [], True)
-    box, _note = box_from_coarse_mask(largest_component(found.sum(0) > 0.5), coarse, grid)
+    location, coarse = inf.whole_ct_view(image, None, info, opts, torch.device("cpu"), None, None, [])
+    if not location.found:
+        return None
+    box, _note = box_from_coarse_mask(location.mask, coarse, grid)
     return box
 
 

@@ -183,4 +183,6 @@ def postRunWarnings(mask: np.ndarray, voxelMl: float, rawMask: np.ndarray | None
     final = np.asarray(mask) > 0
     raw = final if rawMask is None else np.asarray(rawMask) > 0
     report = quality_report(raw, final, float(voxelMl), name)
-    return report, warningsFromTexts(report.warnings)
+    # an existing segment that is empty (e.g. erased while correcting) is worth a warning here
+    texts = report.warnings if report.found else [f"no {name} voxels: the segment is empty", *report.warnings]
+    return report, warningsFromTexts(texts)

@@ -14,7 +14,8 @@ from .io import Image
 from .preprocess import make_grid_map, to_model_grid
 
 
-def _canonical(array: np.ndarray, image: Image, spacing: float, order: int) -> np.ndarray:
+def canonical(array: np.ndarray, image: Image, spacing: float, order: int) -> np.ndarray:
+    """``array`` (on ``image``'s grid) resampled to ``spacing`` mm isotropic, axes (R, A, S) as the model grid's."""
     grid = make_grid_map(array.shape, image.affine, (spacing, spacing, spacing))
     return to_model_grid(array.astype(np.float32), grid, order=order)  # (R, A, S) isotropic
 
@@ -40,8 +41,8 @@ def save_overlay(
     import matplotlib.pyplot as plt
 
     spacing = float(max(1.0, min(image.spacing)))
-    ct = _canonical(image.array, image, spacing, order=1)
-    seg = _canonical(mask, image, spacing, order=0) > 0.5
+    ct = canonical(image.array, image, spacing, order=1)
+    seg = canonical(mask, image, spacing, order=0) > 0.5
     centre = np.argwhere(seg).mean(0).round().astype(int) if seg.any() else np.array(ct.shape) // 2
     views = {
         "axial": (ct[:, :, centre[2]], seg[:, :, centre[2]]),
