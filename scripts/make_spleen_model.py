@@ -1,33 +1,37 @@
 """Regenerate the shipped spleen model from scratch, with a fixed seed, on a CPU.
 
-The one command (the real CTs must be in ../shared/data/ct or $VNETSEG_CT_DIR; it trains one
-process at a time with one CPU thread: about an hour on a 2-core machine; for v1.0.0 the pool took
-1 min, the main network 19 min, the locator 2 min and each leave-one-patient-out model 23 min, with
-``--stage lopo --held P1`` and ``--held P2`` run beside ``--stage final``, as they may be)::
+The one command (the real CTs must be in ../shared/data/ct or $VNETSEG_CT_DIR; it runs one stage
+after the other, each training run with one CPU thread)::
 
     python scripts/make_spleen_model.py --out runs/spleen_model
 
-One thread makes the run deterministic: two runs from scratch on this project's machine gave
-bit-identical training subjects and network weights (checked for every stage on 2026-11-28).
+One thread makes every run deterministic (each training subject and each patch is a pure function
+of the seed): two runs from scratch of this recipe's v1 gave bit-identical subjects and weights.
+Measured times for v2.0.0 on this project's 2-core machine are in the model card
+(``training.train_minutes_wall`` and each held-out record's ``train_minutes``): one after the
+other, the pool takes a few minutes, the final networks about half an hour and each of the five
+leave-one-patient-out pairs about as long, so about three hours in all. The stages may run side by
+side, one process per core, which is how v2.0.0 was made (``--stage pool --scan S`` per scan,
+``--stage final`` beside ``--stage lopo --held P``, then ``--stage bundle``).
 
 What it does (each stage reuses what an earlier, interrupted run left in ``--out``):
 
-1. ``pool``: training subjects from the two real patients (training/realct/build.py): views of
-   the real images with affine + elastic deformation, contrast-phase changes, slice thickness,
-   blur and noise, and synthetic CTs drawn from the TotalSegmentator label maps.
-2. ``final``: the main V-Net (1.5 x 1.5 x 2.0 mm) and the fast-mode locator (4 mm) trained with
+1. ``pool``: training subjects from the five real patients (training/realct/build.py): views of
+   the real images with affine + elastic deformation (on the spleen, anywhere, or wholly away from
+   it: chest with the heart, lower abdomen, pelvis, the patient's right), contrast-phase changes and
+   synthetic CTs drawn from P1 and P2's TotalSegmentator label maps, slice thickness, blur and noise.
+2. ``final``: the main V-Net (1.5 x 1.5 x 2.0 mm, three stages) and the locator (4 mm), trained with
    training.engine on every subject.
 3. ``bundle``: both networks in one float16 model file, scored on every real CT (fast and full
-   mode) and on the pelvis part of example_ct, with the card; written to
-   VNetSegmentation/vnetseg/weights/ with registry.json and MODEL_CARD.md.
-4. ``lopo``: leave-one-patient-out: the main V-Net trained without P1 (its real image and every
-   subject made from its label map), scored on P1's real CTs; then the same for P2. The numbers
-   go into the card (run ``bundle`` again afterwards; ``all`` does the stages in the order
-   pool, lopo, final, bundle).
+   mode) and on every CT's spleen-free parts, with the card; written to VNetSegmentation/vnetseg/weights/
+   with registry.json and MODEL_CARD.md.
+4. ``lopo``: leave-one-patient-out: both networks trained without one patient (its real image and
+   every subject made from it), scored in both modes on its real CTs and spleen-free parts; for each
+   of P1-P5. The numbers go into the card (``all`` runs pool, lopo, final, bundle in that order).
 5. ``trials`` (not part of ``all``, not shipped): a fourth stage with shift consistency
    (TrainConfig.shift_consistency), in the variants of ``TRIALS``, each from the main network's third
-   stage; each is scored like the shipped model (fast and full mode on every real CT) and the table
-   in training/README.md ("Shift consistency") comes from ``trials.json``.
+   stage; the table in training/README.md ("Shift consistency") came from ``trials.json`` of the
+   v1 recipe (two patients).
 
 Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials]``.
 """

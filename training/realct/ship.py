@@ -295,8 +295,9 @@ def build_card(
             "[-57, 164], in three stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
             "short low-rate pass with more patches away from the spleen. The locator: 64 x 64 x 48 patches at "
             "4 mm (256 x 256 x 192 mm), 40 % on the spleen. The last weights of each stage are used (no "
-            "checkpoint selection). Every part of the full-resolution mask must lie on the part the locator "
-            "located (grown by 12 mm); a located part under 10 mL means no spleen in view"
+            "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
+            "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
+            "spleen in view"
         ),
         "training": {
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
