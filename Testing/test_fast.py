@@ -22,7 +22,7 @@ FAST = ModelInfo(
 )
 
 
-def _phantom(centre_mm=(20.0, 0.0, 15.0), radii_mm=(40.0, 30.0, 45.0), kind="LPS") -> Image:
+def _phantom(centre_mm=(-20.0, 0.0, 15.0), radii_mm=(40.0, 30.0, 45.0), kind="LPS") -> Image:
     """A -50 HU body with a 120 HU ellipsoid 'spleen'; ThresholdNet finds exactly the ellipsoid."""
     shape, aff = (200, 180, 60), make_affine(kind, spacing=(0.8, 0.8, 2.5), origin=(80.0, 70.0, -60.0))
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
@@ -51,7 +51,7 @@ def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
 
 
 def test_fast_never_crops_the_organ_at_an_edge() -> None:
-    edge = _phantom(centre_mm=(60.0, 0.0, 15.0))  # cut by the image's right-left border
+    edge = _phantom(centre_mm=(-60.0, 0.0, 15.0))  # cut by the image's left border (patient's left)
     res = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="fast"))
     assert any("edge of the field of view" in n and "image border" in n for n in res.notes)
     full = predict_volume(edge, ThresholdNet(), FAST, InferenceOptions(device="cpu", mode="full"))
@@ -71,12 +71,12 @@ class BandNet(torch.nn.Module):
 
 
 def _two_organs(kind: str = "LPS") -> tuple[Image, np.ndarray, np.ndarray]:
-    """A 100 HU 'spleen' on the patient's left and a larger 160 HU 'heart' above it on the right."""
+    """A 100 HU 'spleen' on the patient's left and a larger 160 HU 'heart' above it, a little left of the midline."""
     shape, aff = (200, 180, 80), make_affine(kind, spacing=(0.8, 0.8, 2.5), origin=(80.0, 70.0, -90.0))
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
     ras = ijk @ aff[:3, :3].T + aff[:3, 3]
     spleen = (((ras - (-35.0, 0.0, -30.0)) / (25.0, 20.0, 30.0)) ** 2).sum(-1) <= 1.0
-    heart = (((ras - (25.0, 0.0, 40.0)) / (40.0, 35.0, 40.0)) ** 2).sum(-1) <= 1.0
+    heart = (((ras - (-10.0, 0.0, 50.0)) / (40.0, 35.0, 40.0)) ** 2).sum(-1) <= 1.0
     hu = np.full(shape, -50.0, np.float32)
     hu[spleen], hu[heart] = 100.0, 160.0
     return Image(hu, aff), spleen, heart
@@ -113,6 +113,18 @@ def test_no_spleen_in_view_is_an_answer_in_both_modes(mode: str) -> None:
     assert not res.report.found and res.report.message.startswith("no spleen found in the field of view")
     assert res.volume_ml == 0 and res.report.warnings == [] and res.box is None
     assert not any(m.startswith("segmenting") for m in seen)  # the full-resolution network never ran
+
+
+def test_a_part_on_the_patients_right_is_never_located_as_the_spleen() -> None:
+    """The liver's side: a 'spleen' mirrored to the patient's right (RAS +x) is not located, in both modes."""
+    ct, spleen, _heart = _two_organs()
+    flipped = Image(np.where(spleen[::-1], 100.0, -50.0).astype(np.float32), ct.affine)  # i reversed: x mirrored
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BandNet(), loc_info)
+    for mode in ("fast", "full"):
+        res = predict_volume(flipped, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+        assert not res.labelmap.any() and not res.report.found and "patient's right" in res.report.message
 
 
 def test_locate_picks_the_most_probable_part_and_refuses_small_ones() -> None:

@@ -246,15 +246,21 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
         net, info = _bundle_in_memory(main, locator)
         scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,))
         minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
+        first, second, third, loc = (_steps(p) for p in runs)  # as trained (a --budget may have changed them)
         result = {
             "trained_on": list(others),
-            "steps": f"{BUDGET['lopo'] * 20} (64^3) + {BUDGET['context'] * 20} + {BUDGET['polish'] * 20} "
-            f"(128x128x32); locator {BUDGET['locator'] * 20}",
+            "steps": f"{first} (64^3) + {second} + {third} (128x128x32); locator {loc}",
             "train_minutes": round(minutes, 1),
             **scores,
         }
         (out / f"lopo_{held}.json").write_text(json.dumps(result, indent=1))
         log(f"lopo {held} done: {[(c['scan'], c['mode'], c['dice']) for c in scores['cases']]}")
+
+
+def _steps(model_path: Path) -> int:
+    """Training steps of the run that wrote ``model_path`` (from its config.json)."""
+    cfg = json.loads((model_path.parent / "config.json").read_text())
+    return int(cfg["epochs"]) * int(cfg["iters_per_epoch"])
 
 
 def _bundle_in_memory(main: Path, locator: Path):
@@ -323,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scan", choices=TRAIN_SCANS, help="pool stage: only this scan's subjects (in parallel)")
     parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="KEY=EPOCHS",
+        help=f"override an entry of BUDGET {BUDGET} for this run (the held-out record states the steps trained)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -336,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where the model file, registry.json and MODEL_CARD.md are written",
     )
     args = parser.parse_args(argv)
+    for item in args.budget:
+        key, _, value = item.partition("=")
+        if key not in BUDGET or not value.isdigit():
+            parser.error(f"--budget {item!r}: expected KEY=EPOCHS with KEY one of {sorted(BUDGET)}")
+        BUDGET[key] = int(value)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = ("pool", "lopo", "final", "bundle") if args.stage == "all" else (args.stage,)

@@ -63,7 +63,8 @@ class Location:
         found: a part of at least ``MIN_LOCATED_ML`` was located.
         mask: (X, Y, Z) bool, the located part on the coarse model grid (empty when not found).
         volume_ml: the located part's volume at the coarse spacing (mL).
-        candidates_ml: every part the coarse pass found, by volume (mL), the located one first.
+        candidates_ml: every part the coarse pass found that could be the spleen, by volume (mL),
+            the located one first.
         reason: why nothing was located ("" when found).
     """
 
@@ -74,13 +75,24 @@ class Location:
     reason: str = ""
 
 
-def locate(probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML) -> Location:
+def _ras_centroids(labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
+    """(n, 3) RAS centre (mm) of each label 1..n of ``labels`` (on ``grid``'s model grid)."""
+    idx = np.asarray(ndimage.center_of_mass(np.ones(labels.shape), labels, np.arange(1, n + 1)), dtype=float)
+    return idx.reshape(-1, 3) @ grid.model_affine[:3, :3].T + grid.model_affine[:3, 3]
+
+
+def locate(
+    probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, body: np.ndarray | None = None
+) -> Location:
     """Pick the spleen among the coarse pass's parts: the one holding the most probability mass.
 
     Args:
         probs: (X, Y, Z) float32 spleen probability on ``coarse``'s model grid.
         coarse: the coarse grid map.
         min_ml: smallest part that counts as a spleen in view.
+        body: (X, Y, Z) bool body mask on the same grid. When given, only parts whose centre lies
+            on the patient's left of the body's centre (smaller RAS x) can be the spleen: a part on
+            the right is the liver (or, in situs inversus, which this model does not handle, the spleen).
     """
     voxel_ml = float(np.prod(coarse.model_spacing)) / 1000.0
     labels, n = ndimage.label(probs > 0.5, structure=ndimage.generate_binary_structure(3, 1))
@@ -89,9 +101,19 @@ def locate(probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML) -
     index = np.arange(1, n + 1)
     mass = ndimage.sum_labels(probs, labels, index)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    best = int(np.argmax(mass))
+    eligible = np.ones(n, bool)
+    if body is not None and body.any():
+        midline = (np.argwhere(body).mean(0) @ coarse.model_affine[:3, :3].T + coarse.model_affine[:3, 3])[0]
+        eligible = _ras_centroids(labels, n, coarse)[:, 0] < midline
+    if not eligible.any():
+        biggest = float(sizes.max()) * voxel_ml
+        return Location(
+            False, np.zeros(probs.shape, bool), 0.0, [round(biggest, 1)],
+            f"{NO_SPLEEN} (the whole-CT view's candidates, up to {biggest:.1f} mL, all lie on the patient's right)",
+        )
+    best = int(np.argmax(np.where(eligible, mass, -1.0)))
     volume = float(sizes[best]) * voxel_ml
-    others = sorted((float(v) * voxel_ml for i, v in enumerate(sizes) if i != best), reverse=True)
+    others = sorted((float(v) * voxel_ml for i, v in enumerate(sizes) if i != best and eligible[i]), reverse=True)
     candidates = [round(volume, 1)] + [round(v, 1) for v in others]
     if volume < min_ml:
         return Location(

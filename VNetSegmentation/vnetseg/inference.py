@@ -24,6 +24,7 @@ from .model import VNet, VNetConfig
 from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
+BODY_HU = -300.0  # denser than this is body (the table included): its centre gives the midline
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -391,7 +392,8 @@ def whole_ct_view(
         return None
     coarse = make_grid_map(image.shape, image.affine, spacing)
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True)
-    return locate(found.sum(0), coarse), coarse
+    body = to_model_grid(image.array, coarse) > BODY_HU  # the patient's midline: the spleen lies left of it
+    return locate(found.sum(0), coarse, body=body), coarse
 
 
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
