@@ -16,7 +16,6 @@ scene as it was.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from . import checks, nodes, parameters
 from .environment import TorchStatus, detectDevices, installTorch, torchStatus
 from .export import ExportResult, caseNameFrom, exportCase
 from .models import ModelEntry, ModelStore, modelCardText
-from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand
+from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand, pythonExecutable, removeFolder
 from .runs import BackgroundRun, PreRunCheckError, SegmentationCancelled, SegmentationOptions, SegmentationResult
 
 __all__ = ["VNetSegmentationLogic"]
@@ -46,6 +45,8 @@ class VNetSegmentationLogic:
     def __init__(self, scene=None, modelFolder=None, includeShippedModels: bool = True) -> None:
         self._scene = scene
         self.models = ModelStore(modelFolder, includeShippedModels)
+        # interpreter of the background process; None: PythonSlicer in Slicer (process.pythonExecutable)
+        self.pythonExecutable: str | None = None
 
     @property
     def scene(self):
@@ -266,9 +267,11 @@ class VNetSegmentationLogic:
                 entry.sha256 or None,
                 options.mode,
             )
-            process = BackgroundProcess(command.arguments(), workDir=tempDir)
+            process = BackgroundProcess(
+                command.arguments(), python=self.pythonExecutable or pythonExecutable(), workDir=tempDir
+            )
         except Exception:
-            shutil.rmtree(tempDir, ignore_errors=True)
+            removeFolder(tempDir)
             raise
         return BackgroundRun(
             process,
@@ -384,9 +387,13 @@ def _readMask(path: Path, volumeNode) -> np.ndarray:
     if not path.is_file():
         raise RuntimeError(f"the segmentation process reported success but wrote no mask ({path.name})")
     image = vio.read_image(path, dtype=None, allow_uniform=True)  # an empty result is a valid mask
-    labelmap = np.asarray(image.array).astype(np.uint8, copy=False)
+    # a copy in memory: a .nii is read memory-mapped, and on Windows a mapped file cannot be deleted,
+    # so the run's temporary folder would be left behind after every run
+    labelmap = np.array(image.array, dtype=np.uint8, copy=True)
+    affine = np.array(image.affine, dtype=float)
+    del image
     difference = nodes.geometryDifference(
-        image.affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
+        affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
     )
     if difference:
         raise RuntimeError(f"the mask does not lie on the CT's grid ({difference}); it was not loaded")
