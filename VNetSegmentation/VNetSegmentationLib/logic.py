@@ -26,7 +26,7 @@ import numpy as np
 from . import checks, nodes, parameters
 from .environment import TorchStatus, detectDevices, installTorch, torchStatus
 from .export import ExportResult, caseNameFrom, exportCase
-from .models import ModelEntry, ModelStore, modelCardText
+from .models import ModelEntry, ModelStore, modelCardText, readCardWithoutTorch
 from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand, pythonExecutable, removeFolder
 from .runs import BackgroundRun, PreRunCheckError, SegmentationCancelled, SegmentationOptions, SegmentationResult
 
@@ -98,7 +98,13 @@ class VNetSegmentationLogic:
         raise ValueError(f"model {model!r} is neither an installed model ({names}) nor a model file")
 
     def modelCardText(self, model) -> str:
-        return modelCardText(self.models.readInfo(self.resolveModel(model)))
+        """The model's card for the panel; without a usable PyTorch it is read without torch, plus what to do."""
+        entry = self.resolveModel(model)
+        status = torchStatus()
+        if status.installed:
+            return modelCardText(self.models.readInfo(entry))
+        card = modelCardText(readCardWithoutTorch(entry.path, entry.sha256 or None))
+        return card + "\nTo use this model: " + status.message
 
     # ---------------------------------------------------------------------------- checks
     def preRunChecks(
@@ -136,9 +142,9 @@ class VNetSegmentationLogic:
         host = checks.estimateMemoryBytes(
             shape, spacing, info.preprocessing, info.config.out_channels, 0 if onGpu else windowBytes
         )
-        if onGpu:
-            free = availableBytes if availableBytes is not None else detectDevices().get("cudaFreeBytes", 0)
-            gpuCheck = checks.checkMemory(windowBytes, free, "cuda") if free else None
+        if onGpu:  # the GPU's total memory: measuring what is free would create a CUDA context here
+            total = availableBytes if availableBytes is not None else detectDevices().get("cudaTotalBytes", 0)
+            gpuCheck = checks.checkMemory(windowBytes, total, "cuda", total=availableBytes is None) if total else None
             if gpuCheck:
                 return gpuCheck
         return checks.checkMemory(
