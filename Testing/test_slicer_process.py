@@ -343,3 +343,28 @@ def test_python_executable_when_sys_executable_is_empty(monkeypatch):
     monkeypatch.setattr(sys, "executable", "")
     with pytest.raises(RuntimeError, match="cannot find a Python interpreter"):
         process.pythonExecutable()
+
+
+@posix_only
+def test_exiting_python_kills_a_run_still_going(tmp_path):
+    """Slicer closing while a run goes on (no Cancel, no panel cleanup): the run's processes end with it."""
+    import json
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    launcher = make_launcher(tmp_path)
+    code = f"""
+import sys, time
+sys.path[:0] = {[str(Path(__file__).resolve().parents[1] / "VNetSegmentation")]!r}
+from VNetSegmentationLib.process import BackgroundProcess
+proc = BackgroundProcess(["-c", "import time; time.sleep(120)"], python={launcher!r})
+deadline = time.monotonic() + 60
+while not open({str(pid_file)!r}, "a+").tell() and time.monotonic() < deadline:
+    time.sleep(0.02)
+print(proc.pid)
+"""
+    env = {**__import__("os").environ, "LAUNCHER_CHILD_PID": str(pid_file)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    launcher_pid, grandchild = int(done.stdout.split()[-1]), int(pid_file.read_text())
+    assert wait_for(lambda: not alive(grandchild) and not alive(launcher_pid), 5), json.dumps(done.stderr[-500:])

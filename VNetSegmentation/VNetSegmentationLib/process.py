@@ -17,6 +17,7 @@ therefore started in a process group of its own (POSIX: a new session, killed wi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -24,12 +25,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+
+# processes still running when this interpreter exits (Slicer closing without the panel's
+# cleanup, a script that forgot to wait) are killed with everything they started
+_RUNNING: weakref.WeakSet[BackgroundProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _killRunningAtExit() -> None:
+    for process in list(_RUNNING):
+        process.cancel()
 
 
 PYTHON_SLICER = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
@@ -198,7 +210,7 @@ class PredictCommand:
         return args
 
 
-@dataclass
+@dataclass(eq=False)  # a handle on one process: compared (and hashed) by identity
 class BackgroundProcess:
     """One child process whose JSON-lines stdout is read as events.
 
@@ -244,6 +256,7 @@ class BackgroundProcess:
                 creationflags=creation,
                 start_new_session=os.name != "nt",  # its own process group: cancel kills the tree
             )
+        _RUNNING.add(self)
 
     @property
     def pid(self) -> int:
@@ -313,6 +326,7 @@ class BackgroundProcess:
             self.error = str(event.get("message", "")) or self.error
 
     def _finish(self) -> None:
+        _RUNNING.discard(self)
         code = self._process.wait()
         if code == 0 and self.result is not None and not self.result.get("error"):
             self.state = SUCCEEDED
@@ -350,5 +364,6 @@ class BackgroundProcess:
             return
         self.state = CANCELLED
         self.message = "cancelled"
+        _RUNNING.discard(self)
         killProcessTree(self._process)
         self._cleanup()
