@@ -87,7 +87,7 @@ def test_no_dialog_under_the_wait_cursor():
 
 def test_the_check_finds_a_dialog_under_the_wait_cursor():
     """The pattern the Widget had: the export's folder dialog and confirmation inside the wait cursor."""
-    bad = '''
+    bad = """
 class VNetSegmentationWidget:
     def onExport(self):
         with slicer.util.tryWithErrorDisplay("failed", waitCursor=True):
@@ -100,8 +100,11 @@ class VNetSegmentationWidget:
             slicer.util.confirmOkCancelDisplay("ok to ask here")
             with self.busy():
                 work()
-'''
-    assert dialogs_under_wait_cursor(bad) == ["onExport -> ask: confirmOkCancelDisplay", "onExport: getExistingDirectory"]
+"""
+    assert dialogs_under_wait_cursor(bad) == [
+        "onExport -> ask: confirmOkCancelDisplay",
+        "onExport: getExistingDirectory",
+    ]
 
 
 def test_widget_uses_the_wait_cursor_for_its_work():

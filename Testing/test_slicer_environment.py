@@ -32,7 +32,7 @@ class HideTorch:
 sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = HideTorch
 '''
 
-BREAK_TORCH = '''
+BREAK_TORCH = """
 import importlib.abc, importlib.machinery, importlib.util, sys
 class DllError(importlib.abc.Loader):
     def create_module(self, spec):
@@ -47,7 +47,7 @@ class BrokenTorch:
             return importlib.util.spec_from_loader("torch", DllError())
         return None
 sys.meta_path.insert(0, BrokenTorch)
-'''
+"""
 
 
 def run_python(prelude: str, code: str) -> dict:
@@ -55,14 +55,18 @@ def run_python(prelude: str, code: str) -> dict:
     paths = [str(REPO / "VNetSegmentation"), str(REPO / "Testing"), str(REPO)]
     script = prelude + f"\nsys.path[:0] = {paths!r}\n" + code
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-CARD_AND_CHECKS = '''
+CARD_AND_CHECKS = """
 import json
 from VNetSegmentationLib import VNetSegmentationLogic
 from VNetSegmentationLib.environment import dependencyAdvice, detectDevices, missingPackages, selfTestSkipReason, torchStatus
@@ -83,7 +87,7 @@ except ValueError as exc:
     out["bad"] = str(exc)
 out["torch_imported"] = type(sys.modules.get("torch")).__name__ if "torch" in sys.modules else ""
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def test_torch_that_does_not_load_is_reported_not_raised(tmp_path, shipped_card)
 
 
 def test_pre_run_checks_with_a_torch_that_does_not_load(ct_dir, tiny_model_file, tmp_path):
-    code = f'''
+    code = f"""
 import json
 from VNetSegmentationLib import PreRunCheckError, VNetSegmentationLogic
 from slicer_helpers import make_scene
@@ -140,7 +144,7 @@ try:
 except PreRunCheckError as exc:
     out["error"] = str(exc)
 print(json.dumps(out))
-'''
+"""
     out = run_python(BREAK_TORCH, code)
     assert out["codes"] == ["torchMissing"] and "cannot be loaded" in out["text"]
     assert "Reinstall PyTorch" in out["error"]

@@ -260,7 +260,9 @@ def test_cancel_kills_the_real_interpreter_behind_a_launcher(tmp_path, monkeypat
 
     pid_file = tmp_path / "child.pid"
     monkeypatch.setenv("LAUNCHER_CHILD_PID", str(pid_file))
-    sleeper = "import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(120)\n"
+    sleeper = (
+        "import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(120)\n"
+    )
     launcher = make_launcher(tmp_path)
 
     # the trap the launcher sets: killing only the process started leaves the real one running
@@ -297,7 +299,9 @@ def test_cancel_through_a_launcher_stops_the_segmentation(ct_dir, tiny_model_fil
     run = logic.startSegmentation(volume, tiny_model_file, SegmentationOptions("cpu", 0.9))
     assert run.process.python == logic.pythonExecutable
     seen: list[dict] = []
-    assert wait_for(lambda: seen.extend(run.poll()) or run.finished or any(e.get("event") == "progress" for e in seen), 120)
+    assert wait_for(
+        lambda: seen.extend(run.poll()) or run.finished or any(e.get("event") == "progress" for e in seen), 120
+    )
     assert not run.finished, run.error
     grandchild = int(pid_file.read_text())
     assert alive(grandchild)
@@ -321,7 +325,10 @@ def test_child_runs_in_its_work_folder_and_cannot_be_shadowed(tmp_path, monkeypa
     proc.wait(timeout=120)
     assert "shadowed" not in " ".join(proc.stderrLines)
     code = BackgroundProcess(
-        ["-c", "import json, os, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__, 'cwd': os.getcwd()}))"],
+        [
+            "-c",
+            "import json, os, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__, 'cwd': os.getcwd()}))",
+        ],
         python=sys.executable,
     )
     code.wait(timeout=60)
@@ -364,7 +371,9 @@ while not open({str(pid_file)!r}, "a+").tell() and time.monotonic() < deadline:
 print(proc.pid)
 """
     env = {**__import__("os").environ, "LAUNCHER_CHILD_PID": str(pid_file)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     launcher_pid, grandchild = int(done.stdout.split()[-1]), int(pid_file.read_text())
     assert wait_for(lambda: not alive(grandchild) and not alive(launcher_pid), 5), json.dumps(done.stderr[-500:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from slicer_helpers import ijk_to_ras, node_array_ijk, one_torch_thread, slicer, vtk  # noqa: F401
+from vtk.util import numpy_support
 
 from vnetseg.checkpoint import SPLEEN_LABELS
 from VNetSegmentationLib import SegmentationOptions, nodes
@@ -49,7 +50,7 @@ def world_mask(seg, segment_id):
     image.GetImageToWorldMatrix(matrix)
     extent = image.GetExtent()
     dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
-    voxels = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     array = voxels.reshape(dims[::-1]).transpose(2, 1, 0)
     affine = slicer.util.arrayFromVTKMatrix(matrix) @ np.c_[np.eye(4, 3), [extent[0], extent[2], extent[4], 1.0]]
     return array, affine
@@ -62,8 +63,6 @@ def ras_centroid(mask, affine):
 
 @pytest.mark.parametrize("kind", sorted(TRANSFORMS))
 def test_check_again_and_export_read_the_segment_in_the_ct_frame(kind, env, ct_dir, spleen, logic, tmp_path):
-    import vtk.util.numpy_support  # noqa: F401 (world_mask)
-
     nib = pytest.importorskip("nibabel")
     ct = env.load_volume(ct_dir / "example_ct_sm.nii.gz", f"ct {kind}")
     ct.SetAndObserveTransformNodeID(transform_node(env, TRANSFORMS[kind], f"T {kind}").GetID())
@@ -99,8 +98,6 @@ def test_check_again_and_export_read_the_segment_in_the_ct_frame(kind, env, ct_d
 @pytest.mark.parametrize("kind", sorted(TRANSFORMS))
 def test_existing_output_under_another_transform_gets_the_segment_in_place(kind, env, ct_dir, spleen):
     """CT under a transform, the chosen output segmentation under none (or the other way round)."""
-    import vtk.util.numpy_support  # noqa: F401
-
     transform = transform_node(env, TRANSFORMS[kind], f"T2 {kind}")
     for ct_transformed in (True, False):
         ct = env.load_volume(ct_dir / "example_ct_sm.nii.gz", f"ct2 {kind} {ct_transformed}")

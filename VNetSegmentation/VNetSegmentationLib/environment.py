@@ -10,6 +10,7 @@ the advice to reinstall, instead of raising out of the panel. Device detection n
 CUDA context in Slicer's process (no ``mem_get_info``, no allocation): the inference runs in a
 separate process, and a context would hold hundreds of MB of GPU memory in Slicer for nothing.
 """
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -245,7 +245,15 @@ def readCardWithoutTorch(path: str | os.PathLike[str], sha256: str | None = None
             with archive.open(member) as f:
                 payload = _MetadataUnpickler(f).load()
         meta = json.loads(payload["metadata"])
-    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
+    except (
+        zipfile.BadZipFile,
+        StopIteration,
+        pickle.UnpicklingError,
+        KeyError,
+        TypeError,
+        ValueError,
+        EOFError,
+    ) as exc:
         raise ValueError(f"{p.name} is not a readable vnetseg model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != "vnetseg-model":
         raise ValueError(f"{p.name} is not a vnetseg model file (no 'vnetseg-model' format marker)")
