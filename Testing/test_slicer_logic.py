@@ -230,7 +230,7 @@ def test_no_torch_message_and_status():
     status = torchStatus()
     assert status.installed and status.version  # this environment has torch
     assert "Install PyTorch" in TORCH_MISSING
-    labels = deviceLabels({"cuda": [], "cudaFreeBytes": 0, "mps": False})
+    labels = deviceLabels({"cuda": [], "cudaTotalBytes": 0, "mps": False})
     assert labels["gpu"] == "GPU (none detected)" and "CPU" in labels["auto"]
     assert deviceLabels({"cuda": ["NVIDIA H100"], "mps": False})["auto"] == "Auto: GPU (NVIDIA H100)"
     assert deviceLabels({})["auto"] == "Auto (PyTorch not installed)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from slicer_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -204,3 +205,175 @@ def test_empty_result_from_the_background_process(ct_dir, env, logic, tmp_path):
     seg, result = logic.segment(volume, path, SegmentationOptions("cpu", 0.0), background=True, timeout=120)
     assert result.volumeMl == 0.0 and [w.code for w in result.warnings] == ["empty"]
     assert seg.GetSegmentation().GetSegment(result.segmentIDs[0]).GetName() == "Spleen"
+
+
+# ------------------------------------------------------------------ a launcher like PythonSlicer
+LAUNCHER = """#!{python}
+# Like CTKAppLauncher (what PythonSlicer is in an installed Slicer): start the real interpreter
+# as a child with the same arguments, wait for it, forward no signal, exit with its status.
+import os, subprocess, sys
+child = subprocess.Popen([{python!r}, *sys.argv[1:]])
+with open(os.environ["LAUNCHER_CHILD_PID"], "w") as f:
+    f.write(str(child.pid))
+sys.exit(child.wait())
+"""
+
+
+def make_launcher(folder):
+    path = folder / "PythonSlicer"
+    path.write_text(LAUNCHER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent to reap it counts as ended)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the launcher script needs a POSIX shebang")
+
+
+@posix_only
+def test_cancel_kills_the_real_interpreter_behind_a_launcher(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("LAUNCHER_CHILD_PID", str(pid_file))
+    sleeper = (
+        "import json, time\nprint(json.dumps({'event': 'progress', 'fraction': 0.1}), flush=True)\ntime.sleep(120)\n"
+    )
+    launcher = make_launcher(tmp_path)
+
+    # the trap the launcher sets: killing only the process started leaves the real one running
+    naive = BackgroundProcess(["-c", sleeper], python=launcher)
+    assert wait_for(lambda: pid_file.is_file() and pid_file.read_text())
+    orphan = int(pid_file.read_text())
+    naive._process.kill()
+    naive._process.wait()
+    time.sleep(0.3)
+    assert alive(orphan), "the test's launcher must behave like CTKAppLauncher (no signal forwarding)"
+    os.kill(orphan, signal.SIGKILL)
+    naive.cancel()
+    pid_file.unlink()
+
+    proc = BackgroundProcess(["-c", sleeper], python=launcher)
+    assert wait_for(lambda: proc.poll() or proc.fraction > 0), proc.stderrLines
+    grandchild = int(pid_file.read_text())
+    assert alive(grandchild) and grandchild != proc.pid
+    proc.cancel()
+    assert proc.state == "cancelled"
+    assert wait_for(lambda: not alive(grandchild), 3), "the real interpreter must be gone after cancel"
+    assert not proc.workDir.exists()
+
+
+@posix_only
+def test_cancel_through_a_launcher_stops_the_segmentation(ct_dir, tiny_model_file, env, logic, tmp_path, monkeypatch):
+    """The panel's path with PythonSlicer a launcher: after Cancel no process computes, no file is left."""
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("LAUNCHER_CHILD_PID", str(pid_file))
+    logic.pythonExecutable = make_launcher(tmp_path)
+    volume = env.load_volume(ct_dir / "example_ct.nii.gz", "ct-launcher")
+    before = env.node_ids()
+    # overlap 0.9: hundreds of windows, so the run cannot end by itself while the test looks
+    run = logic.startSegmentation(volume, tiny_model_file, SegmentationOptions("cpu", 0.9))
+    assert run.process.python == logic.pythonExecutable
+    seen: list[dict] = []
+    assert wait_for(
+        lambda: seen.extend(run.poll()) or run.finished or any(e.get("event") == "progress" for e in seen), 120
+    )
+    assert not run.finished, run.error
+    grandchild = int(pid_file.read_text())
+    assert alive(grandchild)
+    run.cancel()
+    assert wait_for(lambda: not alive(grandchild), 3), "vnetseg must not keep computing after Cancel"
+    assert not run.tempDir.exists()
+    with pytest.raises(SegmentationCancelled):
+        logic.finishSegmentation(run)
+    assert env.node_ids() == before
+
+
+def test_child_runs_in_its_work_folder_and_cannot_be_shadowed(tmp_path, monkeypatch):
+    """A folder named like a package in Slicer's current folder must not replace the real one."""
+    import vnetseg
+
+    (tmp_path / "vnetseg").mkdir()
+    (tmp_path / "vnetseg" / "__init__.py").write_text("raise SystemExit('shadowed vnetseg imported')\n")
+    (tmp_path / "vnetseg" / "__main__.py").write_text("raise SystemExit('shadowed vnetseg ran')\n")
+    monkeypatch.chdir(tmp_path)
+    proc = BackgroundProcess(["-m", "vnetseg", "--help"], python=sys.executable)
+    proc.wait(timeout=120)
+    assert "shadowed" not in " ".join(proc.stderrLines)
+    code = BackgroundProcess(
+        [
+            "-c",
+            "import json, os, vnetseg; print(json.dumps({'event': 'done', 'path': vnetseg.__file__, 'cwd': os.getcwd()}))",
+        ],
+        python=sys.executable,
+    )
+    code.wait(timeout=60)
+    assert code.state == "succeeded", code.error
+    assert code.result["path"] == vnetseg.__file__
+    assert Path(code.result["cwd"]).name.startswith("vnetseg-run-")
+
+
+def test_relative_paths_reach_the_child_as_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = PredictCommand(Path("in.nii"), Path("out.nii"), Path("m.pt"), reportPath=Path("r.json")).arguments()
+    for value in (args[3], args[5], args[7], args[args.index("--report") + 1]):
+        assert Path(value).is_absolute() and Path(value).parent == tmp_path
+
+
+def test_python_executable_when_sys_executable_is_empty(monkeypatch):
+    from VNetSegmentationLib import process
+
+    monkeypatch.setattr(sys, "executable", "")
+    with pytest.raises(RuntimeError, match="cannot find a Python interpreter"):
+        process.pythonExecutable()
+
+
+@posix_only
+def test_exiting_python_kills_a_run_still_going(tmp_path):
+    """Slicer closing while a run goes on (no Cancel, no panel cleanup): the run's processes end with it."""
+    import json
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    launcher = make_launcher(tmp_path)
+    code = f"""
+import sys, time
+sys.path[:0] = {[str(Path(__file__).resolve().parents[1] / "VNetSegmentation")]!r}
+from VNetSegmentationLib.process import BackgroundProcess
+proc = BackgroundProcess(["-c", "import time; time.sleep(120)"], python={launcher!r})
+deadline = time.monotonic() + 60
+while not open({str(pid_file)!r}, "a+").tell() and time.monotonic() < deadline:
+    time.sleep(0.02)
+print(proc.pid)
+"""
+    env = {**__import__("os").environ, "LAUNCHER_CHILD_PID": str(pid_file)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    launcher_pid, grandchild = int(done.stdout.split()[-1]), int(pid_file.read_text())
+    assert wait_for(lambda: not alive(grandchild) and not alive(launcher_pid), 5), json.dumps(done.stderr[-500:])

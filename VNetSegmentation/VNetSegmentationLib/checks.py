@@ -8,6 +8,7 @@ the field of view, several sizeable components), each tagged with a code.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,36 +113,86 @@ def estimateMemoryBytes(
     return int(15 * nInput + 4 * nModel * (outChannels + 2) + windowBytes)
 
 
-def checkMemory(required: int, available: int, device: str) -> CheckMessage | None:
-    """Warn when a run needs more than ``MEMORY_SHARE`` of the free memory."""
+def checkMemory(required: int, available: int, device: str, total: bool = False) -> CheckMessage | None:
+    """Warn when a run needs more than ``MEMORY_SHARE`` of ``available`` bytes.
+
+    ``total``: ``available`` is the device's whole memory (the panel does not measure a GPU's free
+    memory: that would create a CUDA context in Slicer's process), not what is free now.
+    """
     if required <= MEMORY_SHARE * available:
         return None
     where = "GPU" if device.startswith(("cuda", "gpu")) else "computer"
     advice = "choose CPU under Advanced, or " if where == "GPU" else ""
+    has = (
+        f"the {where} has only {available / 2**30:.1f} GB of memory in all"
+        if total
+        else f"only {available / 2**30:.1f} GB of {where} memory is free"
+    )
     return CheckMessage(
         "memory",
         WARNING,
-        f"The volume is large: segmenting it needs about {required / 2**30:.1f} GB but only {available / 2**30:.1f} GB "
-        f"of {where} memory is free. To avoid running out of memory, {advice}crop the volume around the spleen "
+        f"The volume is large: segmenting it needs about {required / 2**30:.1f} GB but {has}. "
+        f"To avoid running out of memory, {advice}crop the volume around the spleen "
         "first (Crop Volume module) and segment the cropped volume.",
     )
 
 
+class MemoryStatusEx(ctypes.Structure):
+    """MEMORYSTATUSEX of the Windows API (sysinfoapi.h): 64 bytes, ``ullAvailPhys`` at offset 16."""
+
+    _fields_ = [
+        ("dwLength", ctypes.c_uint32),
+        ("dwMemoryLoad", ctypes.c_uint32),
+        ("ullTotalPhys", ctypes.c_uint64),
+        ("ullAvailPhys", ctypes.c_uint64),
+        ("ullTotalPageFile", ctypes.c_uint64),
+        ("ullAvailPageFile", ctypes.c_uint64),
+        ("ullTotalVirtual", ctypes.c_uint64),
+        ("ullAvailVirtual", ctypes.c_uint64),
+        ("ullAvailExtendedVirtual", ctypes.c_uint64),
+    ]
+
+
+def _windowsAvailableBytes() -> int | None:
+    """Free physical memory from ``GlobalMemoryStatusEx`` (kernel32), or None when it cannot be asked."""
+    windll = getattr(ctypes, "windll", None)
+    if windll is None:
+        return None
+    status = MemoryStatusEx()
+    status.dwLength = ctypes.sizeof(MemoryStatusEx)
+    if not windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return None
+    return int(status.ullAvailPhys)
+
+
 def hostAvailableBytes() -> int:
-    """MemAvailable of the host (Linux), else total physical memory, else 4 GiB."""
+    """Free physical memory of this computer, in bytes.
+
+    Linux: ``MemAvailable`` of /proc/meminfo; Windows: ``GlobalMemoryStatusEx``; elsewhere (macOS)
+    ``os.sysconf`` (free pages when the system says, else all physical memory); 4 GiB when nothing
+    answers.
+    """
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        import os
+    import os
 
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    if os.name == "nt":
+        found = _windowsAvailableBytes()
+        if found:
+            return found
+    sysconf = getattr(os, "sysconf", None)  # absent on Windows
+    if sysconf is not None:
+        for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+            try:
+                return int(sysconf("SC_PAGE_SIZE") * sysconf(pages))
+            except (ValueError, OSError):
+                continue
+    return 4 << 30
 
 
 # ------------------------------------------------------------------------------ after a run

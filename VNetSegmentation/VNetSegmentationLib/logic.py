@@ -16,7 +16,6 @@ scene as it was.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ import numpy as np
 from . import checks, nodes, parameters
 from .environment import TorchStatus, detectDevices, installTorch, torchStatus
 from .export import ExportResult, caseNameFrom, exportCase
-from .models import ModelEntry, ModelStore, modelCardText
-from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand
+from .models import ModelEntry, ModelStore, modelCardText, readCardWithoutTorch
+from .process import CANCELLED, SUCCEEDED, BackgroundProcess, PredictCommand, pythonExecutable, removeFolder
 from .runs import BackgroundRun, PreRunCheckError, SegmentationCancelled, SegmentationOptions, SegmentationResult
 
 __all__ = ["VNetSegmentationLogic"]
@@ -46,6 +45,8 @@ class VNetSegmentationLogic:
     def __init__(self, scene=None, modelFolder=None, includeShippedModels: bool = True) -> None:
         self._scene = scene
         self.models = ModelStore(modelFolder, includeShippedModels)
+        # interpreter of the background process; None: PythonSlicer in Slicer (process.pythonExecutable)
+        self.pythonExecutable: str | None = None
 
     @property
     def scene(self):
@@ -97,7 +98,13 @@ class VNetSegmentationLogic:
         raise ValueError(f"model {model!r} is neither an installed model ({names}) nor a model file")
 
     def modelCardText(self, model) -> str:
-        return modelCardText(self.models.readInfo(self.resolveModel(model)))
+        """The model's card for the panel; without a usable PyTorch it is read without torch, plus what to do."""
+        entry = self.resolveModel(model)
+        status = torchStatus()
+        if status.installed:
+            return modelCardText(self.models.readInfo(entry))
+        card = modelCardText(readCardWithoutTorch(entry.path, entry.sha256 or None))
+        return card + "\nTo use this model: " + status.message
 
     # ---------------------------------------------------------------------------- checks
     def preRunChecks(
@@ -135,9 +142,9 @@ class VNetSegmentationLogic:
         host = checks.estimateMemoryBytes(
             shape, spacing, info.preprocessing, info.config.out_channels, 0 if onGpu else windowBytes
         )
-        if onGpu:
-            free = availableBytes if availableBytes is not None else detectDevices().get("cudaFreeBytes", 0)
-            gpuCheck = checks.checkMemory(windowBytes, free, "cuda") if free else None
+        if onGpu:  # the GPU's total memory: measuring what is free would create a CUDA context here
+            total = availableBytes if availableBytes is not None else detectDevices().get("cudaTotalBytes", 0)
+            gpuCheck = checks.checkMemory(windowBytes, total, "cuda", total=availableBytes is None) if total else None
             if gpuCheck:
                 return gpuCheck
         return checks.checkMemory(
@@ -269,9 +276,11 @@ class VNetSegmentationLogic:
                 entry.sha256 or None,
                 options.mode,
             )
-            process = BackgroundProcess(command.arguments(), workDir=tempDir)
+            process = BackgroundProcess(
+                command.arguments(), python=self.pythonExecutable or pythonExecutable(), workDir=tempDir
+            )
         except Exception:
-            shutil.rmtree(tempDir, ignore_errors=True)
+            removeFolder(tempDir)
             raise
         return BackgroundRun(
             process,
@@ -399,9 +408,13 @@ def _readMask(path: Path, volumeNode) -> np.ndarray:
     if not path.is_file():
         raise RuntimeError(f"the segmentation process reported success but wrote no mask ({path.name})")
     image = vio.read_image(path, dtype=None, allow_uniform=True)  # an empty result is a valid mask
-    labelmap = np.asarray(image.array).astype(np.uint8, copy=False)
+    # a copy in memory: a .nii is read memory-mapped, and on Windows a mapped file cannot be deleted,
+    # so the run's temporary folder would be left behind after every run
+    labelmap = np.array(image.array, dtype=np.uint8, copy=True)
+    affine = np.array(image.affine, dtype=float)
+    del image
     difference = nodes.geometryDifference(
-        image.affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
+        affine, labelmap.shape, nodes.ijkToRas(volumeNode), nodes.volumeShape(volumeNode)
     )
     if difference:
         raise RuntimeError(f"the mask does not lie on the CT's grid ({difference}); it was not loaded")

@@ -3,17 +3,25 @@
 "Import model file" copies a model made by ``training/`` into the user's folder, after checking
 that it loads (architecture rebuilt, weights digest verified) and, when one is given, that its
 SHA-256 matches; a ``<file>.sha256`` note next to the copy lets every later run verify it again.
-Qt-free; torch is imported only when a model is read.
+Qt-free; torch is imported only when a model is loaded or verified. The model card is metadata,
+so :func:`readCardWithoutTorch` reads it from the file without torch (for a fresh Slicer where
+PyTorch is not installed yet).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 MODEL_SUFFIX = ".pt"
@@ -175,6 +183,91 @@ class ModelStore:
         if key not in self._infoCache:
             self._infoCache[key] = read_model_info(path, sha or None)[0]
         return self._infoCache[key]
+
+
+class _Opaque:
+    """Stands for every torch object (tensors, storages) while a model file's pickle is read without torch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads the plain data of a ``torch.save`` archive without torch and without running its code.
+
+    Only ``collections.OrderedDict`` and torch's own rebuild functions and storage types may be
+    named (each replaced by :class:`_Opaque`); tensor bytes are never read.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" or module.startswith("torch."):
+            return _Opaque
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model file")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None  # a tensor's storage: not needed for the card
+
+
+def _fileSha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def readCardWithoutTorch(path: str | os.PathLike[str], sha256: str | None = None) -> SimpleNamespace:
+    """A model file's card and settings, read without importing torch.
+
+    The file's SHA-256 is checked against ``sha256`` when given; the weights are not checked (that
+    needs torch, and happens when the model is loaded for a run).
+
+    Returns:
+        An object with the attributes :func:`modelCardText` reads: ``card``, ``config``
+        (``widths``, ``kernel_size``), ``preprocessing`` (``target_spacing``, ``hu_window``),
+        ``labels`` (each with ``name``) and ``sha256``.
+
+    Raises:
+        ValueError: not a vnetseg model file, or a different SHA-256.
+    """
+    p = Path(path)
+    actual = _fileSha256(p)
+    if sha256 and actual.lower() != sha256.strip().lower():
+        raise ValueError(f"{p} has SHA-256 {actual}, expected {sha256.strip()}: the file is damaged; copy it again")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            with archive.open(member) as f:
+                payload = _MetadataUnpickler(f).load()
+        meta = json.loads(payload["metadata"])
+    except (
+        zipfile.BadZipFile,
+        StopIteration,
+        pickle.UnpicklingError,
+        KeyError,
+        TypeError,
+        ValueError,
+        EOFError,
+    ) as exc:
+        raise ValueError(f"{p.name} is not a readable vnetseg model file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != "vnetseg-model":
+        raise ValueError(f"{p.name} is not a vnetseg model file (no 'vnetseg-model' format marker)")
+    config, pre = meta.get("config", {}), meta.get("preprocessing", {})
+    return SimpleNamespace(
+        card=dict(meta.get("card", {})),
+        config=SimpleNamespace(widths=tuple(config.get("widths", ())), kernel_size=config.get("kernel_size", "?")),
+        preprocessing=SimpleNamespace(
+            target_spacing=tuple(float(x) for x in pre.get("target_spacing", ())),
+            hu_window=tuple(float(x) for x in pre.get("hu_window", (float("nan"), float("nan")))),
+        ),
+        labels=tuple(SimpleNamespace(name=str(lab.get("name", "?"))) for lab in meta.get("labels", [])),
+        sha256=actual,
+    )
 
 
 def _number(value: Any) -> bool:

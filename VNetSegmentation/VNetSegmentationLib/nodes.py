@@ -5,6 +5,11 @@ node holds ``(K, J, I)`` voxels (``arrayFromVolume``) and its own IJK-to-RAS mat
 same image when the array is transposed and the IJK-to-RAS matrix is used as the affine, whatever
 the orientation (oblique, left-handed, flipped). Segments are written and read on exactly the
 volume's voxel grid, so a mask computed for the volume overlays it voxel for voxel.
+
+Transforms: everything here is in the volume's own (local) frame, the frame of its IJK-to-RAS
+matrix and of ``arrayFromVolume``, whatever parent transform the volume has. A segmentation under
+the same parent transform shares that frame; one under another transform is mapped between the
+two frames with ``vtkMRMLTransformNode.GetTransformBetweenNodes`` (linear or not).
 """
 
 from __future__ import annotations
@@ -106,11 +111,14 @@ def orientedImageFromMask(mask: np.ndarray, affine: np.ndarray):
     return image
 
 
-def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray, labelValue: int = 1) -> np.ndarray:
+def maskFromOrientedImage(
+    image, shape: Sequence[int], affine: np.ndarray, labelValue: int = 1, imageToGrid=None
+) -> np.ndarray:
     """Voxels equal to ``labelValue`` of a vtkOrientedImageData, on the grid (``shape``, ``affine``).
 
     Nearest-neighbour; voxels of the grid outside the image are 0. When the image already lies on
-    that grid (the usual case) this is an exact copy.
+    that grid (the usual case) this is an exact copy. ``imageToGrid`` (a vtkAbstractTransform)
+    maps the image's coordinates into the grid's when the two are in different frames.
 
     Returns:
         (I, J, K) uint8, 1 where the image holds ``labelValue``.
@@ -118,7 +126,7 @@ def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray, label
     reference = geometryImage(shape, affine)
     resampled = slicer.vtkOrientedImageData()
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        image, reference, resampled, False, True
+        image, reference, resampled, False, True, imageToGrid
     )
     if not ok:
         raise RuntimeError("the segment could not be resampled onto the volume's grid")
@@ -135,20 +143,45 @@ def maskFromOrientedImage(image, shape: Sequence[int], affine: np.ndarray, label
     return out
 
 
-def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-    """A segment's binary labelmap on ``volumeNode``'s voxel grid: (I, J, K) uint8 0/1.
+def transformBetween(sourceNode, targetNode):
+    """The transform from ``sourceNode``'s local frame to ``targetNode``'s, or None when they share one.
 
-    Works for segments that share a labelmap layer with others (as the Segment Editor leaves
-    them): the layer holds one label value per segment, and only this segment's value is kept.
+    Both are transformable nodes (volume, segmentation); a node with no parent transform is in world
+    (RAS) coordinates. Returns a vtkGeneralTransform (linear or not) otherwise.
+    """
+    sourceParent, targetParent = sourceNode.GetParentTransformNode(), targetNode.GetParentTransformNode()
+    if sourceParent is targetParent or (
+        sourceParent is not None and targetParent is not None and sourceParent.GetID() == targetParent.GetID()
+    ):
+        return None
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(sourceParent, targetParent, transform)
+    return transform
+
+
+def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+    """A segment's binary labelmap on ``volumeNode``'s voxel grid (its local IJK): (I, J, K) uint8 0/1.
+
+    The labelmap is read in the segmentation's own frame (``applyParentTransform=False``; the default
+    would return it in world coordinates) and mapped into the volume's frame when the two nodes are
+    under different transforms. Works for segments that share a labelmap layer with others (as the
+    Segment Editor leaves them): the layer holds one label value per segment, and only this
+    segment's value is kept.
     """
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     if segment is None:
         raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment with ID '{segmentId}'")
     image = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, image):
+    if not logic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, image, False):
         raise RuntimeError(f"segment '{segmentId}' has no binary labelmap representation")
-    return maskFromOrientedImage(image, volumeShape(volumeNode), ijkToRas(volumeNode), segment.GetLabelValue())
+    return maskFromOrientedImage(
+        image,
+        volumeShape(volumeNode),
+        ijkToRas(volumeNode),
+        segment.GetLabelValue(),
+        transformBetween(segmentationNode, volumeNode),
+    )
 
 
 def setSegmentAppearance(segment, label) -> None:
@@ -165,16 +198,22 @@ def fillSegments(segmentationNode, volumeNode, labelmap: np.ndarray, labels: Seq
     """Write one segment per label of (I, J, K) ``labelmap`` on the volume's grid; return segment IDs.
 
     An existing segment with the same name is replaced in place (its ID is kept), also when it
-    shares a labelmap layer with other segments; other segments of the node are left alone.
+    shares a labelmap layer with other segments; other segments of the node are left alone. When
+    the segmentation is under another parent transform than the volume, the mask is moved into
+    the segmentation's frame first (a linear transform changes only the labelmap's geometry; a
+    non-linear one resamples it), so it lies where the volume's voxels are in the views.
     """
     affine = ijkToRas(volumeNode)
     if tuple(labelmap.shape) != volumeShape(volumeNode):
         raise ValueError(f"labelmap shape {labelmap.shape} differs from the volume's {volumeShape(volumeNode)}")
     segmentation = segmentationNode.GetSegmentation()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    volumeToSegmentation = transformBetween(volumeNode, segmentationNode)
     ids = []
     for label in labels:
         image = orientedImageFromMask(labelmap == label.value, affine)
+        if volumeToSegmentation is not None:
+            slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, volumeToSegmentation)
         segmentId = segmentation.GetSegmentIdBySegmentName(label.name)
         if segmentId:
             logic = slicer.vtkSlicerSegmentationsModuleLogic

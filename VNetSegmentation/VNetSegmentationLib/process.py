@@ -5,12 +5,19 @@ Python, so torch and the core are the ones Slicer uses); elsewhere it is ``sys.e
 vnetseg``. The process prints one JSON object per line into a file, which
 :meth:`BackgroundProcess.poll` reads incrementally: it never blocks, needs no thread (Python
 threads may not get to run in Slicer's embedded interpreter while Qt waits for events), and a
-chatty process cannot fill a pipe. Cancelling kills the process; a crash in it cannot take
-Slicer down. Qt-free: the Slicer Widget calls ``poll`` from a ``qt.QTimer``.
+chatty process cannot fill a pipe. A crash in it cannot take Slicer down. Qt-free: the Slicer
+Widget calls ``poll`` from a ``qt.QTimer``.
+
+Cancelling kills the whole process tree, not only the process started: in an installed Slicer
+``PythonSlicer`` is CTKAppLauncher under another name, which sets up the environment, starts the
+real interpreter (``python-real``) as its child and forwards no signal to it. The child is
+therefore started in a process group of its own (POSIX: a new session, killed with
+``os.killpg``; Windows: ``taskkill /F /T``, which follows the parent-child links).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -18,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,23 +33,53 @@ from typing import Any
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
+# processes still running when this interpreter exits (Slicer closing without the panel's
+# cleanup, a script that forgot to wait) are killed with everything they started
+_RUNNING: weakref.WeakSet[BackgroundProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _killRunningAtExit() -> None:
+    for process in list(_RUNNING):
+        process.cancel()
+
+
+PYTHON_SLICER = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+
 
 def pythonExecutable() -> str:
-    """The interpreter for the background process: ``PythonSlicer`` inside Slicer, else this one."""
+    """The interpreter for the background process: ``PythonSlicer`` inside Slicer, else this one.
+
+    Inside Slicer: ``PythonSlicer`` on PATH (Slicer's launcher puts its ``bin`` folder there, as
+    ``slicer.util`` relies on), else ``<slicer home>/bin/PythonSlicer``, else next to
+    ``sys.executable``.
+
+    Raises:
+        RuntimeError: no interpreter can be found (``sys.executable`` is empty, and inside
+            Slicer no ``PythonSlicer`` either).
+    """
     try:
         import slicer
 
-        inSlicer = hasattr(slicer, "app")
+        app = getattr(slicer, "app", None)
     except ImportError:
-        inSlicer = False
-    if inSlicer:
+        app = None
+    if app is not None:
         found = shutil.which("PythonSlicer")
         if found:
             return found
-        sibling = Path(sys.executable).with_name("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
-        if sibling.is_file():
-            return str(sibling)
-    return sys.executable
+        folders = [Path(str(getattr(app, "slicerHome", "") or "")) / "bin"] if getattr(app, "slicerHome", "") else []
+        if sys.executable:
+            folders.append(Path(sys.executable).parent)
+        for folder in folders:
+            if (folder / PYTHON_SLICER).is_file():
+                return str(folder / PYTHON_SLICER)
+    if sys.executable:
+        return sys.executable
+    raise RuntimeError(
+        "cannot find a Python interpreter to run the segmentation: PythonSlicer is not on PATH and "
+        "sys.executable is empty; start Slicer with its launcher (Slicer or Slicer.exe), not SlicerApp-real"
+    )
 
 
 def coreSearchPath() -> str:
@@ -52,12 +90,64 @@ def coreSearchPath() -> str:
 
 
 def childEnvironment() -> dict[str, str]:
-    """This process's environment plus the core on PYTHONPATH and unbuffered output."""
+    """This process's environment plus the core on PYTHONPATH, unbuffered output, and a safe path.
+
+    ``PYTHONSAFEPATH=1`` (Python 3.11+) keeps ``-m`` from putting the current folder first on
+    ``sys.path``, so a folder there named like a package (``vnetseg``, ``numpy``) cannot shadow it;
+    the child also runs in its own work folder.
+    """
     env = dict(os.environ)
     paths = [coreSearchPath()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONSAFEPATH"] = "1"
     return env
+
+
+def killProcessTree(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process it started (see the module docstring), then reap it.
+
+    ``process`` must have been started by :class:`BackgroundProcess` (its own process group on
+    POSIX). Safe to call when it has already ended.
+    """
+    if process.returncode is None:  # not reaped yet: on POSIX its group id cannot have been reused
+        if os.name == "nt":
+            try:
+                subprocess.run(
+                    ["taskkill", "/F", "/T", "/PID", str(process.pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                    timeout=30,
+                    check=False,
+                )
+            except (OSError, subprocess.SubprocessError):
+                pass
+        else:
+            import signal
+
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def removeFolder(path: Path, attempts: int = 5, delay: float = 0.1) -> bool:
+    """Delete a temporary folder; True when it is gone.
+
+    On Windows a file cannot be deleted while a process still has it open or memory-mapped (a
+    killed child may take a moment to release its files), so deleting is tried a few times.
+    """
+    for attempt in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return True
+        if attempt + 1 < attempts:
+            time.sleep(delay)
+    return False
 
 
 @dataclass
@@ -87,15 +177,20 @@ class PredictCommand:
     mode: str = "auto"
 
     def arguments(self) -> list[str]:
+        """The command line after the interpreter; every path absolute (the child runs elsewhere)."""
+
+        def full(path: Path) -> str:
+            return os.path.abspath(path)
+
         args = [
             "-m",
             "vnetseg",
             "predict",
-            str(self.inputPath),
+            full(self.inputPath),
             "-o",
-            str(self.outputPath),
+            full(self.outputPath),
             "--model",
-            str(self.modelPath),
+            full(self.modelPath),
             "--device",
             self.device,
             "--overlap",
@@ -109,13 +204,13 @@ class PredictCommand:
         if not self.postprocess:
             args.append("--no-postprocess")
         if self.reportPath is not None:
-            args += ["--report", str(self.reportPath)]
+            args += ["--report", full(self.reportPath)]
         if self.sha256:
             args += ["--sha256", self.sha256]
         return args
 
 
-@dataclass
+@dataclass(eq=False)  # a handle on one process: compared (and hashed) by identity
 class BackgroundProcess:
     """One child process whose JSON-lines stdout is read as events.
 
@@ -156,9 +251,12 @@ class BackgroundProcess:
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
+                cwd=str(self.workDir),
                 env=childEnvironment(),
                 creationflags=creation,
+                start_new_session=os.name != "nt",  # its own process group: cancel kills the tree
             )
+        _RUNNING.add(self)
 
     @property
     def pid(self) -> int:
@@ -228,6 +326,7 @@ class BackgroundProcess:
             self.error = str(event.get("message", "")) or self.error
 
     def _finish(self) -> None:
+        _RUNNING.discard(self)
         code = self._process.wait()
         if code == 0 and self.result is not None and not self.result.get("error"):
             self.state = SUCCEEDED
@@ -243,7 +342,7 @@ class BackgroundProcess:
 
     def _cleanup(self) -> None:
         if self._ownsWorkDir:
-            shutil.rmtree(self.workDir, ignore_errors=True)
+            removeFolder(self.workDir)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict[str, Any]]:
         """Block until the process ends (for scripts and tests); return all events seen."""
@@ -260,12 +359,11 @@ class BackgroundProcess:
         return events
 
     def cancel(self) -> None:
-        """Kill the process (if running) and wait for it to end; state becomes "cancelled"."""
+        """Kill the process and all it started (if running), wait for it; state becomes "cancelled"."""
         if self.state != RUNNING:
             return
         self.state = CANCELLED
         self.message = "cancelled"
-        if self._process.poll() is None:
-            self._process.kill()
-        self._process.wait()
+        _RUNNING.discard(self)
+        killProcessTree(self._process)
         self._cleanup()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 from . import checks
 from .environment import detectDevices
 from .models import ModelEntry
-from .process import SUCCEEDED, BackgroundProcess
+from .process import SUCCEEDED, BackgroundProcess, removeFolder
 
 
 class SegmentationCancelled(RuntimeError):
@@ -132,8 +131,9 @@ class BackgroundRun:
         self.process.cancel()
         self.cleanup()
 
-    def cleanup(self) -> None:
-        shutil.rmtree(self.tempDir, ignore_errors=True)
+    def cleanup(self) -> bool:
+        """Delete the run's temporary folder (CT, mask, report); True when it is gone."""
+        return removeFolder(self.tempDir)
 
     @property
     def state(self) -> str:
