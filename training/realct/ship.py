@@ -158,7 +158,7 @@ def write_outputs(
     out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int, log: Callable[[str], None] = print
 ) -> Path:
     """Build, score and write the shipped model file, registry.json and MODEL_CARD.md."""
-    main_dir, loc_dir = out / "runs" / "final_main_refine" / "fold_0", out / "runs" / "final_locator_refine" / "fold_0"
+    main_dir, loc_dir = out / "runs" / "final_main_settle" / "fold_0", out / "runs" / "final_locator_refine" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
     loc_net, loc_info = load_model(loc_dir / "model_last.pt")
     main_net32 = load_model(main_dir / "model_last.pt")[0].eval()  # as trained, to check the float16 copy against
@@ -196,7 +196,8 @@ def write_outputs(
             "main_stage1": _train_minutes(out / "runs" / "final_main" / "fold_0"),
             "main_stage2": _train_minutes(out / "runs" / "final_main_context" / "fold_0"),
             "main_stage3": _train_minutes(out / "runs" / "final_main_polish" / "fold_0"),
-            "main_stage4": _train_minutes(main_dir),
+            "main_stage4": _train_minutes(out / "runs" / "final_main_refine" / "fold_0"),
+            "main_stage5": _train_minutes(main_dir),
             "locator": _train_minutes(out / "runs" / "final_locator" / "fold_0"),
             "locator_stage2": _train_minutes(loc_dir),
         },
@@ -294,8 +295,8 @@ def build_card(
             "then simulated slice thickness (3-5 mm), blur, gain/offset and white or correlated noise. Never "
             "mirrored left-right. Training with training.engine (Dice + cross-entropy, AdamW, cosine schedule, "
             "batch 2, half of the patches centred on the spleen, light MONAI augmentation), HU window "
-            "[-57, 164], in four stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
-            "short low-rate pass with more patches away from the spleen, then one with the spleen placed "
+            "[-57, 164], in five stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
+            "short low-rate pass with more patches away from the spleen, then two with the spleen placed "
             "anywhere in the patch (the held-out pairs stop after the third stage and the locator's first). "
             "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
@@ -306,7 +307,8 @@ def build_card(
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
             "128 x 128 x 32 patches (192 mm of in-plane context) from those weights, then "
             f"{budget['polish'] * 20} more at a lower rate with a third of the patches on the spleen, then "
-            f"{budget['refine'] * 20} with half on the spleen placed anywhere in the patch (fg_offset 1)",
+            f"{budget['refine'] * 20} with half on the spleen placed anywhere in the patch (fg_offset 1), then "
+            f"{budget['settle'] * 20} more of those at half the rate",
             "locator_steps": f"{budget['locator'] * 20} + {budget['locator_refine'] * 20} at a lower rate",
             "batch_size": 2,
             "train_minutes_wall": minutes,
