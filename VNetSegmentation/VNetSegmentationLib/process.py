@@ -51,10 +51,10 @@ def coreSearchPath() -> str:
     return str(Path(vnetseg.__file__).resolve().parent.parent)
 
 
-def childEnvironment() -> dict[str, str]:
-    """This process's environment plus the core on PYTHONPATH and unbuffered output."""
+def childEnvironment(extraPaths: Sequence[str] = ()) -> dict[str, str]:
+    """This process's environment plus the core (and ``extraPaths``) on PYTHONPATH and unbuffered output."""
     env = dict(os.environ)
-    paths = [coreSearchPath()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [coreSearchPath(), *extraPaths] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -130,6 +130,7 @@ class BackgroundProcess:
         state: "running", "succeeded", "failed" or "cancelled" (after :meth:`poll` saw the end).
         fraction: last progress fraction (0-1); message: last progress message.
         result: the ``done`` event; error: the failure message.
+        extraPaths: more folders for the child's PYTHONPATH (e.g. the ``training`` package's parent).
     """
 
     arguments: Sequence[str]
@@ -140,6 +141,7 @@ class BackgroundProcess:
     message: str = "starting"
     result: dict[str, Any] | None = None
     error: str = ""
+    extraPaths: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self._ownsWorkDir = self.workDir is None
@@ -156,7 +158,7 @@ class BackgroundProcess:
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                env=childEnvironment(),
+                env=childEnvironment(self.extraPaths),
                 creationflags=creation,
             )
 
