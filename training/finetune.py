@@ -183,10 +183,8 @@ def check_inputs(opts: FinetuneOptions) -> _Inputs:
     if opts.out.suffix != ".pt":
         raise FinetuneError(f"--out must be a model file name ending in .pt, got {opts.out.name!r}")
     in_work = opts.out.parent.resolve() == opts.work.resolve()  # the work folder is made after the checks
-    if not (opts.out.parent.is_dir() or (in_work and opts.work.parent.is_dir())):
+    if not (opts.out.parent.is_dir() or in_work):
         raise FinetuneError(f"--out {opts.out}: the folder {opts.out.parent} does not exist")
-    if not opts.work.parent.is_dir():
-        raise FinetuneError(f"--work {opts.work}: the folder {opts.work.parent} does not exist")
     if opts.out.exists() and (opts.out.resolve() == opts.model.resolve() or not opts.overwrite):
         what = "is the base model, which is never replaced" if opts.out.resolve() == opts.model.resolve() \
             else "already exists; pass --overwrite to replace it or choose another name"

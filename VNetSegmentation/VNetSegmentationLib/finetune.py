@@ -126,6 +126,7 @@ class FinetuneOutcome:
         table: base and new scores side by side (text). message: one line about the outcome.
         scores: the comparison as data; onTrainingCases: the scores are on the training cases.
         baseModel: the base model's entry (never modified).
+        resumedAt: the training step the run resumed at (0: it started afresh).
     """
 
     installed: bool
@@ -136,6 +137,7 @@ class FinetuneOutcome:
     onTrainingCases: bool
     baseModel: ModelEntry
     model: ModelEntry | None = None
+    resumedAt: int = 0
 
     def summary(self) -> str:
         return f"{self.table}\n{self.message}"
@@ -234,7 +236,7 @@ def finishFinetune(store: ModelStore, run: FinetuneRun) -> FinetuneOutcome:
     scores = dict(done.get("scores") or {})
     outcome = FinetuneOutcome(bool(done.get("installed")), bool(done.get("worse")), str(done.get("table", "")),
                               str(done.get("message", "")), scores, bool(scores.get("on_training_cases")),
-                              run.baseModel)
+                              run.baseModel, resumedAt=int(done.get("resumed_at") or 0))
     if outcome.installed:
         candidate = Path(done["path"])
         outcome.model = store.importModel(candidate, sha256=str(done.get("sha256") or "") or None)
