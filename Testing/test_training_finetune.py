@@ -13,8 +13,16 @@ import pytest
 import torch
 from training_helpers import blob_case, write_case, write_dataset
 
-from training.finetune import EXIT_ERROR, EXIT_OK, EXIT_WORSE, FinetuneCancelled, FinetuneOptions, finetune, main
-from training.finetune import split_cases
+from training.finetune import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_WORSE,
+    FinetuneCancelled,
+    FinetuneOptions,
+    finetune,
+    main,
+    split_cases,
+)
 from vnetseg.checkpoint import file_sha256, load_model, weights_digest
 from vnetseg.io import read_image, write_nifti
 from vnetseg.registry import default_model
