@@ -178,6 +178,12 @@ def test_a_changed_run_in_the_same_work_folder_is_refused(tiny_model_file, tmp_p
                            device="cpu")
     finetune(opts)
     write_nifti(data / "labelsTr" / "blob_0.nii.gz", np.zeros((32, 28, 20), np.uint8), AFFINE_3MM, overwrite=True)
+    changed = FinetuneOptions(tiny_model_file, data, tmp_path / "m.pt", steps=2, patch_size=(32, 32, 16),
+                              overwrite=True, force=True, device="cpu")
     with pytest.raises(ValueError, match=r"other settings \(cases differ\); pass --restart"):
-        finetune(FinetuneOptions(tiny_model_file, data, tmp_path / "m.pt", steps=2, patch_size=(32, 32, 16),
-                                 overwrite=True, device="cpu"))
+        finetune(changed)
+    changed.restart_if_changed = True  # what the Slicer panel passes: a new export starts afresh
+    result = finetune(changed)
+    assert result.installed and result.resumed_at == 0
+    settings = json.loads((tmp_path / "m_finetune" / "settings.json").read_text())
+    assert settings["cases"]["blob_0"][1][0] == (data / "labelsTr" / "blob_0.nii.gz").stat().st_size  # the new label

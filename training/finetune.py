@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import platform
 import shutil
@@ -73,6 +74,8 @@ class FinetuneOptions:
         tolerance: the new model counts as worse when its mean Dice is below the base's by more.
         force: write the new model even when it is worse. overwrite: replace an existing ``out``.
         restart: discard a previous run in the work folder instead of resuming it.
+        restart_if_changed: resume a previous run with the same settings, discard one with others
+            (what the Slicer panel does: a new export into the folder starts afresh).
         device: "auto" (GPU when present), "cpu", "cuda"... eval_mode: inference mode for scoring.
         name / version: the new model's card name and version (defaults derived from the base).
         sha256: expected SHA-256 of the base model file.
@@ -94,6 +97,7 @@ class FinetuneOptions:
     force: bool = False
     overwrite: bool = False
     restart: bool = False
+    restart_if_changed: bool = False
     device: str = "auto"
     eval_mode: str = "auto"
     name: str = ""
@@ -177,6 +181,9 @@ def check_inputs(opts: FinetuneOptions) -> _Inputs:
         what = "is the base model, which is never replaced" if opts.out.resolve() == opts.model.resolve() \
             else "already exists; pass --overwrite to replace it or choose another name"
         raise FinetuneError(f"--out {opts.out} {what}")
+    if importlib.util.find_spec("monai") is None:
+        raise FinetuneError("scoring base and new model needs MONAI (for the HD95): pip install monai "
+                            "(in Slicer: slicer.util.pip_install('monai'))")
     try:
         net, info = load_model(opts.model, opts.sha256)
     except ModelFileError as exc:
@@ -225,7 +232,8 @@ WORK_FILES = ("settings.json", "state_main.pth", "state_locator.pth", "log.csv",
 def _prepare_work(opts: FinetuneOptions, settings: dict[str, Any]) -> bool:
     """Create the work folder, or check that it holds this run; True when a previous run is resumed."""
     path = opts.work / "settings.json"
-    if opts.restart:
+    changed = path.is_file() and json.loads(path.read_text()) != settings
+    if opts.restart or (changed and opts.restart_if_changed):
         for name in WORK_FILES:
             (opts.work / name).unlink(missing_ok=True)
     if path.is_file():
@@ -401,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write the new model even when it scores worse than the base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--restart", action="store_true", help="discard a previous run in the work folder instead of resuming it")
+    p.add_argument("--restart-if-changed", action="store_true",
+                   help="resume a previous run in the work folder when its settings are these, else start afresh")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--eval-mode", default="auto", choices=["auto", "fast", "full"], help="inference mode for the scores")
     p.add_argument("--name", default="", help="name of the new model on its card (default: derived from the base)")
@@ -433,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             locator_steps=args.locator_steps, batch_size=args.batch_size, lr=args.lr,
             patch_size=tuple(args.patch) if args.patch else None, seed=args.seed, val_cases=tuple(args.val_cases),
             tolerance=args.tolerance, force=args.force, overwrite=args.overwrite, restart=args.restart,
+            restart_if_changed=args.restart_if_changed,
             device=args.device, eval_mode=args.eval_mode, name=args.name, version=args.version, sha256=args.sha256,
             checkpoint_every=args.checkpoint_every,
         )
@@ -443,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         emit({"event": "cancelled", "message": message})
         print(f"finetune: {message}", file=sys.stderr)
         return EXIT_CANCELLED
-    except (FinetuneError, DatasetError, ModelFileError, ValueError, OSError) as exc:
-        emit({"event": "error", "message": str(exc)})
-        print(f"finetune: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # one line, never a traceback
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, (FinetuneError, DatasetError, ModelFileError, ValueError, OSError, MemoryError)):
+            message = f"unexpected {type(exc).__name__}: {message}"
+        emit({"event": "error", "message": message})
+        print(f"finetune: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     table = result.comparison.table()
     if result.installed:
