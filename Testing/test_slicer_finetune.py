@@ -95,7 +95,7 @@ def test_cancel_leaves_the_model_folder_unchanged_and_starting_again_resumes(log
     data = blob_folder(tmp_path / "data")
     logic.models.folder.mkdir(parents=True)
     before = tree(logic.models.folder)
-    settings = FinetuneSettings(steps=30, locatorSteps=0, patchSize=(32, 32, 16), device="cpu", checkpointEvery=2,
+    settings = FinetuneSettings(steps=16, locatorSteps=0, patchSize=(32, 32, 16), device="cpu", checkpointEvery=2,
                                 force=True)
     run = logic.startFinetune(data, tiny_model_file, "tiny-improved", settings)
     deadline = time.monotonic() + 120

@@ -447,16 +447,16 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFinetuneTimer(self) -> None:
         run = self._finetuneRun
-        if run is None:
-            self._finetuneTimer.stop()
-            return
-        run.poll()
-        self.ui.progressBar.value = round(100 * run.fraction)
-        self.ui.statusLabel.text = run.message
-        if not run.finished:
+        if run is not None:
+            run.poll()
+            self.ui.progressBar.value = round(100 * run.fraction)
+            self.ui.statusLabel.text = run.message
+        if run is not None and not run.finished:
             return
         self._finetuneTimer.stop()
         self._finetuneRun = None
+        if run is None:
+            return
         try:
             if run.state == "cancelled":
                 self.ui.progressBar.value = 0

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, RESULTS, machine_info, write_json  # noqa: E402
+from benchlib import REPO, RESULTS, machine_info, write_json
 
 sys.path[:0] = [str(REPO), str(REPO / "VNetSegmentation")]
-from training.finetune import FinetuneOptions, finetune  # noqa: E402
-from vnetseg.registry import default_model  # noqa: E402
+from training.finetune import FinetuneOptions, finetune
+from vnetseg.registry import default_model
 
 CASES = {  # case name -> (CT file, spleen reference file) in ../shared/data/ct
     "p3_cptac": ("cptac_lscc_c3n00247_ct.nii.gz", "cptac_lscc_c3n00247_spleen_ref.nii.gz"),

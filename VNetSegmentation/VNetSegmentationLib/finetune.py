@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import MODEL_SUFFIX, ModelEntry, ModelStore
-from .process import CANCELLED, RUNNING, SUCCEEDED, BackgroundProcess
+from .process import CANCELLED, SUCCEEDED, BackgroundProcess, ProcessView
 
 TRAINING_DIR_ENV = "VNETSEG_TRAINING_DIR"
 WORK_FOLDER = ".vnetseg-finetune"
@@ -145,8 +145,12 @@ class FinetuneOutcome:
 
 
 @dataclass
-class FinetuneRun:
-    """A fine-tune in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time."""
+class FinetuneRun(ProcessView):
+    """A fine-tune in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time.
+
+    ``state``, ``finished``, ``fraction``, ``message`` and ``error`` are the process's; ``step``,
+    ``steps``, ``phase`` ("main" or "locator") and ``loss`` those of the last training step seen.
+    """
 
     process: BackgroundProcess
     command: FinetuneCommand
@@ -171,26 +175,6 @@ class FinetuneRun:
         self.process.cancel()
         for partial in self.command.workDir.glob(f".{self.command.outputPath.name}.tmp*"):
             partial.unlink(missing_ok=True)
-
-    @property
-    def state(self) -> str:
-        return self.process.state
-
-    @property
-    def finished(self) -> bool:
-        return self.process.state != RUNNING
-
-    @property
-    def fraction(self) -> float:
-        return self.process.fraction
-
-    @property
-    def message(self) -> str:
-        return self.process.message
-
-    @property
-    def error(self) -> str:
-        return self.process.error
 
 
 def startFinetune(store: ModelStore, base: ModelEntry, exportFolder, newName: str,

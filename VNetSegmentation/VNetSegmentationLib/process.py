@@ -271,3 +271,29 @@ class BackgroundProcess:
             self._process.kill()
         self._process.wait()
         self._cleanup()
+
+
+class ProcessView:
+    """Read-only state of a run's :class:`BackgroundProcess` (the ``process`` attribute), for run handles."""
+
+    process: BackgroundProcess
+
+    @property
+    def state(self) -> str:
+        return self.process.state
+
+    @property
+    def finished(self) -> bool:
+        return self.process.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.process.fraction
+
+    @property
+    def message(self) -> str:
+        return self.process.message
+
+    @property
+    def error(self) -> str:
+        return self.process.error

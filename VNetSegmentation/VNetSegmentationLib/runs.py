@@ -11,7 +11,7 @@ from typing import Any
 from . import checks
 from .environment import detectDevices
 from .models import ModelEntry
-from .process import SUCCEEDED, BackgroundProcess
+from .process import SUCCEEDED, BackgroundProcess, ProcessView
 
 
 class SegmentationCancelled(RuntimeError):
@@ -94,8 +94,11 @@ class SegmentationResult:
 
 
 @dataclass
-class BackgroundRun:
-    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time."""
+class BackgroundRun(ProcessView):
+    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time.
+
+    ``state``, ``finished``, ``fraction``, ``message`` and ``error`` are the process's.
+    """
 
     process: BackgroundProcess
     tempDir: Path
@@ -122,23 +125,3 @@ class BackgroundRun:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tempDir, ignore_errors=True)
-
-    @property
-    def state(self) -> str:
-        return self.process.state
-
-    @property
-    def finished(self) -> bool:
-        return self.process.finished
-
-    @property
-    def fraction(self) -> float:
-        return self.process.fraction
-
-    @property
-    def message(self) -> str:
-        return self.process.message
-
-    @property
-    def error(self) -> str:
-        return self.process.error
