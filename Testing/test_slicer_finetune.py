@@ -69,6 +69,9 @@ def test_a_corrected_case_exported_then_improved_on_scores_better_and_the_new_mo
     assert card["base_model"]["sha256"] == base_sha and card["base_model"]["name"] == shipped_name(shipped)
     assert card["data"]["train_cases"] == ["patient7"] and card["fine_tune"]["steps"] == 10
     assert file_sha256(shipped.path) == base_sha  # the base model is never modified
+    text = logic.modelCardText(entry)  # what the panel shows for the new model
+    assert f"Fine-tuned from: {shipped_name(shipped)}" in text and base_sha[:16] in text
+    assert "1 training cases: not an independent test" in text
 
     after = segment_mask(logic, ct, entry)  # the installed model, segmenting in Slicer as a user would
     assert dice_score(after, spleen) > dice_score(before, spleen) + 0.01

@@ -275,6 +275,23 @@ def _copy(net: VNet) -> VNet:
     return new
 
 
+def _train_locator(opts: FinetuneOptions, inputs: _Inputs, patch: tuple[int, int, int] | None, device: torch.device,
+                   emit: Emit, cancel: CancelFn | None) -> tuple[tuple[VNet, ModelInfo] | None, int, str]:
+    """The new model's locator (fine-tuned when the cases allow, else the base's), its steps, and a note why."""
+    base = inputs.info.locator
+    if base is None:
+        return None, 0, "none in the base model"
+    if patch is None:
+        return base, 0, "kept from the base model unchanged (locator_steps 0)"
+    cases = _cached(opts, inputs, base[1])
+    if not any(len(c.foreground) for c in cases):
+        return base, 0, "kept from the base model unchanged: no training case has spleen voxels at the locator's spacing"
+    locator = (_copy(base[0]), base[1])
+    train_phase(Phase("locator", locator[0], base[1], patch, opts.locator_steps, 0.8, 0.88), cases, opts, device,
+                emit, cancel)
+    return locator, opts.locator_steps, f"fine-tuned from the base model's locator ({opts.locator_steps} steps)"
+
+
 # ---------------------------------------------------------------------------- the run
 def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn | None = None) -> FinetuneResult:
     """Fine-tune, score base and new side by side, and write the new model unless it is worse (see module doc).
@@ -295,8 +312,7 @@ def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn |
     patch = tuple(opts.patch_size) if opts.patch_size else default_patch(info, (128, 128, 32))
     if len(patch) != 3 or any(p < 1 or p % info.config.size_multiple for p in patch):
         raise FinetuneError(f"patch_size must be 3 multiples of {info.config.size_multiple}, got {patch}")
-    base_locator = info.locator
-    loc_patch = default_patch(base_locator[1], (64, 64, 32)) if base_locator and opts.locator_steps else None
+    loc_patch = default_patch(info.locator[1], (64, 64, 32)) if info.locator and opts.locator_steps else None
     torch.manual_seed(opts.seed)
     if _prepare_work(opts, run_settings(opts, inputs, patch, loc_patch)):
         emit({"event": "progress", "fraction": 0.05, "phase": "resume", "message": f"resuming the run in {opts.work}"})
@@ -307,18 +323,7 @@ def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn |
     net = _copy(inputs.net)
     start = train_phase(Phase("main", net, info, patch, opts.steps, 0.15, 0.8), _cached(opts, inputs, info),
                          opts, device, emit, cancel)
-    locator, locator_steps, note = base_locator, 0, "none in the base model"
-    if base_locator is not None:
-        note = "kept from the base model unchanged (locator_steps 0)"
-        if loc_patch is not None:
-            loc_cases = _cached(opts, inputs, base_locator[1])
-            if any(len(c.foreground) for c in loc_cases):
-                locator = (_copy(base_locator[0]), base_locator[1])
-                train_phase(Phase("locator", locator[0], base_locator[1], loc_patch, opts.locator_steps, 0.8, 0.88),
-                             loc_cases, opts, device, emit, cancel)
-                locator_steps, note = opts.locator_steps, f"fine-tuned from the base model's locator ({opts.locator_steps} steps)"
-            else:
-                note = "kept from the base model unchanged: no training case has spleen voxels at the locator's spacing"
+    locator, locator_steps, note = _train_locator(opts, inputs, loc_patch, device, emit, cancel)
     for part in (net, locator[0] if locator else None):
         if part is not None:
             round_like(part.cpu(), info.weights_dtype)
