@@ -23,6 +23,8 @@ from training.finetune import (
     main,
     split_cases,
 )
+from training.finetune_scores import Comparison
+from training.metrics import CaseMetrics
 from vnetseg.checkpoint import file_sha256, load_model, weights_digest
 from vnetseg.io import read_image, write_nifti
 from vnetseg.registry import default_model
@@ -58,6 +60,20 @@ def test_split_cases_holds_out_a_fifth_or_the_named_cases_or_none():
     assert split_cases(names, (), seed=0) == (train, val, on_train)
     assert split_cases(names, ("c3",), seed=0) == ([n for n in names if n != "c3"], ["c3"], False)
     assert split_cases(["a", "b"], (), seed=0) == (["a", "b"], ["a", "b"], True)
+
+
+def test_worse_is_a_lower_mean_dice_or_at_equal_dice_a_larger_hd95():
+    def rows(*scores):
+        return [CaseMetrics(f"c{n}", dice, hd95, 0.0, 10.0, 10.0, 0.0, 0.0) for n, (dice, hd95) in enumerate(scores)]
+
+    base = rows((0.8, 5.0), (0.6, 9.0))  # mean Dice 0.7
+    assert Comparison(base, rows((0.9, 4.0), (0.48, 3.0)), False, "fast").worse  # 0.69 < 0.7, HD95 better
+    assert not Comparison(base, rows((0.9, 4.0), (0.48, 3.0)), False, "fast", tolerance=0.02).worse
+    assert not Comparison(base, rows((0.7, 30.0), (0.72, 30.0)), False, "fast").worse  # 0.71: better Dice
+    assert Comparison(rows((0.0, 200.0)), rows((0.0, 210.0)), True, "full").worse  # same Dice, larger HD95
+    table = Comparison(rows((0.0, 210.0)), rows((0.0, 200.0)), True, "full").table()
+    assert "TRAINING cases" in table and "not worse than the base model (mean Dice 0.0000 vs 0.0000, mean HD95 " \
+        "200.0 vs 210.0 mm)" in table
 
 
 def test_same_seed_same_weights_resume_after_cancel_and_card(tiny_model_file, tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, RESULTS, machine_info, write_json
+from benchlib import REPO, RESULTS, load_average, machine_info, write_json
 
 sys.path[:0] = [str(REPO), str(REPO / "VNetSegmentation")]
 from training.finetune import FinetuneOptions, finetune
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fine-tune of {base.name}: {opts.steps} main + {result.locator_steps} locator steps, "
           f"{args.threads} thread(s), {total / 60:.1f} min")
     print("\n".join(f"  {name:<10} {seconds:7.1f} s" for name, seconds in phases.items()))
-    print(f"  {phases.get('main', 0.0) / opts.steps:.2f} s per main step (load average {machine_info().get('load_average')})")
+    print(f"  {phases.get('main', 0.0) / opts.steps:.2f} s per main step (load average {load_average()})")
     print(table)
     out = RESULTS / f"{args.name}.json"
-    write_json(out, {"machine": machine_info(), "base_model": base.name, "base_sha256": base.sha256,
+    write_json(out, {"machine": machine_info(), "load_average_after": load_average(), "base_model": base.name, "base_sha256": base.sha256,
                      "threads": args.threads, "steps": opts.steps, "locator_steps": result.locator_steps,
                      "train_cases": result.train_cases, "val_cases": result.val_cases, "seconds": total,
                      "phase_seconds": phases,

@@ -74,8 +74,12 @@ class Comparison:
 
     @property
     def worse(self) -> bool:
-        """True when the new model's mean Dice is below the base model's by more than ``tolerance``."""
-        return summary(self.new)["dice"] < summary(self.base)["dice"] - self.tolerance
+        """The new model's mean Dice is below the base's by more than ``tolerance``, or, at exactly the
+        same mean Dice (e.g. both 0), its mean HD95 is larger."""
+        new, base = summary(self.new), summary(self.base)
+        if new["dice"] == base["dice"]:
+            return new["hd95_mm"] > base["hd95_mm"]
+        return new["dice"] < base["dice"] - self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (infinite distances as the string "inf")."""
@@ -101,9 +105,10 @@ class Comparison:
         sb, sn = summary(self.base), summary(self.new)
         lines.append(f"{'mean (|vol%|)':<24}{sb['dice']:>10.4f}{sn['dice']:>10.4f}{sb['hd95_mm']:>11.1f}"
                      f"{sn['hd95_mm']:>10.1f}{sb['abs_volume_error_pct']:>11.1f}{sn['abs_volume_error_pct']:>10.1f}")
-        verdict = (f"The new model is WORSE than the base model (mean Dice {sn['dice']:.4f} < {sb['dice']:.4f})."
-                   if self.worse else
-                   f"The new model is not worse than the base model (mean Dice {sn['dice']:.4f} vs {sb['dice']:.4f}).")
+        versus = f"mean Dice {sn['dice']:.4f} vs {sb['dice']:.4f}"
+        if sn["dice"] == sb["dice"]:
+            versus += f", mean HD95 {sn['hd95_mm']:.1f} vs {sb['hd95_mm']:.1f} mm"
+        verdict = f"The new model is {'WORSE than' if self.worse else 'not worse than'} the base model ({versus})."
         return "\n".join(lines + [verdict])
 
 
