@@ -16,6 +16,7 @@ from training_helpers import blob_case, write_case, write_dataset
 import training.data as training_data
 from training.metrics import dice_score
 from vnetseg.checkpoint import SPLEEN_LABELS, file_sha256
+from vnetseg.io import read_image
 from vnetseg.registry import default_model
 from VNetSegmentationLib import FinetuneCancelled, FinetuneSettings, SegmentationOptions, nodes
 from VNetSegmentationLib.finetune import WORK_FOLDER
@@ -76,6 +77,32 @@ def test_a_corrected_case_exported_then_improved_on_scores_better_and_the_new_mo
     after = segment_mask(logic, ct, entry)  # the installed model, segmenting in Slicer as a user would
     assert dice_score(after, spleen) > dice_score(before, spleen) + 0.01
     assert outcome.scores["new"][0]["dice"] == pytest.approx(dice_score(after, spleen), abs=1e-6)
+
+
+def test_a_worse_model_is_not_installed_unless_the_user_insists(ct_dir, logic, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    shipped = default_model()
+    if shipped is None:
+        pytest.skip("no shipped model installed")
+    image = read_image(ct_dir / "example_ct_sm.nii.gz")
+    spleen = (np.asarray(nib.load(str(ct_dir / "example_ct_sm_multilabel_v2.nii.gz")).dataobj) == 1).astype(np.uint8)
+    wrong = np.zeros_like(spleen)  # a case built to make the guard fire: liver marked as spleen, spleen as background
+    wrong[60:100, 30:70, 5:25] = 1
+    wrong[spleen > 0] = 0
+    data = tmp_path / "data"
+    write_dataset(data, [write_case(data, "right", image.array, spleen, image.affine),
+                         write_case(data, "wrong", image.array, wrong, image.affine)])
+    settings = FinetuneSettings(steps=8, locatorSteps=0, patchSize=(96, 96, 32), lr=3e-3, device="cpu",
+                                valCases=("right",))
+    outcome = logic.improveModel(data, shipped.path, "spleen-worse", settings, timeout=300)
+    assert not outcome.installed and outcome.worse and outcome.model is None and not outcome.onTrainingCases
+    assert "WORSE than the base model" in outcome.table and "NOT installed" in outcome.message
+    assert not logic.models.folder.exists() and logic.listModels() == []
+
+    settings.force = True  # the user insists: the finished run is resumed, not trained again
+    insisted = logic.improveModel(data, shipped.path, "spleen-worse", settings, timeout=300)
+    assert insisted.installed and insisted.resumedAt == 8 and "because you insisted" in insisted.message
+    assert [e.name for e in logic.listModels()] == ["spleen-worse"]
 
 
 def shipped_name(shipped) -> str:

@@ -67,6 +67,7 @@ class FinetuneSettings:
         device: "auto", "cpu", "cuda"... seed: seeds patches and hold-out split.
         valCases: cases to score on and not train on (default: chosen by the training code).
         patchSize: training patch in voxels, or None for the default.
+        lr: learning rate, or None for the default.
         force: install the new model even when it scores worse than the base.
         checkpointEvery: steps between saved training states (for resume).
     """
@@ -77,6 +78,7 @@ class FinetuneSettings:
     seed: int = 0
     valCases: tuple[str, ...] = ()
     patchSize: tuple[int, int, int] | None = None
+    lr: float | None = None
     force: bool = False
     checkpointEvery: int = 10
 
@@ -112,6 +114,8 @@ class FinetuneCommand:
             args += ["--val-case", case]
         if s.patchSize:
             args += ["--patch", *(str(int(v)) for v in s.patchSize)]
+        if s.lr is not None:
+            args += ["--lr", repr(float(s.lr))]
         if s.force:
             args.append("--force")
         return args
@@ -231,8 +235,8 @@ def finishFinetune(store: ModelStore, run: FinetuneRun) -> FinetuneOutcome:
             outcome.message += " It scores worse than the base model; it was installed because you insisted."
     else:
         outcome.message = (
-            "The new model scores worse than the base model, so it was NOT installed. Start again with "
-            "'install anyway' to install it (the finished training is reused)."
+            "The new model scores worse than the base model, so it was NOT installed. To install it anyway, start "
+            f"again with the name {run.newName!r} and force=True (the panel asks you); the finished training is reused."
         )
     return outcome
 
