@@ -27,6 +27,8 @@ EXPECTED = {
     "editButton": "QPushButton",
     "recheckButton": "QPushButton",
     "exportButton": "QPushButton",
+    "improveModelButton": "QPushButton",
+    "finetuneReportLabel": "QLabel",
     "modelCardLabel": "QLabel",
     "torchStatusLabel": "QLabel",
     "deviceInfoLabel": "QLabel",

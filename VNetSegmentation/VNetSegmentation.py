@@ -12,6 +12,7 @@ timer, so Slicer never freezes and a run can be cancelled.
 # import with a clear error, whatever the loader does with sys.modules. Slicer 5.10 and newer run
 # Python 3.12, where "X | None" works without it.
 import contextlib
+import html
 import logging
 import os
 import tempfile
@@ -32,7 +33,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from VNetSegmentationLib import SegmentationOptions, VNetSegmentationLogic
+from VNetSegmentationLib import FinetuneSettings, SegmentationOptions, VNetSegmentationLogic
 from VNetSegmentationLib.checks import ERROR
 from VNetSegmentationLib.environment import (
     dependencyAdvice,
@@ -92,6 +93,9 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._timer = None
         self._updating = False
+        self._finetuneRun = None
+        self._finetuneTimer = None
+        self._finetuneRequest = None
 
     # ------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -116,6 +120,11 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.recheckButton.connect("clicked(bool)", self.onRecheck)
         self.ui.exportButton.connect("clicked(bool)", self.onExportForTraining)
+        self.ui.improveModelButton.connect("clicked(bool)", self.onImproveModel)
+        self.ui.finetuneReportLabel.visible = False
+        self._finetuneTimer = qt.QTimer()
+        self._finetuneTimer.setInterval(500)
+        self._finetuneTimer.connect("timeout()", self.onFinetuneTimer)
 
         self.refreshTorchAndDevices()
         self.refreshModels()
@@ -125,6 +134,9 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        if self._finetuneRun is not None:
+            self._finetuneRun.cancel()
+            self._finetuneRun = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -249,6 +261,9 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasOutput = p.outputSegmentation is not None and p.inputVolume is not None
         for button in (self.ui.show3DButton, self.ui.editButton, self.ui.recheckButton, self.ui.exportButton):
             button.enabled = hasOutput and not running
+        improving = self._finetuneRun is not None
+        self.ui.improveModelButton.text = _("Cancel improving") if improving else _("Improve the model...")
+        self.ui.improveModelButton.enabled = improving or (not running and bool(p.modelName))
 
     def _modelCard(self, name: str) -> str:
         try:
@@ -415,6 +430,84 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Exported '{case}': {n} training case(s) in {folder}").format(
                 case=result.caseName, n=result.numTraining, folder=folder
             )
+
+    # ------------------------------------------------------------ improving the model
+    def onImproveModel(self) -> None:
+        if self._finetuneRun is not None:
+            self._finetuneRun.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Improving the model could not be started."), waitCursor=True):
+                self.startFinetune()
+        finally:
+            self.updateGui()
+
+    def startFinetune(self, request=None, force: bool = False) -> None:
+        """Ask for the export folder and the new model's name (unless ``request`` repeats a run), then start."""
+        p = self._parameterNode
+        if request is None:
+            settings = qt.QSettings()
+            folder = qt.QFileDialog.getExistingDirectory(
+                slicer.util.mainWindow(),
+                _("Folder of the cases exported for training"),
+                settings.value("VNetSegmentation/exportFolder", os.path.expanduser("~")),
+            )
+            if not folder:
+                return
+            name = qt.QInputDialog.getText(
+                slicer.util.mainWindow(),
+                _("Improve the model"),
+                _("Name of the new model (the model '{base}' is not changed):").format(base=p.modelName),
+                qt.QLineEdit.Normal,
+                f"{p.modelName}-improved",
+            )
+            if not name:
+                return
+            request = (folder, p.modelName, name)
+        folder, base, name = request
+        device = SegmentationOptions(p.device).coreDevice()
+        self._finetuneRun = self.logic.startFinetune(folder, base, name, FinetuneSettings(device=device, force=force))
+        self._finetuneRequest = request
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Starting to improve the model...")
+        self._finetuneTimer.start()
+
+    def onFinetuneTimer(self) -> None:
+        run = self._finetuneRun
+        if run is not None:
+            run.poll()
+            self.ui.progressBar.value = round(100 * run.fraction)
+            self.ui.statusLabel.text = run.message
+        if run is not None and not run.finished:
+            return
+        self._finetuneTimer.stop()
+        self._finetuneRun = None
+        if run is None:
+            return
+        try:
+            if run.state == "cancelled":
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _(
+                    "Cancelled: no model was installed. Improve again with the same name to resume."
+                )
+                return
+            with slicer.util.tryWithErrorDisplay(_("Improving the model failed."), waitCursor=True):
+                self.showFinetuneOutcome(self.logic.finishFinetune(run))
+        finally:
+            self.updateGui()
+
+    def showFinetuneOutcome(self, outcome) -> None:
+        """The before/after table; select the new model, or offer to install a worse one anyway."""
+        self.ui.finetuneReportLabel.text = "<pre>" + html.escape(outcome.table) + "</pre>"
+        self.ui.finetuneReportLabel.visible = True
+        self.ui.statusLabel.text = outcome.message
+        if outcome.installed:
+            self.refreshModels(select=outcome.model.name)
+            return
+        question = _("{message}\n\nInstall the new model anyway?").format(message=outcome.message)
+        if outcome.worse and slicer.util.confirmYesNoDisplay(question, detailedText=outcome.table):
+            self.startFinetune(self._finetuneRequest, force=True)
 
     # -------------------------------------------------------------------- models, torch
     def onImportModel(self) -> None:

@@ -4,6 +4,7 @@ Imports only slicer (MRML classes), vtk and numpy at import time; torch and the 
 are imported when a run starts. Tested headless with ``slicer-core`` (see Testing/test_slicer_*.py).
 """
 
+from .finetune import FinetuneCancelled, FinetuneOutcome, FinetuneRun, FinetuneSettings
 from .logic import VNetSegmentationLogic
 from .runs import (
     BackgroundRun,
@@ -15,6 +16,10 @@ from .runs import (
 
 __all__ = [
     "BackgroundRun",
+    "FinetuneCancelled",
+    "FinetuneOutcome",
+    "FinetuneRun",
+    "FinetuneSettings",
     "PreRunCheckError",
     "SegmentationCancelled",
     "SegmentationOptions",

@@ -387,6 +387,28 @@ class VNetSegmentationLogic:
             folder, caseName or caseNameFrom(volumeNode.GetName()), image, mask, nodes.ijkToRas(volumeNode), overwrite
         )
 
+    # ----------------------------------------------------------------- improving the model
+    def startFinetune(self, exportFolder, baseModel, newName: str, settings=None):
+        """Fine-tune ``baseModel`` on an export folder in a separate process; see ``finetune.startFinetune``."""
+        from . import finetune
+
+        return finetune.startFinetune(self.models, self.resolveModel(baseModel), exportFolder, newName, settings)
+
+    def finishFinetune(self, run):
+        """Install a finished fine-tune's model (unless worse) and report; see ``finetune.finishFinetune``."""
+        from . import finetune
+
+        return finetune.finishFinetune(self.models, run)
+
+    def improveModel(self, exportFolder, baseModel, newName: str, settings=None, progress=None, cancel=None,
+                     timeout=None):
+        """Blocking fine-tune for scripts and tests; see ``finetune.runFinetune``."""
+        from . import finetune
+
+        return finetune.runFinetune(
+            self.models, self.resolveModel(baseModel), exportFolder, newName, settings, progress, cancel, timeout
+        )
+
 
 def _voxelMl(volumeNode) -> float:
     return float(abs(np.linalg.det(nodes.ijkToRas(volumeNode)[:3, :3]))) / 1000.0

@@ -301,6 +301,9 @@ def _dice(card: dict[str, Any]) -> str:
     if isinstance(validation, dict) and _number(validation.get("dice_mean")):
         cases = validation.get("dice_per_case")
         count = f" of {len(cases)} validation cases" if isinstance(cases, dict) and cases else ""
+        if validation.get("on_training_cases") is True:
+            count = f" of {len(cases)} training cases: not an independent test" if isinstance(cases, dict) and cases \
+                else " on the training cases: not an independent test"
         return f"{validation['dice_mean']:.3f} (mean{count})"
     lopo = card.get("leave_one_patient_out")
     if isinstance(lopo, dict):
@@ -329,6 +332,10 @@ def modelCardText(info) -> str:
     if card.get("trained") is False:
         lines.append("WARNING: this model has random weights (it was never trained); its masks are meaningless.")
     lines.append(f"Trained on: {_trainedOn(card)}")
+    base = card.get("base_model")
+    if isinstance(base, dict) and base.get("sha256"):
+        version = f" v{base['version']}" if base.get("version") else ""
+        lines.append(f"Fine-tuned from: {base.get('name') or 'a model'}{version} (SHA-256 {str(base['sha256'])[:16]}...)")
     lines.append(f"Validation Dice: {_dice(card)}")
     for key, label in (("fold", "Fold"), ("epochs", "Epochs"), ("date", "Date")):
         if key in card:

@@ -89,15 +89,16 @@ def coreSearchPath() -> str:
     return str(Path(vnetseg.__file__).resolve().parent.parent)
 
 
-def childEnvironment() -> dict[str, str]:
-    """This process's environment plus the core on PYTHONPATH, unbuffered output, and a safe path.
+def childEnvironment(extraPaths: Sequence[str] = ()) -> dict[str, str]:
+    """This process's environment plus the core (and ``extraPaths``) on PYTHONPATH, unbuffered output,
+    and a safe path.
 
     ``PYTHONSAFEPATH=1`` (Python 3.11+) keeps ``-m`` from putting the current folder first on
     ``sys.path``, so a folder there named like a package (``vnetseg``, ``numpy``) cannot shadow it;
     the child also runs in its own work folder.
     """
     env = dict(os.environ)
-    paths = [coreSearchPath()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [coreSearchPath(), *extraPaths] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONSAFEPATH"] = "1"
@@ -225,6 +226,7 @@ class BackgroundProcess:
         state: "running", "succeeded", "failed" or "cancelled" (after :meth:`poll` saw the end).
         fraction: last progress fraction (0-1); message: last progress message.
         result: the ``done`` event; error: the failure message.
+        extraPaths: more folders for the child's PYTHONPATH (e.g. the ``training`` package's parent).
     """
 
     arguments: Sequence[str]
@@ -235,6 +237,7 @@ class BackgroundProcess:
     message: str = "starting"
     result: dict[str, Any] | None = None
     error: str = ""
+    extraPaths: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self._ownsWorkDir = self.workDir is None
@@ -252,7 +255,7 @@ class BackgroundProcess:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 cwd=str(self.workDir),
-                env=childEnvironment(),
+                env=childEnvironment(self.extraPaths),
                 creationflags=creation,
                 start_new_session=os.name != "nt",  # its own process group: cancel kills the tree
             )
@@ -367,3 +370,29 @@ class BackgroundProcess:
         _RUNNING.discard(self)
         killProcessTree(self._process)
         self._cleanup()
+
+
+class ProcessView:
+    """Read-only state of a run's :class:`BackgroundProcess` (the ``process`` attribute), for run handles."""
+
+    process: BackgroundProcess
+
+    @property
+    def state(self) -> str:
+        return self.process.state
+
+    @property
+    def finished(self) -> bool:
+        return self.process.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.process.fraction
+
+    @property
+    def message(self) -> str:
+        return self.process.message
+
+    @property
+    def error(self) -> str:
+        return self.process.error

@@ -10,7 +10,7 @@ from typing import Any
 from . import checks
 from .environment import detectDevices
 from .models import ModelEntry
-from .process import SUCCEEDED, BackgroundProcess, removeFolder
+from .process import SUCCEEDED, BackgroundProcess, ProcessView, removeFolder
 
 
 class SegmentationCancelled(RuntimeError):
@@ -105,8 +105,11 @@ class SegmentationResult:
 
 
 @dataclass
-class BackgroundRun:
-    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time."""
+class BackgroundRun(ProcessView):
+    """A run in a separate process: ``poll()`` it from a timer, ``cancel()`` it any time.
+
+    ``state``, ``finished``, ``fraction``, ``message`` and ``error`` are the process's.
+    """
 
     process: BackgroundProcess
     tempDir: Path
@@ -134,23 +137,3 @@ class BackgroundRun:
     def cleanup(self) -> bool:
         """Delete the run's temporary folder (CT, mask, report); True when it is gone."""
         return removeFolder(self.tempDir)
-
-    @property
-    def state(self) -> str:
-        return self.process.state
-
-    @property
-    def finished(self) -> bool:
-        return self.process.finished
-
-    @property
-    def fraction(self) -> float:
-        return self.process.fraction
-
-    @property
-    def message(self) -> str:
-        return self.process.message
-
-    @property
-    def error(self) -> str:
-        return self.process.error
