@@ -144,6 +144,8 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         lines += _case_table(rows)
         lines += ["", "Fast vs full mode, held out: " + _agreement([a for v in lopo.values() for a in v["fast_vs_full"]]) + ".", ""]
         lines += _free_table([r for v in lopo.values() for r in v.get("spleen_free", [])])
+        if card.get("leave_one_patient_out_not_run"):
+            lines += ["", f"Not run for {', '.join(card['leave_one_patient_out_not_run'])} (the session's time ran out)."]
     else:
         lines.append(f"{lopo}.")
     lines += [
@@ -213,6 +215,8 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
                     f"| {held} | {r['scan']} | {r['mode']} | {_fmt(r['dice'])} | {_fmt(r['hd95_mm'])} | "
                     f"{_fmt(r['volume_error_pct'])} | {_fmt(r.get('misplaced_ml', '?'))} |"
                 )
+        if card.get("leave_one_patient_out_not_run"):
+            lines += ["", f"Not run for {', '.join(card['leave_one_patient_out_not_run'])} (the session's time ran out)."]
         free = [r for v in lopo.values() for r in v.get("spleen_free", [])]
         if free:
             worst = max(r["volume_ml"] for r in free)
