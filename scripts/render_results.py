@@ -98,7 +98,7 @@ def render(model: Path | None, dest: Path, mode_list: tuple[str, ...] = ("fast",
                 ax.axis("off")
     fig.suptitle(f"{name}: mask (purple) and reference outline (yellow) on every real CT and on spleen-free parts",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # room for the title above the first row
     dest.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dest, dpi=72)
     plt.close(fig)
