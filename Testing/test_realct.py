@@ -11,10 +11,8 @@ from scipy import ndimage
 from training.data import load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
 from training.realct.augment import View, ViewSettings, draw_view, sample_view
-from training.realct.augment import draw_view, sample_view
 from training.realct.build import POOL_VIEWS, kinds_of, pool_cases, read_pool_records, write_pool, write_task
-from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics
-from training.realct.evaluate import misplaced
+from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics, misplaced
 from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part, spleen_free_parts
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
 from vnetseg import io as vio
@@ -159,7 +157,7 @@ def test_spleen_free_parts_lie_where_they_were_cut_and_hold_no_spleen(chest_scan
     chest, below = parts["chest"], parts["below"]
     assert (chest.affine @ [0, 0, 0, 1])[2] >= top_mm + 20.0  # wholly above the spleen, 20 mm or more
     assert (below.affine @ [0, 0, below.shape[2] - 1, 1])[2] <= bottom_mm - 20.0
-    first = int(round(np.linalg.solve(chest_scan.image.affine, chest.affine @ [0, 0, 0, 1])[2]))
+    first = round(np.linalg.solve(chest_scan.image.affine, chest.affine @ [0, 0, 0, 1])[2])
     assert np.array_equal(chest.array, chest_scan.image.array[:, :, first : first + chest.shape[2]])
     assert spleen_free_parts(scans["p2_dicom"]) == {}  # the 20-slice series has spleen in nearly every slice
     assert set(spleen_free_parts(scans["p1_ct"])) == {"below"}

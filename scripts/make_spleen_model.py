@@ -54,10 +54,9 @@ from training import distributed as dd
 from training.config import AugmentConfig, TrainConfig, train_preset
 from training.engine import Trainer, TrainOptions
 from training.realct.build import TRAIN_SCANS, pool_cases, read_pool_records, write_pool, write_real_cases, write_task
-from training.realct.evaluate import evaluate_scan
 from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs
 from training.realct.sources import PATIENTS, load_scans
-from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model
+from vnetseg.checkpoint import Preprocessing, load_model
 from vnetseg.model import VNetConfig, preset
 
 SEED = 20260

@@ -22,13 +22,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "VNetSegmentation")]
 
-from training.realct.sources import Scan, load_scans, spleen_free_parts  # noqa: E402
-from vnetseg.checkpoint import load_model  # noqa: E402
-from vnetseg.inference import InferenceOptions, predict_volume  # noqa: E402
-from vnetseg.io import Image  # noqa: E402
-from vnetseg.overlay import canonical  # noqa: E402
-from vnetseg.postprocess import dice  # noqa: E402
-from vnetseg.registry import default_model  # noqa: E402
+from training.realct.sources import Scan, load_scans, spleen_free_parts
+from vnetseg.checkpoint import load_model
+from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.io import Image
+from vnetseg.overlay import canonical
+from vnetseg.postprocess import dice
+from vnetseg.registry import default_model
 
 SPLEEN_RGBA = np.array([157, 108, 162, 150]) / 255.0
 CASES = ("p1_ct", "p2_dicom", "p3_cptac", "p4_acrin", "p5_lidc")

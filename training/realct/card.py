@@ -203,8 +203,8 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
             "**Research use only; not for clinical decisions; made from five patients; not validated on MSD.**"
         ),
         "",
-        "**Leave-one-patient-out** (both networks trained without the patient, scored on its real CTs; "
-        "'away' = predicted mL more than 10 mm from the reference spleen):",
+        ("**Leave-one-patient-out** (both networks trained without the patient, scored on its real CTs; "
+        "'away' = predicted mL more than 10 mm from the reference spleen):"),
         "",
     ]
     if isinstance(lopo, dict):
@@ -221,8 +221,8 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         if free:
             worst = max(r["volume_ml"] for r in free)
             said = sum(1 for r in free if r.get("found") is False)
-            lines += ["", f"Held-out spleen-free parts (chest, lower abdomen, pelvis): {said} of {len(free)} runs "
-                      f"answered 'no spleen found in the field of view'; the largest volume returned was {worst:g} mL."]
+            lines += ["", (f"Held-out spleen-free parts (chest, lower abdomen, pelvis): {said} of {len(free)} runs "
+                      f"answered 'no spleen found in the field of view'; the largest volume returned was {worst:g} mL.")]
     else:
         lines.append(f"{lopo}.")
     lines += [
@@ -242,11 +242,11 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         "",
         f"Fast vs full mode: {_agreement(shipped['fast_vs_full'])}.",
         "",
-        f"Spleen-free parts of every CT: {sum(1 for r in free if r.get('found') is False)} of {len(free)} runs answered "
-        f"'no spleen found in the field of view'; largest volume returned {max(r['volume_ml'] for r in free):g} mL.",
+        (f"Spleen-free parts of every CT: {sum(1 for r in free if r.get('found') is False)} of {len(free)} runs answered "
+        f"'no spleen found in the field of view'; largest volume returned {max(r['volume_ml'] for r in free):g} mL."),
         "",
-        "Regenerate it from scratch (fixed seed, one CPU thread per run; needs `../shared/data/ct`; the script's "
-        "docstring says how to run the stages side by side and how long each takes):",
+        ("Regenerate it from scratch (fixed seed, one CPU thread per run; needs `../shared/data/ct`; the script's "
+        "docstring says how to run the stages side by side and how long each takes):"),
         "",
         "```",
         card["command"],

@@ -24,9 +24,9 @@ from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
 from vnetseg.model import VNet
 from vnetseg.postprocess import dice
 
+from .build import read_pool_records
 from .card import MODEL_FILE, MODEL_NAME, render_markdown, render_readme_section, write_registry
 from .evaluate import evaluate_image, evaluate_scan
-from .build import read_pool_records
 from .sources import PATIENTS, load_scans, spleen_free_parts
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
@@ -333,8 +333,8 @@ def build_card(
         "limits": [
             "research use only; not for clinical decisions",
             "made from five patients' CTs; not validated on MSD or any other data set",
-            "references are TotalSegmentator pseudo-labels (P1, P2) and semi-automatic masks (P3-P5), not manual "
-            "segmentations",
+            ("references are TotalSegmentator pseudo-labels (P1, P2) and semi-automatic masks (P3-P5), not manual "
+            "segmentations"),
             (
                 "trained for minutes on a CPU; expect failures on CTs unlike the training scans "
                 "(children, splenomegaly, situs inversus, other scanners and reconstructions, metal, MRI)"
