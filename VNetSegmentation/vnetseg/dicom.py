@@ -279,7 +279,7 @@ def _drop_duplicates(series: DicomSeries, name: str) -> None:
         same = [k for k in keep if np.linalg.norm(k.vector("position", 3) - p) < POSITION_TOLERANCE_MM]  # type: ignore[operator]
         if not same:
             keep.append(h)
-        elif h.get("sop_uid") and h.get("sop_uid") == same[0].get("sop_uid"):
+        elif _same_instance(h, same[0]):
             dropped.append(h.path.name)
         else:
             raise DicomError(
@@ -293,6 +293,13 @@ def _drop_duplicates(series: DicomSeries, name: str) -> None:
     normal = _normal(series.first)
     if normal is not None:
         series.positions_mm = [float(h.vector("position", 3) @ normal) for h in keep]  # type: ignore[operator]
+
+
+def _same_instance(a: SliceHeader, b: SliceHeader) -> bool:
+    """One image twice: the same SOP Instance UID, or (UIDs blanked) the same file contents."""
+    if a.get("sop_uid") or b.get("sop_uid"):
+        return a.get("sop_uid") == b.get("sop_uid")
+    return a.path.stat().st_size == b.path.stat().st_size and a.path.read_bytes() == b.path.read_bytes()
 
 
 def _check_spacing(along: np.ndarray, pos: np.ndarray, normal: np.ndarray, name: str) -> None:

@@ -12,6 +12,7 @@ all-empty mask is written with every frame (a valid, empty segmentation).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,22 +79,8 @@ def parse_terminology(tag: str) -> tuple[tuple[str, str, str], tuple[str, str, s
 
 def check_on_source(shape: tuple[int, ...], affine: np.ndarray, source: Any) -> None:
     """Raise unless the mask's grid is the source series' own grid (frames exactly on its slices)."""
-    if source is None or not getattr(source, "files", None):
-        raise ValueError(
-            "DICOM SEG output needs a DICOM series as input (it references the source images); "
-            "this input is not DICOM: write .nii.gz or .seg.nrrd instead"
-        )
+    check_references(source)
     first = source.headers[0]
-    blank = [
-        label
-        for key, label in (("study_uid", "Study"), ("series_uid", "Series"), ("sop_uid", "SOP"), ("frame_of_reference_uid", "Frame of Reference"))
-        if not all(h.get(key) for h in source.headers)
-    ]
-    if blank:
-        raise ValueError(
-            f"the source DICOM images have no {', '.join(blank)} (Instance) UID (blanked by de-identification?), "
-            "so a DICOM SEG cannot reference them; write .seg.nrrd or .nii.gz instead"
-        )
     rows, cols = _int(first.fields.get("rows")), _int(first.fields.get("columns"))
     expected = (cols, rows, len(source.files)) if rows and cols else None
     if expected is not None and tuple(shape) != expected:
@@ -107,6 +94,26 @@ def check_on_source(shape: tuple[int, ...], affine: np.ndarray, source: Any) -> 
                 f"mask slice {k} lies at {np.round(voxel[:3], 3).tolist()} (RAS) but source image {header.path.name} at "
                 f"{np.round(pos_ras, 3).tolist()}; the mask must be on the source series' grid"
             )
+
+
+def check_references(source: Any) -> None:
+    """Raise unless every source image has the UIDs a SEG must reference, and highdicom is installed."""
+    if source is None or not getattr(source, "files", None):
+        raise ValueError(
+            "DICOM SEG output needs a DICOM series as input (it references the source images); "
+            "this input is not DICOM: write .nii.gz or .seg.nrrd instead"
+        )
+    blank = [
+        label
+        for key, label in (("study_uid", "Study"), ("series_uid", "Series"), ("sop_uid", "SOP"), ("frame_of_reference_uid", "Frame of Reference"))
+        if not all(h.get(key) for h in source.headers)
+    ]
+    if blank:
+        raise ValueError(
+            f"the source DICOM images have no {', '.join(blank)} (Instance) UID (blanked by de-identification?), "
+            "so a DICOM SEG cannot reference them; write .seg.nrrd or .nii.gz instead"
+        )
+    _import_highdicom()
 
 
 def _int(text: str | None) -> int | None:
@@ -178,6 +185,13 @@ def build_dicom_seg(
     frames = _frames(numbers)
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in source.files]
     empty = not frames.any()
+    with warnings.catch_warnings():  # highdicom's advice on the source's patient name format is not ours to act on
+        warnings.simplefilter("ignore", UserWarning)
+        return _segmentation(hd, sources, frames, descriptions, segments, algorithm, empty)
+
+
+def _segmentation(hd: Any, sources: list[Any], frames: np.ndarray, descriptions: list[Any],
+                  segments: Sequence[vio.SegmentSpec], algorithm: Algorithm, empty: bool) -> Any:
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,

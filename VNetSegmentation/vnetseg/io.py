@@ -338,6 +338,16 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return dest
 
 
+def check_source_for(path: str | os.PathLike[str], source: Any) -> None:
+    """Raise a clear error when ``path`` asks for DICOM SEG but there is no DICOM ``source``
+    (the :attr:`Image.source` of the input: None unless it was read from a DICOM series)."""
+    if suffix_of(path) in DICOM_SEG_SUFFIXES and source is None:
+        raise ValueError(
+            f"output {Path(path).name}: a DICOM SEG references its source DICOM images, and this input is not "
+            "a DICOM series; give the DICOM folder as input, or write .nii.gz or .seg.nrrd"
+        )
+
+
 def write_nifti(
     path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray, *, overwrite: bool = False
 ) -> Path:
