@@ -164,10 +164,9 @@ def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------- commands
 def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     from . import io as vio
+    from .batch import parse_shard, shard_of, summarize, write_report
     from .checkpoint import load_model
     from .inference import Cancelled, InferenceOptions, predict_file
-
-    from .batch import parse_shard, shard_of, summarize, write_report
 
     progress = Progress(args.progress, err, out)
     if args.skip_existing and args.overwrite:
