@@ -120,3 +120,16 @@ def test_batch_of_dicom_folders_records_the_series_used(ct_dir: Path, tiny_model
     assert case["series"]["uid"] == ACRIN_SERIES_1 and case["series"]["slices"] == 12
     assert case["output"].endswith("acrin_flt_breast_001_exam_dicom_spleen.dcm")
     assert output_complete(case["output"]) == (True, "")
+
+
+def test_an_archive_folder_of_dicom_folders_gives_one_case_per_folder(ct_dir: Path, tiny_model_file: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    from dicom_helpers import acrin_part
+
+    archive = tmp_path / "archive"
+    acrin_part(ct_dir, archive / "patient_b", series=2)
+    acrin_part(ct_dir, archive / "patient_a", series=1)
+    code, out, err = run(["predict", archive, "--output-dir", tmp_path / "out", "--model", tiny_model_file], capsys)
+    assert code == 0, err
+    assert out.index("patient_a: spleen") < out.index("patient_b: spleen")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patient_a_spleen.nii.gz", "patient_b_spleen.nii.gz"]

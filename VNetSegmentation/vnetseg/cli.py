@@ -97,7 +97,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files stay; a folder of image files gives its images; a folder with DICOM files is one series."""
+    """Files stay; a folder of image files gives its images; a folder with DICOM files is one series;
+    a folder holding only folders (an archive: one DICOM folder per case) gives those folders."""
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -105,10 +106,20 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise CliError(f"input {p} does not exist")
         if p.is_dir():
             images = sorted(f for f in p.iterdir() if is_image_file(f))
+            if not images:
+                images = _case_folders(p)
             found.extend(images if images else [p])  # no image files: treat as a DICOM series folder
         else:
             found.append(p)
     return found
+
+
+def _case_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` when it holds no files of its own (hidden and ``._*`` files aside), else []."""
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+    if not entries or any(not e.is_dir() for e in entries):
+        return []
+    return sorted(entries)
 
 
 def output_for(case: Path, args: PredictArgs, many: bool) -> Path:
