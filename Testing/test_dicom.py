@@ -77,11 +77,42 @@ def test_missing_slice_is_refused_naming_its_position(ct_dir: Path, tmp_path: Pa
         read_image(folder)
     message = str(info.value)
     assert "\n" not in message and "1 slice(s) missing" in message and "every 2 mm from -804.50 to -766.50" in message
-    assert "expected at x y z = (-249.51 -437.51 -786.50) mm" in message
+    assert "expected at x y z = (-249.51 -437.51 -786.50) mm" in message and "or pass --allow-gaps" in message
     files[3].unlink()
     files[4].unlink()  # two more, next to each other
     with pytest.raises(ImageError, match=r"3 slice\(s\) missing.*\(-249\.51 -437\.51 -798\.50\); \(-249\.51 -437\.51 -796\.50\); \(-249\.51 -437\.51 -786\.50\)"):
         read_image(folder)
+
+
+def test_allow_gaps_reads_the_slices_where_they_are(ct_dir: Path, tmp_path: Path) -> None:
+    whole = read_image(ct_dir / "example_ct_dicom", dtype=None)
+    folder = copy_series(ct_dir / "example_ct_dicom", tmp_path / "gap")
+    files_by_position(folder)[9].unlink()
+    image = read_image(folder, dtype=None, allow_gaps=True)
+    assert image.shape == whole.shape == (512, 512, 20)
+    np.testing.assert_allclose(image.affine, whole.affine, atol=1e-6)  # 2.0 mm, not 38 / 18 = 2.11 mm
+    present = [k for k in range(20) if k != 9]
+    np.testing.assert_array_equal(image.array[:, :, present], whole.array[:, :, present])
+    between = np.round((whole.array[:, :, 8].astype(np.float32) + whole.array[:, :, 10]) / 2)
+    np.testing.assert_array_equal(image.array[:, :, 9], between.astype(np.int16))
+    assert image.source.slice_index == present and image.source.slice_count == 20
+    (note,) = image.notes
+    assert note.startswith("1 slice(s) missing") and "interpolated from their neighbours" in note
+    # irregular spacing and tilt are still refused with allow_gaps (they are not gaps)
+
+
+def test_allow_gaps_end_to_end_warns_and_the_mask_overlays_the_ct(ct_dir: Path, tiny_model_file: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    folder = copy_series(ct_dir / "example_ct_dicom", tmp_path / "gap")
+    files_by_position(folder)[9].unlink()
+    out = tmp_path / "m.nii.gz"
+    code = main(["predict", str(folder), "-o", str(out), "--model", str(tiny_model_file), "--allow-gaps"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "warning: 1 slice(s) missing from an evenly spaced series" in stdout
+    mask = nib.load(out)
+    assert mask.shape == (512, 512, 20)
+    np.testing.assert_allclose(mask.affine, read_image(ct_dir / "example_ct_dicom").affine, atol=1e-4)
 
 
 def test_irregular_spacing_is_refused(ct_dir: Path, tmp_path: Path) -> None:

@@ -130,6 +130,32 @@ def test_dcmqi_reads_it_back_on_the_ct_voxel_by_voxel_in_physical_space(source: 
     assert attrs[0]["recommendedDisplayRGBValue"] == [157, 108, 162] and attrs[0]["SegmentAlgorithmName"] == "spleen-test-model"
 
 
+def test_series_with_a_gap_gets_frames_on_its_real_slices_only(ct_dir: Path, tmp_path: Path) -> None:
+    from dicom_helpers import files_by_position
+
+    folder = copy_series(ct_dir / "example_ct_dicom", tmp_path / "ct")
+    give_uids(folder)
+    files_by_position(folder)[9].unlink()
+    image = read_image(folder, dtype=None, allow_gaps=True)
+    mask = (image.array > 150).astype(np.uint8)  # on the regular grid, the interpolated slice 9 included
+    assert mask[:, :, 9].any()
+    out = write_mask(tmp_path / "gap.dcm", mask, image.affine, SEGMENTS, source=image.source, algorithm=ALGORITHM)
+    seg = pydicom.dcmread(out)
+    assert seg.NumberOfFrames == 19
+    conv = tmp_path / "dcmqi"
+    conv.mkdir()
+    proc = subprocess.run([segimage2itkimage(), "--inputDICOM", str(out), "--outputDirectory", str(conv), "-t", "nrrd"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    back = sitk.ReadImage(str(conv / "1.nrrd"))
+    to_ct = np.linalg.inv(image.affine) @ affine_from_sitk(back)
+    np.testing.assert_allclose(to_ct, np.eye(4), atol=1e-3)  # dcmqi puts it on the regular 2 mm grid, slice 0 first
+    values = sitk.GetArrayFromImage(back).transpose(2, 1, 0)
+    expected = mask.copy()
+    expected[:, :, 9] = 0  # no source image there, so no frame: the SEG holds only what was acquired
+    np.testing.assert_array_equal(values, expected)
+
+
 def test_empty_result_writes_a_valid_empty_segmentation(ct_dir: Path, tmp_path: Path) -> None:
     image = read_image(acrin_part(ct_dir, tmp_path / "ct", series=2), dtype=None)
     out = write_mask(tmp_path / "empty.dcm", np.zeros(image.shape, np.uint8), image.affine, SEGMENTS,

@@ -46,6 +46,7 @@ class PredictArgs:
     overlay_dir: str | None = None
     mode: str = "auto"
     series: str | None = None
+    allow_gaps: bool = False
     skip_existing: bool = False
     shard: str | None = None
 
@@ -152,7 +153,7 @@ def preflight(case: Path, dest: Path, args: PredictArgs, res: CaseResult) -> Non
     if case.is_dir():
         from .dicom import select_series
 
-        series = select_series(case, args.series)
+        series = select_series(case, args.series, args.allow_gaps)
         res.series = series.as_dict()
     if vio.suffix_of(dest) in vio.DICOM_SEG_SUFFIXES:
         from .dicom_seg import check_references
@@ -224,7 +225,8 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             report()
             continue
         try:
-            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress, series=args.series)
+            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress,
+                                read=vio.ReadOptions(args.series, args.allow_gaps))
         except Cancelled:
             raise
         except (vio.ImageError, ValueError, OSError, MemoryError) as exc:
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"], help="progress display (json: one event per line on stdout)")
     p.add_argument("--series", help="the DICOM series to read from a folder holding several: its number in the listing (1, 2, ...) or its Series Instance UID")
+    p.add_argument("--allow-gaps", action="store_true", help="read a DICOM series with missing slices on its regular grid (missing slices interpolated, with a warning) instead of refusing it")
     p.add_argument("--skip-existing", action="store_true", help="resume a batch: skip cases whose output exists and is complete (listed as skipped in the report)")
     p.add_argument("--shard", metavar="K/N", help="run only cases K, K+N, K+2N, ... of the inputs (0 <= K < N), e.g. --shard $SLURM_ARRAY_TASK_ID/8")
     r = sub.add_parser("report", help="batch reports: 'report merge' joins the per-shard reports of a sharded batch")

@@ -70,6 +70,11 @@ class DicomSeries:
         headers: the header of each file in ``files``.
         notes: what was noticed and handled (e.g. a duplicated file that was skipped).
         positions_mm: each slice's position along the slice normal, mm.
+        slice_index: where each file lies on the regular grid the volume is read onto: ``k`` of
+            ``files[n]`` is ``slice_index[n]`` (``range(len(files))`` unless slices are missing and
+            gaps were allowed).
+        slice_count: slices of that regular grid (more than ``len(files)`` when slices are missing).
+        spacing_mm: the distance between slices on that grid (None: not computed, e.g. one file).
     """
 
     uid: str
@@ -77,6 +82,13 @@ class DicomSeries:
     headers: list[SliceHeader]
     notes: list[str] = field(default_factory=list)
     positions_mm: list[float] = field(default_factory=list)
+    slice_index: list[int] = field(default_factory=list)
+    slice_count: int = 0
+    spacing_mm: float | None = None
+
+    @property
+    def has_gaps(self) -> bool:
+        return self.slice_count > len(self.files)
 
     @property
     def first(self) -> SliceHeader:
@@ -197,10 +209,11 @@ def _normal(header: SliceHeader) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------- choosing
-def select_series(folder: str | os.PathLike[str], choice: str | None = None) -> DicomSeries:
+def select_series(folder: str | os.PathLike[str], choice: str | None = None, allow_gaps: bool = False) -> DicomSeries:
     """The one series of ``folder`` to read, chosen by ``choice`` (1-based number or UID) when there are several.
 
-    The chosen series' geometry is checked (:func:`check_geometry`), duplicates removed.
+    The chosen series' geometry is checked (:func:`check_geometry`), duplicates removed;
+    ``allow_gaps`` accepts missing slices (placed on the regular grid, with a note) instead of refusing.
 
     Raises:
         DicomError: no series; several and no (or no matching) ``choice``; a geometry problem.
@@ -218,7 +231,7 @@ def select_series(folder: str | os.PathLike[str], choice: str | None = None) -> 
         chosen = _match(found, choice.strip())
         if chosen is None:
             raise DicomError(f"--series {choice}: no such series in {folder}; it holds {listing}")
-    check_geometry(chosen, folder)
+    check_geometry(chosen, folder, allow_gaps)
     return chosen
 
 
@@ -230,18 +243,20 @@ def _match(found: list[DicomSeries], choice: str) -> DicomSeries | None:
 
 
 # ---------------------------------------------------------------------------------- geometry
-def check_geometry(series: DicomSeries, folder: Path) -> None:
+def check_geometry(series: DicomSeries, folder: Path, allow_gaps: bool = False) -> None:
     """Refuse slice stacks that are not one evenly spaced, orthogonal volume; drop exact duplicates.
 
     Checks, from Image Position / Orientation (Patient): one orientation for all slices; no two
     different images at one position (an exact duplicate - same SOP Instance UID - is skipped with a
     note); no gantry tilt (the positions move along the slice normal only); even spacing (missing
-    slices are named by their expected positions).
+    slices are named by their expected positions; with ``allow_gaps`` they are accepted: the
+    series gets its ``slice_index`` on the regular grid and a note).
 
     Raises:
         DicomError: with one line that says what is wrong and where.
     """
     name = f"DICOM series {series.uid or '(no UID)'} in {folder}"
+    series.slice_index, series.slice_count = list(range(len(series.files))), len(series.files)
     if len(series.headers) < 2:
         return  # a single (perhaps multi-frame) file: nothing to compare; the reader checks the rest
     orients = [h.vector("orientation", 6) for h in series.headers]
@@ -251,6 +266,7 @@ def check_geometry(series: DicomSeries, folder: Path) -> None:
     if np.max(np.abs(np.array(orients) - orients[0])) > 1e-4:
         raise DicomError(f"{name}: the slices have different orientations; it is not one volume (split the series)")
     _drop_duplicates(series, name)
+    series.slice_index, series.slice_count = list(range(len(series.files))), len(series.files)
     normal = _normal(series.first)
     if normal is None:
         raise DicomError(f"{name}: its Image Orientation (Patient) is degenerate")
@@ -268,7 +284,7 @@ def check_geometry(series: DicomSeries, folder: Path) -> None:
             f"{drift:.1f} mm sideways over {extent:.1f} mm); this reader needs slices stacked along their normal: "
             "resample the series first (e.g. in Slicer, the DICOM module's acquisition geometry regularization)"
         )
-    _check_spacing(along, pos, normal, name)
+    _check_spacing(series, along, pos, normal, name, allow_gaps)
 
 
 def _drop_duplicates(series: DicomSeries, name: str) -> None:
@@ -302,9 +318,12 @@ def _same_instance(a: SliceHeader, b: SliceHeader) -> bool:
     return a.path.stat().st_size == b.path.stat().st_size and a.path.read_bytes() == b.path.read_bytes()
 
 
-def _check_spacing(along: np.ndarray, pos: np.ndarray, normal: np.ndarray, name: str) -> None:
+def _check_spacing(
+    series: DicomSeries, along: np.ndarray, pos: np.ndarray, normal: np.ndarray, name: str, allow_gaps: bool
+) -> None:
     gaps = np.diff(along)
     step = float(np.median(gaps))
+    series.spacing_mm = step
     tol = max(POSITION_TOLERANCE_MM, SPACING_TOLERANCE * step)
     if np.all(np.abs(gaps - step) <= tol):
         return
@@ -320,10 +339,19 @@ def _check_spacing(along: np.ndarray, pos: np.ndarray, normal: np.ndarray, name:
             )
         missing += [pos[i] + j * step * normal for j in range(1, count)]
     shown = "; ".join(f"({_fmt(p)})" for p in missing[:10]) + ("; ..." if len(missing) > 10 else "")
+    what = (f"{len(missing)} slice(s) missing from an evenly spaced series (every {step:g} mm from "
+            f"{along[0]:.2f} to {along[-1]:.2f} mm along the slice normal), expected at x y z = {shown} mm")
+    if allow_gaps:
+        series.slice_index = [int(round((d - along[0]) / step)) for d in along]
+        series.slice_count = series.slice_index[-1] + 1
+        series.notes.append(
+            f"{what}: read on the regular {step:g} mm grid, the missing slice(s) interpolated from their neighbours "
+            "(the mask there is an estimate; every real slice is where it was acquired)"
+        )
+        return
     raise DicomError(
-        f"{name}: {len(missing)} slice(s) missing from an evenly spaced series (every {step:g} mm from "
-        f"{along[0]:.2f} to {along[-1]:.2f} mm along the slice normal), expected at x y z = {shown} mm; "
-        "restore the missing files (re-export the series), or the mask would not overlay the CT beyond the gap"
+        f"{name}: {what}; restore the missing files (re-export the series), or pass --allow-gaps to read the "
+        "slices where they are (missing ones interpolated); read evenly spaced, the mask would not overlay the CT"
     )
 
 

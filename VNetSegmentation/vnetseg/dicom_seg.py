@@ -5,7 +5,7 @@ of Reference), carries each segment's terminology (from the model's Slicer termi
 SNOMED CT Anatomical Structure / Spleen 78961009), its recommended display colour, and the algorithm
 (the model's name, version, and file SHA-256). Its frames are the source slices themselves: frame
 ``k`` of the mask is written against source image ``k`` (highdicom copies that image's position), so
-the SEG lies exactly on the CT. Slices where the mask is empty are omitted, as usual for SEG; an
+the SEG lies exactly on the CT (a series read with missing slices: only the real slices get frames). Slices where the mask is empty are omitted, as usual for SEG; an
 all-empty mask is written with every frame (a valid, empty segmentation).
 """
 
@@ -82,11 +82,12 @@ def check_on_source(shape: tuple[int, ...], affine: np.ndarray, source: Any) -> 
     check_references(source)
     first = source.headers[0]
     rows, cols = _int(first.fields.get("rows")), _int(first.fields.get("columns"))
-    expected = (cols, rows, len(source.files)) if rows and cols else None
+    index = _slice_index(source)
+    expected = (cols, rows, max(index) + 1) if rows and cols else None
     if expected is not None and tuple(shape) != expected:
         raise ValueError(f"mask shape {tuple(shape)} is not the source series' grid {expected} (columns, rows, slices)")
     origin_ras = vio.LPS_TO_RAS[:3, :3] @ first.vector("position", 3)
-    for k, header in enumerate(source.headers):
+    for k, header in zip(index, source.headers):
         pos_ras = vio.LPS_TO_RAS[:3, :3] @ header.vector("position", 3)
         voxel = np.asarray(affine, dtype=float) @ np.array([0.0, 0.0, float(k), 1.0])
         if np.linalg.norm(voxel[:3] - pos_ras) > GEOMETRY_TOLERANCE_MM + 1e-6 * np.linalg.norm(origin_ras):
@@ -123,9 +124,14 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def _frames(mask: np.ndarray) -> np.ndarray:
-    """(I, J, K) = (columns, rows, slices) mask -> (slices, rows, columns) frames, one per source image."""
-    return np.ascontiguousarray(np.asarray(mask).transpose(2, 1, 0))
+def _slice_index(source: Any) -> list[int]:
+    """k of each source file on the mask's grid (a series read with gaps skips the missing k)."""
+    return list(getattr(source, "slice_index", None) or range(len(source.files)))
+
+
+def _frames(mask: np.ndarray, index: list[int]) -> np.ndarray:
+    """(I, J, K) = (columns, rows, slices) mask -> (files, rows, columns) frames, one per source image."""
+    return np.ascontiguousarray(np.asarray(mask).transpose(2, 1, 0)[index])
 
 
 def build_dicom_seg(
@@ -182,12 +188,27 @@ def build_dicom_seg(
     numbers = np.zeros(labels.shape, dtype=np.uint8)
     for number, seg in enumerate(segments, start=1):
         numbers[labels == seg.value] = number
-    frames = _frames(numbers)
+    frames = _frames(numbers, _slice_index(source))
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in source.files]
     empty = not frames.any()
     with warnings.catch_warnings():  # highdicom's advice on the source's patient name format is not ours to act on
         warnings.simplefilter("ignore", UserWarning)
-        return _segmentation(hd, sources, frames, descriptions, segments, algorithm, empty)
+        seg = _segmentation(hd, sources, frames, descriptions, segments, algorithm, empty)
+    _state_slice_spacing(seg, source)
+    return seg
+
+
+def _state_slice_spacing(seg: Any, source: Any) -> None:
+    """Write the regular grid's Spacing Between Slices where highdicom could not infer it (a source
+    with missing slices): readers such as dcmqi need it to place frames across gaps, and otherwise
+    fall back to the Slice Thickness (3 mm slices 2 mm apart would come out 1.5x too far apart)."""
+    spacing = getattr(source, "spacing_mm", None)
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    if spacing is None or not shared or "PixelMeasuresSequence" not in shared[0]:
+        return
+    measures = shared[0].PixelMeasuresSequence[0]
+    if "SpacingBetweenSlices" not in measures:
+        measures.SpacingBetweenSlices = f"{float(spacing):.10g}"[:16]
 
 
 def _segmentation(hd: Any, sources: list[Any], frames: np.ndarray, descriptions: list[Any],

@@ -112,13 +112,15 @@ def read_image(
     *,
     allow_uniform: bool = False,
     series: str | None = None,
+    allow_gaps: bool = False,
 ) -> Image:
     """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a DICOM series folder.
 
     ``dtype=None`` keeps the stored voxel type (e.g. int16 CT: half the memory of float32).
     ``allow_uniform=True`` accepts a volume of one value (an all-background label map).
     ``series`` picks one series of a folder holding several (1-based number or Series Instance
-    UID, see :func:`vnetseg.dicom.select_series`). Scattered NaN voxels (resampled images often
+    UID, see :func:`vnetseg.dicom.select_series`); ``allow_gaps`` reads a DICOM series with missing
+    slices on its regular grid (missing slices interpolated, with a note) instead of refusing it. Scattered NaN voxels (resampled images often
     have them outside the field of view) are set to air (-1000 HU) and said so in ``notes``.
 
     Raises:
@@ -130,7 +132,7 @@ def read_image(
     if not p.exists():
         raise ImageError(f"input {p} does not exist")
     if p.is_dir():
-        image = _read_dicom_dir(p, dtype, series)
+        image = _read_dicom_dir(p, dtype, series, allow_gaps)
     else:
         suffix = suffix_of(p)
         if suffix in NIFTI_SUFFIXES:
@@ -229,11 +231,19 @@ def _from_sitk(img: sitk.Image, name: str, dtype: type) -> Image:
     return Image(arr, affine)
 
 
-def _read_dicom_dir(p: Path, dtype: type, choice: str | None = None) -> Image:
+@dataclass(frozen=True)
+class ReadOptions:
+    """How an input is read (DICOM folders): which series, and whether missing slices are accepted."""
+
+    series: str | None = None
+    allow_gaps: bool = False
+
+
+def _read_dicom_dir(p: Path, dtype: type, choice: str | None = None, allow_gaps: bool = False) -> Image:
     from .dicom import DicomError, select_series
 
     try:
-        series = select_series(p, choice)  # one series, its geometry checked, files in volume order
+        series = select_series(p, choice, allow_gaps)  # one series, its geometry checked, files in volume order
     except DicomError as exc:
         raise ImageError(str(exc)) from None
     reader = sitk.ImageSeriesReader()
@@ -243,8 +253,28 @@ def _read_dicom_dir(p: Path, dtype: type, choice: str | None = None) -> Image:
     except RuntimeError as exc:
         raise ImageError(f"DICOM series in {p} could not be read ({str(exc).strip().splitlines()[-1][:200]})") from None
     image = _from_sitk(img, p.name, dtype)
+    if series.has_gaps:
+        image = _onto_regular_grid(image, series)
     image.source, image.notes = series, list(series.notes)
     return image
+
+
+def _onto_regular_grid(image: Image, series: Any) -> Image:
+    """The slices of a series with gaps at their own positions on its regular grid; missing ones
+    interpolated linearly along k from the nearest real slices on either side."""
+    present = np.asarray(series.slice_index)
+    full = np.empty((*image.shape[:2], series.slice_count), dtype=image.array.dtype)
+    full[:, :, present] = image.array
+    for k in sorted(set(range(series.slice_count)) - set(present.tolist())):
+        after = int(np.searchsorted(present, k))
+        k0, k1 = present[after - 1], present[after]
+        w = (k - k0) / (k1 - k0)
+        mixed = (1.0 - w) * full[:, :, k0].astype(np.float32) + w * full[:, :, k1].astype(np.float32)
+        full[:, :, k] = np.round(mixed) if np.issubdtype(full.dtype, np.integer) else mixed
+    affine = image.affine.copy()
+    direction = affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # ITK's slice direction: the slice normal
+    affine[:3, 2] = direction * series.spacing_mm
+    return Image(full, affine)
 
 
 def validate_image(image: Image, name: str = "image", allow_uniform: bool = False) -> None:
