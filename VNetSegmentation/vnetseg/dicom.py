@@ -342,7 +342,7 @@ def _check_spacing(
     what = (f"{len(missing)} slice(s) missing from an evenly spaced series (every {step:g} mm from "
             f"{along[0]:.2f} to {along[-1]:.2f} mm along the slice normal), expected at x y z = {shown} mm")
     if allow_gaps:
-        series.slice_index = [int(round((d - along[0]) / step)) for d in along]
+        series.slice_index = [int(np.rint((d - along[0]) / step)) for d in along]
         series.slice_count = series.slice_index[-1] + 1
         series.notes.append(
             f"{what}: read on the regular {step:g} mm grid, the missing slice(s) interpolated from their neighbours "
