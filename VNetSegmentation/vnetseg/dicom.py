@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -357,3 +358,51 @@ def _check_spacing(
 
 def _fmt(p: np.ndarray | None) -> str:
     return " ".join(f"{v:.2f}" for v in (p if p is not None else []))
+
+
+# -------------------------------------------------------------------------------- reading
+def read_series_image(folder: Path, dtype: type | None, choice: str | None = None, allow_gaps: bool = False) -> Any:
+    """The voxels of the chosen, checked series of ``folder`` as a :class:`vnetseg.io.Image` (its
+    ``source`` is the :class:`DicomSeries`: slice k of the array is ``source.files[k]``, or with gaps,
+    ``source.slice_index`` says where each file went)."""
+    from . import io as vio
+
+    p = folder
+    try:
+        series = select_series(p, choice, allow_gaps)  # one series, its geometry checked, files in volume order
+    except DicomError as exc:
+        raise vio.ImageError(str(exc)) from None
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in series.files])
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if series.has_gaps:  # known and handled below; ITK's "missing slices" warning would only add noise
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise vio.ImageError(f"DICOM series in {p} could not be read ({str(exc).strip().splitlines()[-1][:200]})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    image = vio._from_sitk(img, p.name, dtype)
+    if series.has_gaps:
+        image = _onto_regular_grid(image, series)
+    image.source, image.notes = series, list(series.notes)
+    return image
+
+
+def _onto_regular_grid(image: Any, series: DicomSeries) -> Any:
+    """The slices of a series with gaps at their own positions on its regular grid; missing ones
+    interpolated linearly along k from the nearest real slices on either side."""
+    present = np.asarray(series.slice_index)
+    full = np.empty((*image.shape[:2], series.slice_count), dtype=image.array.dtype)
+    full[:, :, present] = image.array
+    for k in sorted(set(range(series.slice_count)) - set(present.tolist())):
+        after = int(np.searchsorted(present, k))
+        k0, k1 = present[after - 1], present[after]
+        w = (k - k0) / (k1 - k0)
+        mixed = (1.0 - w) * full[:, :, k0].astype(np.float32) + w * full[:, :, k1].astype(np.float32)
+        full[:, :, k] = np.round(mixed) if np.issubdtype(full.dtype, np.integer) else mixed
+    affine = image.affine.copy()
+    direction = affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # ITK's slice direction: the slice normal
+    affine[:3, 2] = direction * series.spacing_mm
+    return type(image)(full, affine)

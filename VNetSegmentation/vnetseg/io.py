@@ -240,41 +240,9 @@ class ReadOptions:
 
 
 def _read_dicom_dir(p: Path, dtype: type, choice: str | None = None, allow_gaps: bool = False) -> Image:
-    from .dicom import DicomError, select_series
+    from .dicom import read_series_image
 
-    try:
-        series = select_series(p, choice, allow_gaps)  # one series, its geometry checked, files in volume order
-    except DicomError as exc:
-        raise ImageError(str(exc)) from None
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in series.files])
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise ImageError(f"DICOM series in {p} could not be read ({str(exc).strip().splitlines()[-1][:200]})") from None
-    image = _from_sitk(img, p.name, dtype)
-    if series.has_gaps:
-        image = _onto_regular_grid(image, series)
-    image.source, image.notes = series, list(series.notes)
-    return image
-
-
-def _onto_regular_grid(image: Image, series: Any) -> Image:
-    """The slices of a series with gaps at their own positions on its regular grid; missing ones
-    interpolated linearly along k from the nearest real slices on either side."""
-    present = np.asarray(series.slice_index)
-    full = np.empty((*image.shape[:2], series.slice_count), dtype=image.array.dtype)
-    full[:, :, present] = image.array
-    for k in sorted(set(range(series.slice_count)) - set(present.tolist())):
-        after = int(np.searchsorted(present, k))
-        k0, k1 = present[after - 1], present[after]
-        w = (k - k0) / (k1 - k0)
-        mixed = (1.0 - w) * full[:, :, k0].astype(np.float32) + w * full[:, :, k1].astype(np.float32)
-        full[:, :, k] = np.round(mixed) if np.issubdtype(full.dtype, np.integer) else mixed
-    affine = image.affine.copy()
-    direction = affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # ITK's slice direction: the slice normal
-    affine[:3, 2] = direction * series.spacing_mm
-    return Image(full, affine)
+    return read_series_image(p, dtype, choice, allow_gaps)
 
 
 def validate_image(image: Image, name: str = "image", allow_uniform: bool = False) -> None:
