@@ -113,8 +113,9 @@ def test_batch_of_dicom_folders_records_the_series_used(ct_dir: Path, tiny_model
     assert code == 2 and "acrin_flt_breast_001_exam_dicom: error: folder" in err and "choose one with --series" in err
     assert json.loads(report.read_text())["cases"][0]["status"] == "error"
     code, out, err = run(["predict", exam, "--output-dir", tmp_path / "out", "--model", tiny_model_file, "--report", report,
-                          "--series", "1", "--format", "dicom-seg"], capsys)
+                          "--series", "1", "--format", "dicom-seg", "--overlay-dir", tmp_path / "png"], capsys)
     assert code == 0, err
+    assert (tmp_path / "png" / "acrin_flt_breast_001_exam_dicom_overlay.png").stat().st_size > 1000  # the chosen series, too
     assert f'series: {ACRIN_SERIES_1} "PET-CT SERIES" (12 slices)' in out
     (case,) = json.loads(report.read_text())["cases"]
     assert case["series"]["uid"] == ACRIN_SERIES_1 and case["series"]["slices"] == 12

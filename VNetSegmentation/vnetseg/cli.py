@@ -241,7 +241,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
         res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
         results.append(res)
         if args.overlay_dir:
-            _write_overlay(case, pred, Path(args.overlay_dir), err)
+            _write_overlay(case, pred, Path(args.overlay_dir), err, vio.ReadOptions(args.series, args.allow_gaps))
         if progress.mode == "json":
             progress.emit("done", **res.__dict__)
         else:
@@ -276,7 +276,7 @@ def run_report_merge(reports: list[str], output: str, out: TextIO, err: TextIO) 
     return 0
 
 
-def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO) -> None:
+def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO, read: Any = None) -> None:
     try:
         from .overlay import save_overlay
     except ImportError as exc:
@@ -286,7 +286,8 @@ def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     name = case.name.split(".")[0] + "_overlay.png"
-    save_overlay(read_image(case), pred.labelmap, folder / name, title=f"{case.name}: spleen {pred.volume_ml:.0f} mL")
+    image = read_image(case, series=read.series, allow_gaps=read.allow_gaps) if read else read_image(case)
+    save_overlay(image, pred.labelmap, folder / name, title=f"{case.name}: spleen {pred.volume_ml:.0f} mL")
 
 
 def run_info(model: str, sha256: str | None, out: TextIO) -> int:
