@@ -149,8 +149,11 @@ def read_image(
     return image
 
 
-def replace_nan(image: Image, name: str = "image") -> None:
-    """Set scattered NaN voxels to air (-1000 HU), in place, with a note; refuse an all-NaN image.
+def replace_nan(image: Image, name: str = "image", *, in_place: bool = True) -> None:
+    """Set scattered NaN voxels to air (-1000 HU), with a note; refuse an all-NaN image.
+
+    The array is changed in place (``in_place=False``, or a read-only array: ``image.array`` becomes
+    a corrected copy and the caller's array is left alone); nothing is copied when there is no NaN.
 
     Raises:
         ImageError: every voxel is NaN.
@@ -165,7 +168,7 @@ def replace_nan(image: Image, name: str = "image") -> None:
         return
     if count == flat.size:
         raise ImageError(f"{name} is all NaN: it holds no image values; it cannot be segmented")
-    if not arr.flags.writeable or not np.may_share_memory(flat, arr):
+    if not in_place or not arr.flags.writeable or not np.may_share_memory(flat, arr):
         arr = np.array(arr, copy=True, order="K")
         image.array, flat = arr, np.ravel(arr, order="K")
     for i in range(0, flat.size, step):
