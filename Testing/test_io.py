@@ -205,3 +205,41 @@ def test_ras_convention_matches_the_anatomy_of_the_real_ct(ct_dir: Path) -> None
     labels = read_image(ct_dir / "example_ct_multilabel_v1.nii.gz")
     centre = {v: labels.affine @ np.r_[np.argwhere(labels.array == v).mean(0), 1.0] for v in (1, 5)}
     assert centre[5][0] - centre[1][0] > 100.0  # liver is 100+ mm to the right (+x) of the spleen
+
+
+# ------------------------------------------------------------------------------ permissions
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask_and_replaced_files_keep_their_mode(tmp_path: Path, umask: int) -> None:
+    import os
+
+    from vnetseg.checkpoint import SPLEEN_LABELS
+
+    segments = [SegmentSpec(lab.value, lab.name, lab.color, lab.terminology) for lab in SPLEEN_LABELS]
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[2:4, 1:3, 1:3] = 1
+    old = os.umask(umask)
+    try:
+        for name in ("m.nii.gz", "m.seg.nrrd"):
+            out = write_mask(tmp_path / name, mask, np.eye(4), segments)
+            assert out.stat().st_mode & 0o777 == 0o666 & ~umask, name  # what open(..., "w") would give
+            os.chmod(out, 0o640)  # the user's choice for this file survives --overwrite
+            write_mask(out, mask, np.eye(4), segments, overwrite=True)
+            assert out.stat().st_mode & 0o777 == 0o640
+        assert not list(tmp_path.glob(".*"))
+    finally:
+        os.umask(old)
+
+
+def test_cli_outputs_and_report_honour_the_umask_in_a_real_process(ct_dir: Path, tiny_model_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for umask in (0o022, 0o007):
+        out = tmp_path / f"u{umask:o}"
+        code = (f"import os, sys; os.umask({umask}); from vnetseg.cli import main; "
+                f"sys.exit(main(['predict', {str(ct_dir / 'example_ct_sm.nii.gz')!r}, '--output-dir', {str(out / 'masks')!r}, "
+                f"'--model', {str(tiny_model_file)!r}, '--report', {str(out / 'report.json')!r}, '--format', 'seg.nrrd']))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        for f in (out / "masks" / "example_ct_sm_spleen.seg.nrrd", out / "report.json"):
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

@@ -52,10 +52,15 @@ def checkVolumePresent(volumeNode) -> CheckMessage | None:
 
 
 def intensityPercentiles(array: np.ndarray, maxSamples: int = 2_000_000) -> tuple[float, float]:
-    """1st and 99th percentiles of ``array`` (a strided sample of at most ``maxSamples`` voxels)."""
+    """1st and 99th percentiles of ``array`` (a strided sample of at most ``maxSamples`` voxels; NaN
+    voxels left out: the core treats scattered ones as air, and refuses an all-NaN volume itself)."""
     flat = np.asarray(array).reshape(-1)
     step = max(1, flat.size // maxSamples)
-    low, high = np.percentile(flat[::step].astype(np.float32), [1.0, 99.0])
+    sample = flat[::step].astype(np.float32)
+    sample = sample[~np.isnan(sample)]
+    if sample.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(sample, [1.0, 99.0])
     return float(low), float(high)
 
 

@@ -223,6 +223,10 @@ class VNetSegmentationLogic:
 
         net, info = load_model(entry.path, sha256=entry.sha256 or None)
         image = nodes.imageFromVolumeNode(volumeNode)
+        from vnetseg.io import replace_nan
+
+        replace_nan(image, volumeNode.GetName(), in_place=False)  # NaN voxels as air, on a copy: the node is untouched
+        readNotes = list(image.notes)
         core = InferenceOptions(
             options.coreDevice(), float(options.overlap), postprocess=options.postprocess, mode=options.mode
         )
@@ -241,7 +245,7 @@ class VNetSegmentationLogic:
             outputSegmentation,
             started,
             device=prediction.device,
-            warnings=checks.warningsFromTexts(prediction.report.warnings + prediction.notes),
+            warnings=checks.warningsFromTexts(readNotes + prediction.report.warnings + prediction.notes),
             preRunWarnings=warnings,
             modelName=entry.name,
             background=False,

@@ -1,4 +1,5 @@
-"""The ``vnetseg`` command: ``vnetseg predict`` for one or many CTs, ``vnetseg info`` for model files.
+"""The ``vnetseg`` command: ``vnetseg predict`` for one or many CTs, ``vnetseg info`` for model files,
+``vnetseg report merge`` to join the reports of a sharded batch.
 
 Errors are one line on stderr (``vnetseg: error: ...``) and a non-zero exit status, never a
 traceback; no partial output is left behind and no existing file is replaced without
@@ -44,6 +45,10 @@ class PredictArgs:
     format: str = "nii.gz"
     overlay_dir: str | None = None
     mode: str = "auto"
+    series: str | None = None
+    allow_gaps: bool = False
+    skip_existing: bool = False
+    shard: str | None = None
 
 
 @dataclass
@@ -58,6 +63,9 @@ class CaseResult:
     error: str | None = None
     spleen_found: bool | None = None  # False: "no spleen found in the field of view" (an empty mask, not an error)
     message: str | None = None  # that answer in one line
+    status: str = "done"  # "done", "skipped" (its output was complete already) or "error"
+    index: int | None = None  # position in the whole (unsharded) case list
+    series: dict[str, Any] | None = None  # the DICOM series that was read
 
 
 # -------------------------------------------------------------------------- progress
@@ -92,7 +100,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files stay; a folder of image files gives its images; a folder with DICOM files is one series."""
+    """Files stay; a folder of image files gives its images; a folder with DICOM files is one series;
+    a folder holding only folders (an archive: one DICOM folder per case) gives those folders."""
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -100,10 +109,20 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise CliError(f"input {p} does not exist")
         if p.is_dir():
             images = sorted(f for f in p.iterdir() if is_image_file(f))
+            if not images:
+                images = _case_folders(p)
             found.extend(images if images else [p])  # no image files: treat as a DICOM series folder
         else:
             found.append(p)
     return found
+
+
+def _case_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` when it holds no files of its own (hidden and ``._*`` files aside), else []."""
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+    if not entries or any(not e.is_dir() for e in entries):
+        return []
+    return sorted(entries)
 
 
 def output_for(case: Path, args: PredictArgs, many: bool) -> Path:
@@ -113,7 +132,36 @@ def output_for(case: Path, args: PredictArgs, many: bool) -> Path:
         return Path(args.output)
     if not args.output_dir:
         raise CliError("several inputs need --output-dir DIR (or give one input with -o FILE)")
-    return Path(args.output_dir) / output_name(case, "." + args.format)
+    return Path(args.output_dir) / output_name(case, FORMAT_SUFFIXES.get(args.format, "." + args.format))
+
+
+FORMAT_SUFFIXES = {"dicom-seg": ".dcm"}
+
+
+def preflight(case: Path, dest: Path, args: PredictArgs, res: CaseResult) -> None:
+    """Check one case before any work: output writable (or complete already, with --skip-existing),
+    its DICOM series chosen, DICOM SEG only for DICOM input. Sets ``res.status`` to "skipped"."""
+    from . import io as vio
+    from .batch import output_complete
+
+    if args.skip_existing and dest.exists():
+        complete, why = output_complete(dest)
+        if complete:
+            res.status, res.output = "skipped", str(dest)
+            return
+        raise CliError(f"{dest} exists but is not a complete mask ({why}); remove it or pass --overwrite")
+    vio.check_writable(dest, args.overwrite)
+    series = None
+    if case.is_dir():
+        from .dicom import select_series
+
+        series = select_series(case, args.series, args.allow_gaps)
+        res.series = series.as_dict()
+    if vio.suffix_of(dest) in vio.DICOM_SEG_SUFFIXES:
+        from .dicom_seg import check_references
+
+        vio.check_source_for(dest, series)
+        check_references(series)
 
 
 def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
@@ -130,20 +178,31 @@ def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------- commands
 def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     from . import io as vio
+    from .batch import parse_shard, shard_of, summarize, write_report
     from .checkpoint import load_model
     from .inference import Cancelled, InferenceOptions, predict_file
 
     progress = Progress(args.progress, err, out)
-    cases = expand_inputs(args.inputs)
-    many = len(cases) > 1 or args.output_dir is not None
+    if args.skip_existing and args.overwrite:
+        raise CliError("--skip-existing and --overwrite contradict each other; pass one")
+    shard = parse_shard(args.shard) if args.shard else None
+    all_cases = expand_inputs(args.inputs)
+    indices = shard_of(len(all_cases), shard)
+    cases = [all_cases[i] for i in indices]
+    many = len(all_cases) > 1 or args.output_dir is not None
     if args.output_dir:
-        if not Path(args.output_dir).is_dir():
-            raise CliError(f"output folder {args.output_dir} does not exist")
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     elif not args.output:
         raise CliError("give -o OUTPUT (or --output-dir DIR)")
     destinations = [output_for(c, args, many) for c in cases]
-    for dest in destinations:  # every output problem is reported before any work starts
-        vio.check_writable(dest, args.overwrite)
+    planned = [CaseResult(str(c), index=i) for c, i in zip(cases, indices)]
+    for case, dest, res in zip(cases, destinations, planned):  # output problems are reported before any work
+        try:
+            preflight(case, dest, args, res)
+        except (vio.ImageError, ValueError, CliError) as exc:
+            if not many:
+                raise
+            res.status, res.error = "error", str(exc)
     options = InferenceOptions(
         args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode
     )
@@ -152,26 +211,40 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     model_name = info.card.get("name", Path(model_path).name)
     progress.emit("model", path=model_path, name=model_name, sha256=info.sha256)
     results: list[CaseResult] = []
-    for case, dest in zip(cases, destinations):
+
+    def report() -> None:
+        if args.report:  # rewritten after every case: an interrupted batch still leaves its report
+            data = {"version": __version__, "model": model_path, "model_sha256": info.sha256, "total_cases": len(all_cases),
+                    "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+                    "summary": summarize([r.__dict__ for r in results]), "cases": [r.__dict__ for r in results]}
+            write_report(args.report, data)
+
+    for case, dest, res in zip(cases, destinations, planned):
         progress.prefix = case.name
-        res = CaseResult(str(case))
+        if res.status != "done":
+            results.append(res)
+            _say_not_run(res, case, progress, out, err)
+            report()
+            continue
         try:
-            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress)
+            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress,
+                                read=vio.ReadOptions(args.series, args.allow_gaps))
         except Cancelled:
             raise
         except (vio.ImageError, ValueError, OSError, MemoryError) as exc:
             if not many:
                 raise
-            res.error = str(exc)
+            res.error, res.status = str(exc), "error"
             err.write(f"vnetseg: {case.name}: error: {exc}\n")
             results.append(res)
+            report()
             continue
         res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
         res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
         res.spleen_found, res.message = pred.report.found, pred.report.message or None
         results.append(res)
         if args.overlay_dir:
-            _write_overlay(case, pred, Path(args.overlay_dir), err)
+            _write_overlay(case, pred, Path(args.overlay_dir), err, vio.ReadOptions(args.series, args.allow_gaps))
         if progress.mode == "json":
             progress.emit("done", **res.__dict__)
         elif not res.spleen_found:
@@ -179,15 +252,37 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             out.writelines(f"  note: {w}\n" for w in res.warnings)
         else:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
+            if res.series and (many or args.series):
+                out.write(f"  series: {res.series['uid'] or '(no UID)'} \"{res.series['description']}\" ({res.series['slices']} slices)\n")
             out.writelines(f"  warning: {w}\n" for w in res.warnings)
-    if args.report:
-        report = {"version": __version__, "model": model_path, "model_sha256": info.sha256, "cases": [r.__dict__ for r in results]}
-        Path(args.report).write_text(json.dumps(report, indent=2))
+        report()
+    report()
     failed = [r for r in results if r.error]
     return EXIT_ERROR if failed else 0
 
 
-def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO) -> None:
+def _say_not_run(res: CaseResult, case: Path, progress: Progress, out: TextIO, err: TextIO) -> None:
+    if progress.mode == "json":
+        progress.emit("skipped" if res.status == "skipped" else "error", **res.__dict__)
+    elif res.status == "skipped":
+        out.write(f"{case.name}: skipped, its output {res.output} is complete already (--skip-existing)\n")
+    else:
+        err.write(f"vnetseg: {case.name}: error: {res.error}\n")
+
+
+def run_report_merge(reports: list[str], output: str, out: TextIO, err: TextIO) -> int:
+    from .batch import merge_reports, write_report
+
+    merged, warnings = merge_reports(reports)
+    write_report(output, merged)
+    s = merged["summary"]
+    out.write(f"merged {len(reports)} report(s) into {output}: {len(merged['cases'])} cases "
+              f"({s['done']} done, {s['skipped']} skipped, {s['error']} failed)\n")
+    err.writelines(f"vnetseg: warning: {w}\n" for w in warnings)
+    return 0
+
+
+def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO, read: Any = None) -> None:
     try:
         from .overlay import save_overlay
     except ImportError as exc:
@@ -197,7 +292,8 @@ def _write_overlay(case: Path, pred: Any, folder: Path, err: TextIO) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     name = case.name.split(".")[0] + "_overlay.png"
-    save_overlay(read_image(case), pred.labelmap, folder / name, title=f"{case.name}: spleen {pred.volume_ml:.0f} mL")
+    image = read_image(case, series=read.series, allow_gaps=read.allow_gaps) if read else read_image(case)
+    save_overlay(image, pred.labelmap, folder / name, title=f"{case.name}: spleen {pred.volume_ml:.0f} mL")
 
 
 def run_info(model: str, sha256: str | None, out: TextIO) -> int:
@@ -216,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="CT image(s) (.nii.gz, .nii, .nrrd, .mha), DICOM series folder(s), or folder(s) of images")
     p.add_argument("-o", "--output", help="output mask for a single input (.nii.gz, .nii or .seg.nrrd)")
     p.add_argument("--output-dir", help="folder for the masks of several inputs (named <case>_spleen.<format>)")
-    p.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "seg.nrrd"], help="mask format with --output-dir (default nii.gz)")
+    p.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "seg.nrrd", "dicom-seg"],
+                   help="mask format with --output-dir (default nii.gz; dicom-seg: a DICOM Segmentation <case>_spleen.dcm, DICOM inputs only)")
     p.add_argument("--model", help="model file (.pt); default: the model shipped with vnetseg")
     p.add_argument("--sha256", help="expected SHA-256 of the model file; refuse it if it differs")
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -233,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"], help="progress display (json: one event per line on stdout)")
+    p.add_argument("--series", help="the DICOM series to read from a folder holding several: its number in the listing (1, 2, ...) or its Series Instance UID")
+    p.add_argument("--allow-gaps", action="store_true", help="read a DICOM series with missing slices on its regular grid (missing slices interpolated, with a warning) instead of refusing it")
+    p.add_argument("--skip-existing", action="store_true", help="resume a batch: skip cases whose output exists and is complete (listed as skipped in the report)")
+    p.add_argument("--shard", metavar="K/N", help="run only cases K, K+N, K+2N, ... of the inputs (0 <= K < N), e.g. --shard $SLURM_ARRAY_TASK_ID/8")
+    r = sub.add_parser("report", help="batch reports: 'report merge' joins the per-shard reports of a sharded batch")
+    rsub = r.add_subparsers(dest="report_command", required=True)
+    m = rsub.add_parser("merge", help="join per-shard JSON reports into one (cases in input order)")
+    m.add_argument("reports", nargs="+", help="the per-shard report files")
+    m.add_argument("-o", "--output", required=True, help="the merged report file (JSON)")
     i = sub.add_parser("info", help="print what a model file contains")
     i.add_argument("model", help="model file (.pt)")
     i.add_argument("--sha256", help="expected SHA-256 of the file")
@@ -248,6 +354,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     try:
         if ns.command == "info":
             return run_info(ns.model, ns.sha256, out)
+        if ns.command == "report":
+            return run_report_merge(ns.reports, ns.output, out, err)
         fields = {k: v for k, v in vars(ns).items() if k in PredictArgs.__dataclass_fields__}
         return run_predict(PredictArgs(**fields), out, err)
     except KeyboardInterrupt:
@@ -260,7 +368,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
             err.write("vnetseg: cancelled\n")
             return EXIT_CANCELLED
         message = str(exc) or type(exc).__name__
-        if not isinstance(exc, (CliError, ValueError, OSError, MemoryError)):
+        if not isinstance(exc, (CliError, ValueError, OSError, MemoryError, ImportError)):
             message = f"unexpected {type(exc).__name__}: {message}"
         if json_mode:
             out.write(json.dumps({"event": "error", "message": message, "seconds": round(time.perf_counter() - started, 2)}) + "\n")

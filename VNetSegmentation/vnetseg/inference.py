@@ -513,20 +513,28 @@ def predict_file(
     sha256: str | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    read: vio.ReadOptions | None = None,
 ) -> Prediction:
     """Read a CT, segment it, and write the mask (format from the file name), atomically.
 
     The output is checked before any work (an existing file is kept unless ``overwrite``), and
-    nothing is written when reading, inference or cancellation fails.
+    nothing is written when reading, inference or cancellation fails. ``read`` says how a DICOM
+    folder is read (which series, missing slices allowed); what reading noticed comes first in ``notes``.
     """
     dest = vio.check_writable(output_path, overwrite)
     if isinstance(model, tuple):
         net, info = model
     else:
         net, info = load_model(model, sha256=sha256)
-    image = vio.read_image(input_path, dtype=None)  # int16 CT stays int16: half the memory
+    read = read or vio.ReadOptions()
+    image = vio.read_image(input_path, dtype=None, series=read.series, allow_gaps=read.allow_gaps)  # int16 stays int16
+    vio.check_source_for(dest, image.source)  # DICOM SEG output needs a DICOM input: say so before any work
     result = predict_volume(image, net, info, options, progress, cancel)
-    vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite)
+    result.notes[:0] = image.notes
+    from .dicom_seg import algorithm_of
+
+    vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite, source=image.source,
+                   algorithm=algorithm_of(info))
     return result
 
 

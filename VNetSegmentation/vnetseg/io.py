@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,9 @@ import SimpleITK as sitk
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SEG_SUFFIXES = (".dcm",)
+OUTPUT_SUFFIXES = (*NIFTI_SUFFIXES, ".seg.nrrd", ".nrrd", *DICOM_SEG_SUFFIXES)
+AIR_HU = -1000.0
 
 
 class ImageError(ValueError):
@@ -34,10 +38,15 @@ class Image:
     Attributes:
         array: (I, J, K) voxel values (float32 for CT in HU).
         affine: (4, 4) voxel-index to RAS-mm matrix.
+        notes: what reading noticed and handled (NaN voxels set to air, duplicate DICOM files skipped).
+        source: the :class:`vnetseg.dicom.DicomSeries` it was read from (DICOM input only): slice k of
+            ``array`` is ``source.files[k]``.
     """
 
     array: np.ndarray
     affine: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    source: Any = None
 
     @property
     def spacing(self) -> np.ndarray:
@@ -97,21 +106,33 @@ def array_affine_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 
 # ------------------------------------------------------------------------------------- read
-def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32, *, allow_uniform: bool = False) -> Image:
-    """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a folder holding one DICOM series.
+def read_image(
+    path: str | os.PathLike[str],
+    dtype: type | None = np.float32,
+    *,
+    allow_uniform: bool = False,
+    series: str | None = None,
+    allow_gaps: bool = False,
+) -> Image:
+    """Read a 3D image: NIfTI, NRRD/NHDR, MetaImage, or a DICOM series folder.
 
     ``dtype=None`` keeps the stored voxel type (e.g. int16 CT: half the memory of float32).
     ``allow_uniform=True`` accepts a volume of one value (an all-background label map).
+    ``series`` picks one series of a folder holding several (1-based number or Series Instance
+    UID, see :func:`vnetseg.dicom.select_series`); ``allow_gaps`` reads a DICOM series with missing
+    slices on its regular grid (missing slices interpolated, with a note) instead of refusing it. Scattered NaN voxels (resampled images often
+    have them outside the field of view) are set to air (-1000 HU) and said so in ``notes``.
 
     Raises:
-        ImageError: missing path, unknown format, unreadable file, not 3D, empty, non-finite
-            values, or a zero/invalid voxel size.
+        ImageError: missing path, unknown format, unreadable file, not 3D, empty, all NaN,
+            infinite values, a zero/invalid voxel size, or (DICOM) several series and no choice,
+            missing slices, a gantry tilt.
     """
     p = Path(path)
     if not p.exists():
         raise ImageError(f"input {p} does not exist")
     if p.is_dir():
-        image = _read_dicom_dir(p, dtype)
+        image = _read_dicom_dir(p, dtype, series, allow_gaps)
     else:
         suffix = suffix_of(p)
         if suffix in NIFTI_SUFFIXES:
@@ -123,8 +144,40 @@ def read_image(path: str | os.PathLike[str], dtype: type | None = np.float32, *,
                 f"{p.name}: unknown image format '{suffix or p.name}'; use .nii, .nii.gz, .nrrd, .nhdr, "
                 f".mha, .mhd or a DICOM series folder"
             )
+    replace_nan(image, str(p))
     validate_image(image, str(p), allow_uniform=allow_uniform)
     return image
+
+
+def replace_nan(image: Image, name: str = "image", *, in_place: bool = True) -> None:
+    """Set scattered NaN voxels to air (-1000 HU), with a note; refuse an all-NaN image.
+
+    The array is changed in place (``in_place=False``, or a read-only array: ``image.array`` becomes
+    a corrected copy and the caller's array is left alone); nothing is copied when there is no NaN.
+
+    Raises:
+        ImageError: every voxel is NaN.
+    """
+    arr = image.array
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    flat = np.ravel(arr, order="K")
+    step = 1 << 24  # in chunks: no full-size boolean temporary
+    count = sum(int(np.isnan(flat[i : i + step]).sum()) for i in range(0, flat.size, step))
+    if count == 0:
+        return
+    if count == flat.size:
+        raise ImageError(f"{name} is all NaN: it holds no image values; it cannot be segmented")
+    if not in_place or not arr.flags.writeable or not np.may_share_memory(flat, arr):
+        arr = np.array(arr, copy=True, order="K")
+        image.array, flat = arr, np.ravel(arr, order="K")
+    for i in range(0, flat.size, step):
+        chunk = flat[i : i + step]
+        chunk[np.isnan(chunk)] = AIR_HU
+    image.notes.append(
+        f"{count} NaN voxel(s) ({100.0 * count / flat.size:.2g} % of the image, typically outside a resampled "
+        f"field of view) were treated as air ({AIR_HU:g} HU)"
+    )
 
 
 def _raw_nifti_voxel_size(p: Path) -> np.ndarray | None:
@@ -181,23 +234,18 @@ def _from_sitk(img: sitk.Image, name: str, dtype: type) -> Image:
     return Image(arr, affine)
 
 
-def _read_dicom_dir(p: Path, dtype: type) -> Image:
-    reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(str(p))
-    except RuntimeError:
-        series = ()
-    if not series:
-        raise ImageError(f"folder {p} holds no DICOM series; give a DICOM folder or an image file")
-    if len(series) > 1:
-        raise ImageError(f"folder {p} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder")
-    files = reader.GetGDCMSeriesFileNames(str(p), series[0])
-    reader.SetFileNames(files)
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise ImageError(f"DICOM series in {p} could not be read ({str(exc).strip().splitlines()[-1][:200]})") from None
-    return _from_sitk(img, p.name, dtype)
+@dataclass(frozen=True)
+class ReadOptions:
+    """How an input is read (DICOM folders): which series, and whether missing slices are accepted."""
+
+    series: str | None = None
+    allow_gaps: bool = False
+
+
+def _read_dicom_dir(p: Path, dtype: type, choice: str | None = None, allow_gaps: bool = False) -> Image:
+    from .dicom import read_series_image
+
+    return read_series_image(p, dtype, choice, allow_gaps)
 
 
 def validate_image(image: Image, name: str = "image", allow_uniform: bool = False) -> None:
@@ -214,7 +262,7 @@ def validate_image(image: Image, name: str = "image", allow_uniform: bool = Fals
     if np.any(spacing < 1e-6) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
         raise ImageError(f"{name} has zero or degenerate voxel spacing {np.round(spacing, 6).tolist()} mm; fix the header")
     if not _all_finite(arr):
-        raise ImageError(f"{name} contains NaN or infinite values; it cannot be segmented")
+        raise ImageError(f"{name} contains infinite (or NaN) values; it cannot be segmented")
     if allow_uniform:
         return
     lo, hi = float(arr.min()), float(arr.max())
@@ -243,7 +291,29 @@ def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
     if dest.exists() and not overwrite:
         tmp.unlink(missing_ok=True)
         raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    os.chmod(tmp, _mode_for(dest))  # mkstemp made it 0600: give it the mode a plain write would
     os.replace(tmp, dest)
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(dest: Path) -> int:
+    """An existing file keeps its permissions; a new one gets 0666 minus the umask, like ``open(..., "w")``."""
+    try:
+        return dest.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 def _write_atomically(dest: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
@@ -264,9 +334,19 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
         raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
     if not dest.parent.exists():
         raise FileNotFoundError(f"output folder {dest.parent} does not exist")
-    if suffix_of(dest) not in (*NIFTI_SUFFIXES, ".seg.nrrd", ".nrrd"):
-        raise ValueError(f"output {dest.name}: use a .nii.gz, .nii or .seg.nrrd file name")
+    if suffix_of(dest) not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {dest.name}: use a .nii.gz, .nii, .seg.nrrd or .dcm (DICOM SEG) file name")
     return dest
+
+
+def check_source_for(path: str | os.PathLike[str], source: Any) -> None:
+    """Raise a clear error when ``path`` asks for DICOM SEG but there is no DICOM ``source``
+    (the :attr:`Image.source` of the input: None unless it was read from a DICOM series)."""
+    if suffix_of(path) in DICOM_SEG_SUFFIXES and source is None:
+        raise ValueError(
+            f"output {Path(path).name}: a DICOM SEG references its source DICOM images, and this input is not "
+            "a DICOM series; give the DICOM folder as input, or write .nii.gz or .seg.nrrd"
+        )
 
 
 def write_nifti(
@@ -345,11 +425,23 @@ def write_mask(
     segments: Sequence[SegmentSpec],
     *,
     overwrite: bool = False,
+    source: Any = None,
+    algorithm: Any = None,
 ) -> Path:
-    """Write a label map in the format its file name asks for (``.nii``/``.nii.gz`` or ``.seg.nrrd``)."""
+    """Write a label map in the format its file name asks for (``.nii``/``.nii.gz``, ``.seg.nrrd``,
+    or ``.dcm``: a DICOM Segmentation referencing ``source``, see :mod:`vnetseg.dicom_seg`).
+
+    Args:
+        source: the :class:`vnetseg.dicom.DicomSeries` the CT was read from (DICOM SEG only).
+        algorithm: a :class:`vnetseg.dicom_seg.Algorithm` naming the model (DICOM SEG only).
+    """
     suffix = suffix_of(path)
     if suffix in NIFTI_SUFFIXES:
         return write_nifti(path, np.asarray(mask).astype(np.uint8), affine, overwrite=overwrite)
     if suffix in (".seg.nrrd", ".nrrd"):
         return write_seg_nrrd(path, mask, affine, segments, overwrite=overwrite)
-    raise ValueError(f"output {Path(path).name}: use a .nii.gz, .nii or .seg.nrrd file name")
+    if suffix in DICOM_SEG_SUFFIXES:
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(path, mask, affine, segments, source, algorithm, overwrite=overwrite)
+    raise ValueError(f"output {Path(path).name}: use a .nii.gz, .nii, .seg.nrrd or .dcm (DICOM SEG) file name")
