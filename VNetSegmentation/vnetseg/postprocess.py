@@ -36,16 +36,22 @@ def split_components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
         (the largest component as a boolean mask, voxel counts of all components, largest first).
     """
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bbox(mask)
-    if box is None:
+    parts = _components(mask)
+    if parts is None:
         return out, []
-    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
-    if not n:
-        return out, []
-    sizes = label_sizes(labels, n)
+    box, labels, sizes = parts
     sizes[0] = 0
     out[box] = labels == int(np.argmax(sizes))
     return out, sorted((int(s) for s in sizes[1:]), reverse=True)
+
+
+def _components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """(bounding box, 6-connected labels on it, voxels per label 0..n), or None when ``mask`` is empty."""
+    box = _bbox(mask)
+    if box is None:
+        return None
+    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
+    return (box, labels, label_sizes(labels, n)) if n else None
 
 
 def select_located(mask: np.ndarray, located: np.ndarray, single: bool = True) -> tuple[np.ndarray, list[int]]:
@@ -62,14 +68,11 @@ def select_located(mask: np.ndarray, located: np.ndarray, single: bool = True) -
         Components that do not touch ``located`` are never kept, however large.
     """
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bbox(mask)
-    if box is None:
+    parts = _components(mask)
+    if parts is None:
         return out, []
-    labels, n = ndimage.label(mask[box], structure=_STRUCTURE)
-    if not n:
-        return out, []
-    sizes = label_sizes(labels, n)
-    overlap = np.bincount(labels[located[box]].ravel(), minlength=n + 1)
+    box, labels, sizes = parts
+    overlap = np.bincount(labels[located[box]].ravel(), minlength=len(sizes))
     overlap[0] = 0
     counts = sorted((int(s) for s in sizes[1:]), reverse=True)
     if not overlap.any():
