@@ -185,8 +185,8 @@ def test_leave_one_patient_out_never_labels_another_organ_and_says_no_spleen_on_
     rows = _held_out(card)
     held = set(card["leave_one_patient_out"])
     assert {(r["patient"], r["mode"]) for _h, r in rows} == {(p, m) for p in held for m in MODES}
-    for held, r in rows:
-        assert r["patient"] == held
+    for patient, r in rows:
+        assert r["patient"] == patient
         assert r["misplaced_ml"] < 10.0, f"held-out {r['scan']} {r['mode']}: {r['misplaced_ml']} mL away ({r})"
     free = [r for record in card["leave_one_patient_out"].values() for r in record["spleen_free"]]
     assert {r["patient"] for r in free} == held - {"P2"}  # P2's 20 slices all hold spleen
