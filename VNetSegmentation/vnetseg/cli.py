@@ -44,6 +44,9 @@ class PredictArgs:
     format: str = "nii.gz"
     overlay_dir: str | None = None
     mode: str = "auto"
+    probabilities: str | None = None  # issue 14: the probability map of a single input
+    probability_dir: str | None = None  # ... or of every input, in this folder
+    probability_type: str = "float32"
 
 
 @dataclass
@@ -58,6 +61,9 @@ class CaseResult:
     error: str | None = None
     spleen_found: bool | None = None  # False: "no spleen found in the field of view" (an empty mask, not an error)
     message: str | None = None  # that answer in one line
+    confidence: dict[str, Any] | None = None  # vnetseg.confidence.Confidence of the mask (None: no mask)
+    probability: str | None = None  # the probability map written, if any
+    probability_covers: str | None = None  # "volume", "box" (fast mode: 0 outside) or "nothing"
 
 
 # -------------------------------------------------------------------------- progress
@@ -116,6 +122,22 @@ def output_for(case: Path, args: PredictArgs, many: bool) -> Path:
     return Path(args.output_dir) / output_name(case, "." + args.format)
 
 
+def probability_for(case: Path, args: PredictArgs, many: bool) -> Path | None:
+    """Where the probability map of ``case`` goes (None: not asked for)."""
+    from .inference import output_name
+
+    if args.probabilities:
+        if many:
+            raise CliError("several inputs need --probability-dir DIR for their probability maps (or give one input)")
+        return Path(args.probabilities)
+    if not args.probability_dir:
+        return None
+    if not Path(args.probability_dir).is_dir():
+        raise CliError(f"probability folder {args.probability_dir} does not exist")
+    suffix = ".nrrd" if args.format == "seg.nrrd" else "." + args.format
+    return Path(args.probability_dir) / output_name(case, "_probability" + suffix)
+
+
 def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
     if args.model:
         return args.model, args.sha256
@@ -144,19 +166,25 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     destinations = [output_for(c, args, many) for c in cases]
     for dest in destinations:  # every output problem is reported before any work starts
         vio.check_writable(dest, args.overwrite)
+    prob_paths = [probability_for(c, args, many) for c in cases]
+    for prob in prob_paths:
+        if prob is not None:
+            vio.check_writable_volume(prob, args.overwrite)
     options = InferenceOptions(
-        args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode
+        args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode,
+        probability=args.probability_type if any(prob_paths) else None,
     )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
     model_name = info.card.get("name", Path(model_path).name)
     progress.emit("model", path=model_path, name=model_name, sha256=info.sha256)
     results: list[CaseResult] = []
-    for case, dest in zip(cases, destinations):
+    for case, dest, prob in zip(cases, destinations, prob_paths):
         progress.prefix = case.name
         res = CaseResult(str(case))
         try:
-            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress)
+            pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress,
+                                probability_path=prob)
         except Cancelled:
             raise
         except (vio.ImageError, ValueError, OSError, MemoryError) as exc:
@@ -169,6 +197,9 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
         res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
         res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
         res.spleen_found, res.message = pred.report.found, pred.report.message or None
+        res.confidence = pred.confidence.as_dict() if pred.confidence is not None else None
+        if prob is not None:
+            res.probability, res.probability_covers = str(prob), pred.probability_covers
         results.append(res)
         if args.overlay_dir:
             _write_overlay(case, pred, Path(args.overlay_dir), err)
@@ -179,7 +210,11 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             out.writelines(f"  note: {w}\n" for w in res.warnings)
         else:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
+            if pred.confidence is not None:
+                out.write(f"  confidence: {pred.confidence.summary()}\n")
             out.writelines(f"  warning: {w}\n" for w in res.warnings)
+        if prob is not None and progress.mode != "json":
+            out.write(f"  probability map -> {prob} ({pred.probability_note})\n")
     if args.report:
         report = {"version": __version__, "model": model_path, "model_sha256": info.sha256, "cases": [r.__dict__ for r in results]}
         Path(args.report).write_text(json.dumps(report, indent=2))
@@ -232,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")
+    p.add_argument("--probabilities", metavar="OUT", help="also write the spleen probability map of a single input to OUT "
+                   "(.nii.gz, .nii or .nrrd) on the input's grid; in fast mode it is 0 outside the segmented box")
+    p.add_argument("--probability-dir", metavar="DIR", help="write the probability map of every input to DIR "
+                   "(<case>_spleen_probability.<format>, .nrrd for --format seg.nrrd)")
+    p.add_argument("--probability-type", default="float32", choices=["float32", "uint8"],
+                   help="probability map values: float32 0-1 (default) or uint8 0-255 (= probability x 255, a quarter the size)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"], help="progress display (json: one event per line on stdout)")
     i = sub.add_parser("info", help="print what a model file contains")
     i.add_argument("model", help="model file (.pt)")

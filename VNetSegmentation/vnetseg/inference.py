@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -546,13 +546,19 @@ def predict_file(
     sha256: str | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    probability_path: str | os.PathLike[str] | None = None,
 ) -> Prediction:
     """Read a CT, segment it, and write the mask (format from the file name), atomically.
 
     The output is checked before any work (an existing file is kept unless ``overwrite``), and
-    nothing is written when reading, inference or cancellation fails.
+    nothing is written when reading, inference or cancellation fails. With ``probability_path``
+    (.nii.gz, .nii or .nrrd) the spleen probability map is written too, as
+    ``options.probability`` asks (float32 when it asks for none), saying in the file what it covers.
     """
     dest = vio.check_writable(output_path, overwrite)
+    prob_dest = vio.check_writable_volume(probability_path, overwrite) if probability_path is not None else None
+    if prob_dest is not None and (options is None or options.probability is None):
+        options = replace(options or InferenceOptions(), probability="float32")
     if isinstance(model, tuple):
         net, info = model
     else:
@@ -560,7 +566,22 @@ def predict_file(
     image = vio.read_image(input_path, dtype=None)  # int16 CT stays int16: half the memory
     result = predict_volume(image, net, info, options, progress, cancel)
     vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite)
+    if prob_dest is not None and result.probability is not None:
+        write_probability(prob_dest, result, info, overwrite=overwrite)
     return result
+
+
+def write_probability(path: str | os.PathLike[str], result: Prediction, info: ModelInfo, *, overwrite: bool = False) -> Path:
+    """Write ``result.probability`` (NIfTI or NRRD) on the input grid, saying what it is and covers."""
+    if result.probability is None:
+        raise ValueError("this prediction holds no probability map; run it with InferenceOptions(probability='float32')")
+    scale = "0-255 = probability x 255" if result.probability.dtype == np.uint8 else "0-1"
+    description = {
+        "vnetseg_probability": f"{info.labels[0].name} probability {scale}",
+        "vnetseg_probability_covers": result.probability_covers,
+        "vnetseg_probability_note": result.probability_note,
+    }
+    return vio.write_volume(path, result.probability, result.affine, description, overwrite=overwrite)
 
 
 def output_name(input_path: str | os.PathLike[str], suffix: str = ".nii.gz") -> str:
