@@ -69,6 +69,7 @@ class VNetSegmentationParameterNode:
     postprocess: bool = True
     mode: Annotated[str, Choice(["auto", "fast", "full"])] = "auto"
     resultSummary: str = ""
+    probabilityMap: bool = False
 
 
 class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -264,7 +265,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.torchStatus().installed or missingPackages():
             self.installDependencies()  # errors reach this call's tryWithErrorDisplay
             return
-        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode)
+        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode, probabilityMap=p.probabilityMap)
         messages = self.logic.preRunChecks(p.inputVolume, p.modelName, options)
         errors = [m.message for m in messages if m.level == ERROR]
         if errors:
@@ -327,6 +328,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=result.seconds)
         slicer.util.setSliceViewerLayers(background=p.inputVolume, fit=True)
         node.GetDisplayNode().SetVisibility(True)
+        if result.probabilityNodeID:  # the network's probability as the foreground over the CT
+            self.logic.showProbability(p.inputVolume, slicer.mrmlScene.GetNodeByID(result.probabilityNodeID))
 
     # ---------------------------------------------------------------------- after a run
     def onShow3D(self) -> None:

@@ -74,6 +74,7 @@ class PredictCommand:
         reportPath: JSON report file, or None.
         sha256: expected SHA-256 of the model file, or None.
         mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).
+        probabilityPath: also write the spleen probability map here (float32), or None.
     """
 
     inputPath: Path
@@ -85,6 +86,7 @@ class PredictCommand:
     reportPath: Path | None = None
     sha256: str | None = None
     mode: str = "auto"
+    probabilityPath: Path | None = None
 
     def arguments(self) -> list[str]:
         args = [
@@ -112,6 +114,8 @@ class PredictCommand:
             args += ["--report", str(self.reportPath)]
         if self.sha256:
             args += ["--sha256", self.sha256]
+        if self.probabilityPath is not None:
+            args += ["--probabilities", str(self.probabilityPath), "--probability-type", "float32"]
         return args
 
 
