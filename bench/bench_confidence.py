@@ -12,7 +12,9 @@ runs and prints every case, then the rule's flag rates:
 * every model on its CTs' spleen-free parts (``spleen_free_parts``: chest above the spleen,
   abdomen/pelvis below it), where any mask is wrong;
 * deliberately wrong inputs built from the same CTs: the spleen replaced by fat (-100 HU, so any
-  mask is wrong), every HU raised by 300 (a wrong calibration), Gaussian noise of 150 HU.
+  mask is wrong), every HU raised by 300 (a wrong calibration), Gaussian noise of 150 HU, and the
+  voxels mirrored left-right under the same affine (the spleen on the patient's right, as in situs
+  inversus; the reference mirrored with it: the model never saw this in training).
 
 A result is *right* when the reference holds a spleen and Dice >= ``RIGHT_DICE``, or when it
 holds none and the answer is "no spleen"; every other result is *wrong*. Answers without a mask
@@ -55,7 +57,7 @@ from vnetseg.postprocess import dice
 from vnetseg.registry import default_model
 
 RIGHT_DICE = 0.8
-WRONG_INPUTS = ("spleen_as_fat", "hu_plus_300", "noise_150")
+WRONG_INPUTS = ("spleen_as_fat", "hu_plus_300", "noise_150", "mirrored_lr")
 
 
 # ------------------------------------------------------------------------------- models
@@ -102,6 +104,9 @@ def wrong_input(scan: Scan, kind: str, seed: int = 0) -> tuple[vio.Image, np.nda
         return vio.Image(hu, scan.image.affine), np.zeros(scan.spleen.shape, bool)
     if kind == "hu_plus_300":
         return vio.Image(hu + 300.0, scan.image.affine), scan.spleen
+    if kind == "mirrored_lr":
+        axis = int(np.argmax(np.abs(scan.image.affine[0, :3])))  # the index axis closest to R-L
+        return vio.Image(np.flip(hu, axis).copy(), scan.image.affine), np.flip(scan.spleen, axis).copy()
     if kind == "noise_150":
         rng = np.random.default_rng(seed)
         return vio.Image(hu + rng.normal(0.0, 150.0, hu.shape).astype(np.float32), scan.image.affine), scan.spleen
@@ -217,14 +222,15 @@ def rates(rows: list[dict[str, Any]], s: float, m: float) -> dict[str, Any]:
             "right_flagged": f"{sum(flag(r, s, m) for r in right)}/{len(right)}"}
 
 
-def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<18} {'case':<28} {'kind':<12} {'found':>5} {'mL':>7} {'dice':>6} {'right':>5} {'mean p':>6} {'uncert':>6} {'flag':>4} {'s':>5}")
+def print_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
+    if header:
+        print(f"{'model':<18} {'case':<28} {'kind':<12} {'found':>5} {'mL':>7} {'dice':>6} {'right':>5} {'mean p':>6} {'uncert':>6} {'flag':>4} {'s':>5}")
     for r in rows:
         mean = "-" if r["mean_probability"] is None else f"{r['mean_probability']:.3f}"
         share = "-" if r["uncertain_share"] is None else f"{r['uncertain_share']:.3f}"
         d = "-" if r["dice"] is None else f"{r['dice']:.3f}"
         tag = r["kind"] + ("+tta" if r["tta_shifts"] else "")
-        print(f"{r['model']:<18} {r['case']:<28} {tag:<12} {str(r['found']):>5} {r['volume_ml']:>7.1f} {d:>6} "
+        print(f"{r['model']:<18} {r['case']:<28} {tag:<13} {str(r['found']):>5} {r['volume_ml']:>7.1f} {d:>6} "
               f"{str(r['right']):>5} {mean:>6} {share:>6} {str(r['flagged_now']):>4} {r['seconds']:>5.1f}")
 
 
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", action="store_true", help="also measure shifted-window test-time augmentation on real CTs")
     ap.add_argument("--shifts", type=int, nargs="+", default=[16, 48], help="TTA window shifts in voxels (in-plane)")
     ap.add_argument("--name", default="confidence", help="results/<name>.json")
+    ap.add_argument("--reuse", type=Path, help="an earlier results JSON: rows of the same model files are taken from it")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -244,14 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in find_models(args.runs, args.shipped) if not args.only or m["name"] in args.only]
     print("models:", ", ".join(f"{m['name']} ({', '.join(m['files'])})" for m in models))
     scans = load_scans()
-    rows = []
+    rows, earlier = [], _earlier(args.reuse)
+    print_rows([])
     for model in models:
+        reused = earlier.get(_identity(model))
+        if reused is not None:  # the same model files measured before: keep those rows
+            rows += reused
+            print_rows(reused, header=False)
+            continue
         for name, kind, image, reference in cases_for(model, scans):
             rows.append(run_case(model, name, kind, image, reference))
-            print_rows(rows[-1:])
+            print_rows(rows[-1:], header=False)
             if args.tta and kind == "real":
                 rows.append(run_case(model, name, kind, image, reference, tuple(args.shifts)))
-                print_rows(rows[-1:])
+                print_rows(rows[-1:], header=False)
     chosen = choose(rows)
     data = {
         "benchmark": "confidence", "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -272,6 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tta: {data['tta']}")
     print(f"wrote {path}")
     return 0
+
+
+def _identity(model: dict[str, Any]) -> tuple:
+    """What makes two measurements of a model the same: its files, and their hash or time."""
+    return (model["name"], tuple(model["files"]), model.get("sha256") or model.get("modified_utc"))
+
+
+def _earlier(path: Path | None) -> dict[tuple, list[dict[str, Any]]]:
+    if path is None or not path.is_file():
+        return {}
+    import json
+
+    data = json.loads(path.read_text())
+    found = {}
+    for m in data.get("models", []):
+        found[_identity(m)] = [r for r in data.get("rows", []) if r["model"] == m["name"]]
+    return found
 
 
 def tta_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
