@@ -6,7 +6,9 @@ low-confidence warning whose threshold is chosen from measurements: correct resu
 wrong ones we can produce. This script produces both kinds with the models that exist when it
 runs and prints every case, then the rule's flag rates:
 
-* the shipped model (``vnetseg/weights``) on every real CT (trained on them: mostly right);
+* the shipped model (``vnetseg/weights``) on every real CT (trained on them: mostly right), and
+  "final": the networks the next shipped file is made from (``<runs>/final_main_polish`` +
+  ``final_locator``), bundled in memory the same way;
 * each leave-one-patient-out pair (``<runs>/lopo_without_P<N>_polish`` + ``..._locator``, put
   together in memory as the shipped file would hold them) on its held-out patient's CTs only;
 * every model on its CTs' spleen-free parts (``spleen_free_parts``: chest above the spleen,
@@ -19,8 +21,8 @@ runs and prints every case, then the rule's flag rates:
 A result is *right* when the reference holds a spleen and Dice >= ``RIGHT_DICE``, or when it
 holds none and the answer is "no spleen"; every other result is *wrong*. Answers without a mask
 have no confidence: they are counted, not used for the threshold. The thresholds are chosen to
-flag as many wrong masks as possible while flagging no right mask of the shipped model (then the
-fewest right masks of any model), each placed half-way between the nearest right and wrong value.
+flag as many wrong masks as possible while flagging no right mask of the shipped (or final) model,
+then the fewest right masks of any model, each placed half-way between two measured values.
 
 ``--tta`` also measures test-time augmentation: fast mode's full-resolution box run with its
 window grid moved by ``--shifts`` voxels in-plane (the box extended on one side, the result cropped
@@ -57,6 +59,7 @@ from vnetseg.postprocess import dice
 from vnetseg.registry import default_model
 
 RIGHT_DICE = 0.8
+SHIPPED = ("shipped", "final")  # the shipped file, and the networks its next version is made from
 WRONG_INPUTS = ("spleen_as_fat", "hu_plus_300", "noise_150", "mirrored_lr")
 
 
@@ -80,6 +83,12 @@ def find_models(runs: Path | None, shipped: bool) -> list[dict[str, Any]]:
         net, info = load_model(entry.path)
         found.append({"name": "shipped", "files": [str(entry.path)], "sha256": entry.sha256, "held_out": None,
                       "version": info.card.get("version"), "net": net, "info": info})
+    if runs is not None:  # the networks the next shipped file is made from, bundled the same way
+        main, loc = runs / "final_main_polish" / "fold_0" / "model_last.pt", runs / "final_locator" / "fold_0" / "model_last.pt"
+        if main.is_file() and loc.is_file():
+            net, info = bundle(main, loc)
+            found.append({"name": "final", "files": [str(main), str(loc)], "held_out": None,
+                          "modified_utc": _mtime(main, loc), "net": net, "info": info})
     for patient in PATIENTS:
         if runs is None:
             break
@@ -88,9 +97,13 @@ def find_models(runs: Path | None, shipped: bool) -> list[dict[str, Any]]:
         if main.is_file() and loc.is_file():
             net, info = bundle(main, loc)
             found.append({"name": f"lopo_without_{patient}", "files": [str(main), str(loc)], "held_out": patient,
-                          "modified_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(main.stat().st_mtime, loc.stat().st_mtime))),
+                          "modified_utc": _mtime(main, loc),
                           "net": net, "info": info})
     return found
+
+
+def _mtime(*paths: Path) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(max(p.stat().st_mtime for p in paths)))
 
 
 # -------------------------------------------------------------------------------- cases
@@ -198,7 +211,7 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = None
     for s in shares:
         for m in means:
-            if any(flag(r, s, m) for r in right if r["model"] == "shipped"):
+            if any(flag(r, s, m) for r in right if r["model"] in SHIPPED):
                 continue
             score = (sum(flag(r, s, m) for r in wrong), -sum(flag(r, s, m) for r in right))
             if best is None or score > best[0]:
