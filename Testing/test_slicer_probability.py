@@ -7,8 +7,8 @@ import pytest
 from slicer_helpers import ijk_to_ras, node_array_ijk, one_torch_thread, slicer  # noqa: F401
 from test_io import make_affine
 
-from VNetSegmentationLib import SegmentationOptions, nodes, probability
 from vnetseg.inference import InferenceOptions, predict_volume
+from VNetSegmentationLib import SegmentationOptions, nodes, probability
 
 OVERLAP = 0.0
 
@@ -112,9 +112,9 @@ def test_a_map_off_the_cts_grid_is_refused(ct_dir, env, tmp_path):
 
 
 def test_the_low_confidence_warning_is_tagged_and_shown_in_the_summary():
+    from vnetseg.confidence import Confidence, low_confidence_warning
     from VNetSegmentationLib import checks
     from VNetSegmentationLib.runs import SegmentationResult
-    from vnetseg.confidence import Confidence, low_confidence_warning
 
     c = Confidence(0.71, 0.42, 5000, True)
     messages = checks.warningsFromTexts([low_confidence_warning(c)])

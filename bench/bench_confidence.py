@@ -37,6 +37,7 @@ the answers are those of full mode up to fast/full agreement). Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ class Shifted:
     def __init__(self, net, shifts: tuple[int, ...]) -> None:
         self.net, self.shifts, self.original = net, shifts, inf._run_network
 
-    def __enter__(self) -> Shifted:
+    def __enter__(self) -> Shifted:  # noqa: PYI034
         def run(array, region, model, *args, **kwargs):
             base = self.original(array, region, model, *args, **kwargs)
             if model is not self.net:
@@ -198,7 +199,7 @@ def flag(row: dict[str, Any], share_max: float, mean_min: float) -> bool:
 
 def _midpoints(values: list[float], lo: float, hi: float) -> list[float]:
     v = sorted(set(values) | {lo, hi})
-    return [round((a + b) / 2, 4) for a, b in zip(v, v[1:])]
+    return [round((a + b) / 2, 4) for a, b in itertools.pairwise(v)]
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -243,8 +244,8 @@ def print_rows(rows: list[dict[str, Any]], header: bool = True) -> None:
         share = "-" if r["uncertain_share"] is None else f"{r['uncertain_share']:.3f}"
         d = "-" if r["dice"] is None else f"{r['dice']:.3f}"
         tag = r["kind"] + ("+tta" if r["tta_shifts"] else "")
-        print(f"{r['model']:<18} {r['case']:<28} {tag:<13} {str(r['found']):>5} {r['volume_ml']:>7.1f} {d:>6} "
-              f"{str(r['right']):>5} {mean:>6} {share:>6} {str(r['flagged_now']):>4} {r['seconds']:>5.1f}")
+        print(f"{r['model']:<18} {r['case']:<28} {tag:<13} {r['found']!s:>5} {r['volume_ml']:>7.1f} {d:>6} "
+              f"{r['right']!s:>5} {mean:>6} {share:>6} {r['flagged_now']!s:>4} {r['seconds']:>5.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
