@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", action="store_true", help="also measure shifted-window test-time augmentation on real CTs")
     ap.add_argument("--shifts", type=int, nargs="+", default=[16, 48], help="TTA window shifts in voxels (in-plane)")
     ap.add_argument("--name", default="confidence", help="results/<name>.json")
-    ap.add_argument("--reuse", type=Path, help="an earlier results JSON: rows of the same model files are taken from it")
+    ap.add_argument("--reuse", type=Path, nargs="*", default=[],
+                    help="earlier results JSON files: rows of the same model files are taken from them")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -306,15 +307,16 @@ def _identity(model: dict[str, Any]) -> tuple:
     return (model["name"], tuple(model["files"]), model.get("sha256") or model.get("modified_utc"))
 
 
-def _earlier(path: Path | None) -> dict[tuple, list[dict[str, Any]]]:
-    if path is None or not path.is_file():
-        return {}
+def _earlier(paths: list[Path]) -> dict[tuple, list[dict[str, Any]]]:
     import json
 
-    data = json.loads(path.read_text())
     found = {}
-    for m in data.get("models", []):
-        found[_identity(m)] = [r for r in data.get("rows", []) if r["model"] == m["name"]]
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--reuse {path}: no such file")
+        data = json.loads(path.read_text())
+        for m in data.get("models", []):
+            found[_identity(m)] = [r for r in data.get("rows", []) if r["model"] == m["name"]]
     return found
 
 
