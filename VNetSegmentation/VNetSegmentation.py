@@ -493,6 +493,16 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
         here, hereResult = logic.segment(volume, entry, options)
         hereMask = slicer.util.arrayFromSegmentBinaryLabelmap(here, hereResult.segmentIDs[0], volume)
         self.assertLess(np.count_nonzero(hereMask != mask), 1e-4 * mask.size)
+
+        self.delayDisplay("The probability map: on the CT's grid, shown over it")
+        withMap = SegmentationOptions("cpu", 0.0, postprocess=False, probabilityMap=True)
+        _, mapResult = logic.segment(volume, entry, withMap)
+        probabilityNode = slicer.mrmlScene.GetNodeByID(mapResult.probabilityNodeID)
+        self.assertIsNotNone(probabilityNode)
+        self.assertEqual(probabilityNode.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        self.assertTrue(np.allclose(slicer.util.arrayFromVTKMatrix(_ijkToRas(probabilityNode)),
+                                    slicer.util.arrayFromVTKMatrix(_ijkToRas(volume)), atol=1e-6))
+        self.assertGreater(logic.showProbability(volume, probabilityNode), 0)
         self.delayDisplay("Test passed")
 
 
