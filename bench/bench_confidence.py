@@ -22,7 +22,8 @@ A result is *right* when the reference holds a spleen and Dice >= ``RIGHT_DICE``
 holds none and the answer is "no spleen"; every other result is *wrong*. Answers without a mask
 have no confidence: they are counted, not used for the threshold. The thresholds are chosen to
 flag as many wrong masks as possible while flagging no right mask of the shipped (or final) model,
-then the fewest right masks of any model, each placed half-way between two measured values.
+then the fewest right masks of any model, then leave the widest gap to the nearest right mask; each
+is half-way between two measured values.
 
 ``--tta`` also measures test-time augmentation: fast mode's full-resolution box run with its
 window grid moved by ``--shifts`` voxels in-plane (the box extended on one side, the result cropped
@@ -214,7 +215,10 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for m in means:
             if any(flag(r, s, m) for r in right if r["model"] in SHIPPED):
                 continue
-            score = (sum(flag(r, s, m) for r in wrong), -sum(flag(r, s, m) for r in right))
+            spared = [r for r in right if not flag(r, s, m)]
+            margin = min((min(s - r["uncertain_share"], r["mean_probability"] - m) for r in spared), default=1.0)
+            # most wrong masks flagged, then fewest right ones, then the widest gap to the nearest right one
+            score = (sum(flag(r, s, m) for r in wrong), -sum(flag(r, s, m) for r in right), round(margin, 4))
             if best is None or score > best[0]:
                 best = (score, s, m)
     assert best is not None  # (1.0, 0.0) flags nothing: always allowed
