@@ -122,12 +122,13 @@ def test_spleen_free_parts_of_every_ct_give_no_spleen_in_both_modes(name, shippe
                 assert not pred.report.found and pred.report.message.startswith("no spleen found in the field of view")
 
 
-def test_no_low_confidence_warning_on_the_shipped_models_results_on_the_real_cts(predictions) -> None:
+def test_no_low_confidence_warning_on_the_shipped_models_results_on_the_real_cts(scans, predictions) -> None:
     """Issue 14: "low confidence: check the result" is for doubtful results, not for these right ones."""
     from vnetseg.confidence import LOW_CONFIDENCE
 
     for (name, mode), pred in predictions.items():
         assert pred.confidence is not None, (name, mode)
+        assert dice(pred.labelmap > 0, scans[name].spleen) >= 0.8, (name, mode)  # a right result (bench_confidence.RIGHT_DICE)
         assert 0.0 <= pred.confidence.uncertain_share <= 1.0 and 0.5 < pred.confidence.mean_probability <= 1.0
         assert not pred.confidence.low, (name, mode, pred.confidence)
         assert not any(w.startswith(LOW_CONFIDENCE) for w in pred.report.warnings), (name, mode)
