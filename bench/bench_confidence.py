@@ -262,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="confidence", help="results/<name>.json")
     ap.add_argument("--reuse", type=Path, nargs="*", default=[],
                     help="earlier results JSON files: rows of the same model files are taken from them")
+    ap.add_argument("--markdown", action="store_true", help="only print the --reuse files' results as a Markdown table")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    if args.markdown:
+        rows = [r for group in _earlier(args.reuse).values() for r in group]
+        print(markdown(rows, conf.LOW_CONFIDENCE_UNCERTAIN_SHARE, conf.LOW_CONFIDENCE_MEAN_PROBABILITY))
+        print(f"\nchosen from these: {choose(rows)}")
+        return 0
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = benchlib.machine_info()
@@ -322,6 +328,18 @@ def _earlier(paths: list[Path]) -> dict[tuple, list[dict[str, Any]]]:
         for m in data.get("models", []):
             found[_identity(m)] = [r for r in data.get("rows", []) if r["model"] == m["name"]]
     return found
+
+
+def markdown(rows: list[dict[str, Any]], s: float, m: float) -> str:
+    """Every result with a mask as a Markdown table, flagged by the rule (share > s or mean < m)."""
+    lines = ["| model | case | kind | Dice | right | mean p | uncertain | flagged |", "|---|---|---|---:|---|---:|---:|---|"]
+    for r in rows:
+        if r["mean_probability"] is None or r["tta_shifts"]:
+            continue
+        d = "-" if r["dice"] is None else f"{r['dice']:.3f}"
+        lines.append(f"| {r['model']} | {r['case']} | {r['kind']} | {d} | {'yes' if r['right'] else '**no**'} | "
+                     f"{r['mean_probability']:.3f} | {r['uncertain_share']:.3f} | {'yes' if flag(r, s, m) else 'no'} |")
+    return "\n".join(lines)
 
 
 def tta_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
