@@ -35,7 +35,7 @@ PROBABILITY_TYPES = ("float32", "uint8")
 UNCERTAIN_BAND = (0.3, 0.7)
 # Chosen from bench/results/confidence.json (bench/bench_confidence.py); see the README's
 # "Confidence" section for the numbers they were chosen from.
-LOW_CONFIDENCE_UNCERTAIN_SHARE = 0.30
+LOW_CONFIDENCE_UNCERTAIN_SHARE = 0.25
 LOW_CONFIDENCE_MEAN_PROBABILITY = 0.80
 LOW_CONFIDENCE = "low confidence: check the result"
 
