@@ -92,7 +92,7 @@ def test_parameter_bindings_match_the_parameter_schema(ui):
         p = prop(w, "SlicerParameterName")
         if p is not None:
             bound[p.findtext("string")] = w
-    assert set(bound) == {"inputVolume", "outputSegmentation", "overlap", "postprocess", "mode"}
+    assert set(bound) == {"inputVolume", "outputSegmentation", "overlap", "postprocess", "mode", "probabilityMap"}
     assert set(bound) <= set(fields)
     for name, node_class in NODE_PARAMETERS.items():
         w = bound[name]
@@ -108,6 +108,9 @@ def test_parameter_bindings_match_the_parameter_schema(ui):
     )
     assert bound["postprocess"].get("class") == "QCheckBox"
     assert bound["mode"].get("class") == "QComboBox"  # filled from the Choice annotation by parameterNodeWrapper
+    assert bound["probabilityMap"].get("class") == "QCheckBox"  # issue 14: off by default
+    assert prop(bound["probabilityMap"], "checked").findtext("bool") == "false"
+    assert VNetSegmentationParameters().probabilityMap is False
 
 
 def test_node_selectors_get_the_scene(ui):

@@ -144,6 +144,18 @@ def test_every_spleen_free_part_is_tested(scans) -> None:
     assert spleen_free_parts(scans["p2_dicom"]) == {}  # the spleen is in nearly all of P2's 20 slices
 
 
+def test_no_low_confidence_warning_on_the_shipped_models_results_on_the_real_cts(scans, predictions) -> None:
+    """Issue 14: "low confidence: check the result" is for doubtful results, not for these right ones."""
+    from vnetseg.confidence import LOW_CONFIDENCE
+
+    for (name, mode), pred in predictions.items():
+        assert pred.confidence is not None, (name, mode)
+        assert dice(pred.labelmap > 0, scans[name].spleen) >= 0.8, (name, mode)  # a right result (bench_confidence.RIGHT_DICE)
+        assert 0.0 <= pred.confidence.uncertain_share <= 1.0 and 0.5 < pred.confidence.mean_probability <= 1.0
+        assert not pred.confidence.low, (name, mode, pred.confidence)
+        assert not any(w.startswith(LOW_CONFIDENCE) for w in pred.report.warnings), (name, mode)
+
+
 @pytest.fixture(scope="module")
 def fast_vs_full(scans, predictions) -> dict[str, tuple[float, float]]:
     found = {}

@@ -79,6 +79,7 @@ class VNetSegmentationParameterNode:
     postprocess: bool = True
     mode: Annotated[str, Choice(["auto", "fast", "full"])] = "auto"
     resultSummary: str = ""
+    probabilityMap: bool = False
 
 
 class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -297,7 +298,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.torchStatus().installed or missingPackages():
             self.installDependencies()  # errors reach this call's tryWithErrorDisplay
             return
-        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode)
+        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode, probabilityMap=p.probabilityMap)
         with self.busy():
             messages = self.logic.preRunChecks(p.inputVolume, p.modelName, options)
         errors = [m.message for m in messages if m.level == ERROR]
@@ -363,6 +364,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=result.seconds)
         slicer.util.setSliceViewerLayers(background=p.inputVolume, fit=True)
         node.GetDisplayNode().SetVisibility(True)
+        if result.probabilityNodeID:  # the network's probability as the foreground over the CT
+            self.logic.showProbability(p.inputVolume, slicer.mrmlScene.GetNodeByID(result.probabilityNodeID))
 
     # ---------------------------------------------------------------------- after a run
     def onShow3D(self) -> None:
@@ -637,6 +640,16 @@ class VNetSegmentationTest(ScriptedLoadableModuleTest):
         here, hereResult = logic.segment(volume, entry, options)
         hereMask = slicer.util.arrayFromSegmentBinaryLabelmap(here, hereResult.segmentIDs[0], volume)
         self.assertLess(np.count_nonzero(hereMask != mask), 1e-4 * mask.size)
+
+        self.delayDisplay("The probability map: on the CT's grid, shown over it")
+        withMap = SegmentationOptions("cpu", 0.0, postprocess=False, probabilityMap=True)
+        _, mapResult = logic.segment(volume, entry, withMap)
+        probabilityNode = slicer.mrmlScene.GetNodeByID(mapResult.probabilityNodeID)
+        self.assertIsNotNone(probabilityNode)
+        self.assertEqual(probabilityNode.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        self.assertTrue(np.allclose(slicer.util.arrayFromVTKMatrix(_ijkToRas(probabilityNode)),
+                                    slicer.util.arrayFromVTKMatrix(_ijkToRas(volume)), atol=1e-6))
+        self.assertGreater(logic.showProbability(volume, probabilityNode), 0)
         self.delayDisplay("Test passed")
 
 

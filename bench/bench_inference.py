@@ -61,6 +61,10 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.quality_report = tl.wrap(inf.quality_report, "quality report")
     vio.write_mask = tl.wrap(vio.write_mask, "write mask")
     inf.sliding_window = tl.wrap(inf.sliding_window, "sliding window")
+    inf.conf.probability_on_input_grid = tl.wrap(inf.conf.probability_on_input_grid, "probability map to input grid")
+    inf.conf.crop_around = tl.wrap(inf.conf.crop_around, "confidence")
+    inf.conf.measure_confidence = tl.wrap(inf.conf.measure_confidence, "confidence")
+    vio.write_volume = tl.wrap(vio.write_volume, "write probability map")
     make_predictor = inf.softmax_foreground
 
     def timed_predictor(model: Any, amp: bool) -> Any:
@@ -86,10 +90,14 @@ def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None,
     tl = benchlib.Timeline()
     _instrument(tl, net_time)
     mode = mode or os.environ.get("VNETSEG_BENCH_MODE", "auto")
-    options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch, mode=mode)
-    result = inf.predict_file(ct, out, model, options, overwrite=True)
+    kind = os.environ.get("VNETSEG_BENCH_PROBABILITY", "none")  # issue 14: also write the probability map
+    options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch, mode=mode,
+                                   probability=None if kind == "none" else kind)
+    prob_path = None if kind == "none" else out.replace(".nii.gz", "_probability.nii.gz")
+    result = inf.predict_file(ct, out, model, options, overwrite=True, probability_path=prob_path)
     res = tl.finish()
-    res.update(volume_ml=result.volume_ml, warnings=result.report.warnings, mode=result.mode, notes=result.notes)
+    res.update(volume_ml=result.volume_ml, warnings=result.report.warnings, mode=result.mode, notes=result.notes,
+               probability=kind, probability_dtype=None if result.probability is None else str(result.probability.dtype))
     return _with_network(res, net_time)
 
 

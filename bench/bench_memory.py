@@ -11,11 +11,16 @@ of every step (``benchlib.Timeline``). It prints the per-step table and writes
 Usage:
     python bench/bench_memory.py                              # 512x512x600 at 0.8x0.8x2.5 mm, light
     python bench/bench_memory.py --spacing 0.8 0.8 0.6        # thin slices: a smaller model grid
+    python bench/bench_memory.py --probability float32        # issue 14: also make and write the probability map
+
+``--probability none`` (the default) is the run without a map: comparing it with ``float32`` and
+``uint8`` shows what the map costs, and that nothing is spent on it when it is not asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,17 +45,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", help="results/<name>.json (default memory_<I>x<J>x<K>_<SZ>mm_<preset>)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--note", default="")
+    ap.add_argument("--probability", default="none", choices=["none", "float32", "uint8"],
+                    help="also make the spleen probability map on the input grid and write it (issue 14)")
     args = ap.parse_args(argv)
     shape, spacing = tuple(args.shape), tuple(args.spacing)
     cache = Path(args.cache)
     ct = make_benchmark_ct(shape, spacing, cache)  # type: ignore[arg-type]
     model = Path(args.model) if args.model else benchlib.make_model_file(args.preset, cache)
     name = args.name or (f"memory_{'x'.join(map(str, shape))}_{spacing[2]:g}mm_{args.preset if not args.model else model.stem}"
-                         f"{'' if args.method == 'ours' else '_' + args.method}")
+                         f"{'' if args.method == 'ours' else '_' + args.method}"
+                         f"{'' if args.probability == 'none' else '_probability_' + args.probability}")
     out = cache / f"out_{name}.nii.gz"
     load_before = benchlib.load_average()
     machine = benchlib.machine_info()  # at the start: the git commit of the code that runs
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.environ["VNETSEG_BENCH_PROBABILITY"] = args.probability  # the child reads it
     res = benchlib.run_child([str(Path(__file__).resolve().parent / "bench_inference.py"), "--child", args.method,
                               "--ct", str(ct), "--model", str(model), "--out", str(out), "--overlap", "0.25"])
     float32_mb = shape[0] * shape[1] * shape[2] * 4 / MIB
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         "ct": {"path": str(ct), "shape": shape, "spacing_mm": spacing},
         "model": str(model),
         "method": args.method,
+        "probability": args.probability,
+        "probability_dtype": res.get("probability_dtype"),
         "prototype_fixes": res.get("prototype_fixes"),
         "ct_float32_mb": float32_mb,
         "limit_mb": limit,

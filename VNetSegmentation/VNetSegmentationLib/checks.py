@@ -202,6 +202,7 @@ def hostAvailableBytes() -> int:
 
 # ------------------------------------------------------------------------------ after a run
 _WARNING_CODES = (
+    ("low confidence", "lowConfidence"),  # vnetseg.confidence.LOW_CONFIDENCE (issue 14); first: its numbers may contain "no "
     ("no ", "empty"),
     ("implausible", "implausibleVolume"),
     ("edge", "touchesEdge"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, nodes, parameters
+from . import checks, nodes, parameters, probability
 from .environment import TorchStatus, detectDevices, installTorch, torchStatus
 from .export import ExportResult, caseNameFrom, exportCase
 from .models import ModelEntry, ModelStore, modelCardText, readCardWithoutTorch
@@ -228,7 +228,8 @@ class VNetSegmentationLogic:
         replace_nan(image, volumeNode.GetName(), in_place=False)  # NaN voxels as air, on a copy: the node is untouched
         readNotes = list(image.notes)
         core = InferenceOptions(
-            options.coreDevice(), float(options.overlap), postprocess=options.postprocess, mode=options.mode
+            options.coreDevice(), float(options.overlap), postprocess=options.postprocess, mode=options.mode,
+            probability="float32" if options.probabilityMap else None,
         )
         try:
             prediction = predict_volume(image, net, info, core, progress, cancel)
@@ -238,7 +239,7 @@ class VNetSegmentationLogic:
         if not prediction.report.found:
             return None, self._noSpleen(prediction.report.message, started, prediction.device,
                                         prediction.notes, warnings, entry.name, background=False)
-        return self._output(
+        node, result = self._output(
             volumeNode,
             prediction.labelmap,
             info,
@@ -250,6 +251,10 @@ class VNetSegmentationLogic:
             modelName=entry.name,
             background=False,
         )
+        confidence = prediction.confidence
+        self._addProbability(result, volumeNode, prediction.probability, prediction.probability_covers,
+                             confidence.as_dict() if confidence is not None else None)
+        return node, result
 
     def startSegmentation(
         self,
@@ -279,6 +284,7 @@ class VNetSegmentationLogic:
                 tempDir / "report.json",
                 entry.sha256 or None,
                 options.mode,
+                tempDir / "probability.nii" if options.probabilityMap else None,
             )
             process = BackgroundProcess(
                 command.arguments(), python=self.pythonExecutable or pythonExecutable(), workDir=tempDir
@@ -317,7 +323,10 @@ class VNetSegmentationLogic:
             if done.get("spleen_found") is False and not labelmap.any():
                 return None, self._noSpleen(str(done.get("message") or ""), run.started, str(done.get("device", "")),
                                             done.get("warnings") or [], run.preRunWarnings, run.model.name, True)
-            return self._output(
+            probabilityMap = None
+            if run.options.probabilityMap:  # read (and checked) before anything is added to the scene
+                probabilityMap = probability.readProbability(run.tempDir / "probability.nii", volumeNode)
+            node, result = self._output(
                 volumeNode,
                 labelmap,
                 run.info,
@@ -329,8 +338,23 @@ class VNetSegmentationLogic:
                 modelName=run.model.name,
                 background=True,
             )
+            self._addProbability(result, volumeNode, probabilityMap, str(done.get("probability_covers") or ""),
+                                 done.get("confidence"))
+            return node, result
         finally:
             run.cleanup()
+
+    def _addProbability(self, result: SegmentationResult, volumeNode, probabilityMap, covers: str, confidence) -> None:
+        """Put the confidence into ``result`` and, when there is a map, add it as "Spleen probability"."""
+        result.confidence = confidence
+        if probabilityMap is None:
+            return
+        node = probability.addProbabilityNode(self.scene, volumeNode, probabilityMap, covers)
+        result.probabilityNodeID, result.probabilityCovers = node.GetID(), covers
+
+    def showProbability(self, volumeNode, probabilityNode, opacity: float = probability.FOREGROUND_OPACITY) -> int:
+        """Show ``probabilityNode`` as the foreground over ``volumeNode`` in every slice view (returns the count)."""
+        return probability.showAsForeground(self.scene, volumeNode, probabilityNode, opacity)
 
     @staticmethod
     def _noSpleen(message, started, device, notes, preRunWarnings, modelName, background) -> SegmentationResult:

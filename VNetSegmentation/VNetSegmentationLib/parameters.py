@@ -31,6 +31,7 @@ class VNetSegmentationParameters:
         postprocess: keep the largest component and fill holes.
         mode: "auto", "fast" or "full" (how the core covers the volume; see SegmentationOptions).
         resultSummary: the last run's result text (volume, time, device, warnings).
+        probabilityMap: also add the "Spleen probability" volume, shown over the CT (off by default).
     """
 
     inputVolume: Any = None
@@ -41,6 +42,7 @@ class VNetSegmentationParameters:
     postprocess: bool = True
     mode: str = "auto"
     resultSummary: str = ""
+    probabilityMap: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -165,6 +165,7 @@ class PredictCommand:
         reportPath: JSON report file, or None.
         sha256: expected SHA-256 of the model file, or None.
         mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).
+        probabilityPath: also write the spleen probability map here (float32), or None.
     """
 
     inputPath: Path
@@ -176,6 +177,7 @@ class PredictCommand:
     reportPath: Path | None = None
     sha256: str | None = None
     mode: str = "auto"
+    probabilityPath: Path | None = None
 
     def arguments(self) -> list[str]:
         """The command line after the interpreter; every path absolute (the child runs elsewhere)."""
@@ -208,6 +210,8 @@ class PredictCommand:
             args += ["--report", full(self.reportPath)]
         if self.sha256:
             args += ["--sha256", self.sha256]
+        if self.probabilityPath is not None:
+            args += ["--probabilities", str(self.probabilityPath), "--probability-type", "float32"]
         return args
 
 

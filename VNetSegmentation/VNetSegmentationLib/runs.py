@@ -35,12 +35,16 @@ class SegmentationOptions:
         postprocess: keep the largest component and fill holes.
         mode: "auto" (fast on CPU when the model supports it), "fast" (find the spleen at low
             resolution, then segment its box at full resolution) or "full" (whole volume).
+        probabilityMap: also add the network's spleen probability as a scalar volume
+            ("Spleen probability", shown over the CT); off by default (it costs a float32 copy
+            of the CT's size).
     """
 
     device: str = "auto"
     overlap: float = 0.25
     postprocess: bool = True
     mode: str = "auto"
+    probabilityMap: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -72,6 +76,11 @@ class SegmentationResult:
         found: False when the answer is "no spleen found in the field of view": then nothing was
             added to or changed in the scene (segmentationNodeID is "" and segmentIDs is empty).
         message: that answer in one line (with the core's reason).
+        probabilityNodeID: the "Spleen probability" volume added by this run ("" when not asked
+            for, or when no spleen was found: then nothing is added).
+        probabilityCovers: what that map covers ("volume", or "box": fast mode, 0 outside it).
+        confidence: the core's confidence of the mask (``vnetseg.confidence.Confidence`` as a
+            dict: mean_probability, uncertain_share, organ_voxels, low), or None.
     """
 
     segmentationNodeID: str
@@ -85,6 +94,20 @@ class SegmentationResult:
     background: bool = False
     found: bool = True
     message: str = ""
+    probabilityNodeID: str = ""
+    probabilityCovers: str = ""
+    confidence: dict[str, Any] | None = None
+
+    def confidenceText(self) -> str:
+        """'Confidence: mean probability 0.93 inside the mask, 6.1 % of the organ uncertain (0.3-0.7)' or ''."""
+        c = self.confidence
+        if not c:
+            return ""
+        low = " - LOW, check the result" if c.get("low") else ""
+        return (
+            f"Confidence: mean probability {float(c['mean_probability']):.2f} inside the mask, "
+            f"{100 * float(c['uncertain_share']):.1f} % of the organ uncertain (0.3-0.7){low}"
+        )
 
     def summary(self) -> str:
         """The text the panel shows after a run."""
@@ -100,6 +123,10 @@ class SegmentationResult:
             f"Time: {self.seconds:.1f} s on {self.device}",
             f"Model: {self.modelName}",
         ]
+        lines += [self.confidenceText()] if self.confidence else []
+        if self.probabilityNodeID:
+            where = " (fast mode: 0 outside the segmented box)" if self.probabilityCovers == "box" else ""
+            lines.append(f"Probability map: added as a volume, shown over the CT{where}")
         lines += [f"Warning: {w.message}" for w in self.warnings]
         return "\n".join(lines)
 

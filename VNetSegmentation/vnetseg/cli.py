@@ -49,6 +49,9 @@ class PredictArgs:
     allow_gaps: bool = False
     skip_existing: bool = False
     shard: str | None = None
+    probabilities: str | None = None  # issue 14: the probability map of a single input
+    probability_dir: str | None = None  # ... or of every input, in this folder
+    probability_type: str = "float32"
 
 
 @dataclass
@@ -66,6 +69,9 @@ class CaseResult:
     status: str = "done"  # "done", "skipped" (its output was complete already) or "error"
     index: int | None = None  # position in the whole (unsharded) case list
     series: dict[str, Any] | None = None  # the DICOM series that was read
+    confidence: dict[str, Any] | None = None  # vnetseg.confidence.Confidence of the mask (None: no mask)
+    probability: str | None = None  # the probability map written, if any
+    probability_covers: str | None = None  # "volume", "box" (fast mode: 0 outside) or "nothing"
 
 
 # -------------------------------------------------------------------------- progress
@@ -164,6 +170,22 @@ def preflight(case: Path, dest: Path, args: PredictArgs, res: CaseResult) -> Non
         check_references(series)
 
 
+def probability_for(case: Path, args: PredictArgs, many: bool) -> Path | None:
+    """Where the probability map of ``case`` goes (None: not asked for)."""
+    from .inference import output_name
+
+    if args.probabilities:
+        if many:
+            raise CliError("several inputs need --probability-dir DIR for their probability maps (or give one input)")
+        return Path(args.probabilities)
+    if not args.probability_dir:
+        return None
+    if not Path(args.probability_dir).is_dir():
+        raise CliError(f"probability folder {args.probability_dir} does not exist")
+    suffix = ".nrrd" if args.format == "seg.nrrd" else "." + args.format
+    return Path(args.probability_dir) / output_name(case, "_probability" + suffix)
+
+
 def resolve_model(args: PredictArgs) -> tuple[str, str | None]:
     if args.model:
         return args.model, args.sha256
@@ -203,8 +225,13 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             if not many:
                 raise
             res.status, res.error = "error", str(exc)
+    prob_paths = [probability_for(c, args, many) for c in cases]
+    for prob in prob_paths:
+        if prob is not None:
+            vio.check_writable_volume(prob, args.overwrite)
     options = InferenceOptions(
-        args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode
+        args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode,
+        probability=args.probability_type if any(prob_paths) else None,
     )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
@@ -219,7 +246,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
                     "summary": summarize([r.__dict__ for r in results]), "cases": [r.__dict__ for r in results]}
             write_report(args.report, data)
 
-    for case, dest, res in zip(cases, destinations, planned):
+    for case, dest, res, prob in zip(cases, destinations, planned, prob_paths):
         progress.prefix = case.name
         if res.status != "done":
             results.append(res)
@@ -228,7 +255,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             continue
         try:
             pred = predict_file(case, dest, (net, info), options, overwrite=args.overwrite, progress=progress,
-                                read=vio.ReadOptions(args.series, args.allow_gaps))
+                                read=vio.ReadOptions(args.series, args.allow_gaps), probability_path=prob)
         except Cancelled:
             raise
         except (vio.ImageError, ValueError, OSError, MemoryError) as exc:
@@ -242,6 +269,9 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
         res.output, res.volume_ml, res.seconds = str(dest), round(pred.volume_ml, 2), round(pred.seconds, 2)
         res.device, res.mode, res.warnings = pred.device, pred.mode, pred.report.warnings + pred.notes
         res.spleen_found, res.message = pred.report.found, pred.report.message or None
+        res.confidence = pred.confidence.as_dict() if pred.confidence is not None else None
+        if prob is not None:
+            res.probability, res.probability_covers = str(prob), pred.probability_covers
         results.append(res)
         if args.overlay_dir:
             _write_overlay(case, pred, Path(args.overlay_dir), err, vio.ReadOptions(args.series, args.allow_gaps))
@@ -254,7 +284,11 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
             if res.series and (many or args.series):
                 out.write(f"  series: {res.series['uid'] or '(no UID)'} \"{res.series['description']}\" ({res.series['slices']} slices)\n")
+            if pred.confidence is not None:
+                out.write(f"  confidence: {pred.confidence.summary()}\n")
             out.writelines(f"  warning: {w}\n" for w in res.warnings)
+        if prob is not None and progress.mode != "json":
+            out.write(f"  probability map -> {prob} ({pred.probability_note})\n")
         report()
     report()
     failed = [r for r in results if r.error]
@@ -329,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")
+    p.add_argument("--probabilities", metavar="OUT", help="also write the spleen probability map of a single input to OUT "
+                   "(.nii.gz, .nii or .nrrd) on the input's grid; in fast mode it is 0 outside the segmented box")
+    p.add_argument("--probability-dir", metavar="DIR", help="write the probability map of every input to DIR "
+                   "(<case>_spleen_probability.<format>, .nrrd for --format seg.nrrd)")
+    p.add_argument("--probability-type", default="float32", choices=["float32", "uint8"],
+                   help="probability map values: float32 0-1 (default) or uint8 0-255 (= probability x 255, a quarter the size)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"], help="progress display (json: one event per line on stdout)")
     p.add_argument("--series", help="the DICOM series to read from a folder holding several: its number in the listing (1, 2, ...) or its Series Instance UID")
     p.add_argument("--allow-gaps", action="store_true", help="read a DICOM series with missing slices on its regular grid (missing slices interpolated, with a warning) instead of refusing it")

@@ -11,12 +11,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import confidence as conf
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .fast import Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
@@ -262,6 +263,8 @@ class InferenceOptions:
         amp: mixed precision on CUDA.
         mode: "fast" (coarse pass, then full resolution on the organ's box), "full" (whole
             volume at full resolution) or "auto" (fast on CPU when the model supports it).
+        probability: also return the spleen probability on the input grid: None (default: no
+            map is made, no memory is spent on it), "float32" (0-1) or "uint8" (0-255).
     """
 
     device: str = "auto"
@@ -271,8 +274,10 @@ class InferenceOptions:
     threshold: float = 0.5
     amp: bool = True
     mode: str = "auto"
+    probability: str | None = None
 
     def __post_init__(self) -> None:
+        conf.check_probability_type(self.probability)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if not 0.0 < self.threshold < 1.0:
@@ -295,6 +300,10 @@ class Prediction:
         mode: "fast" or "full", as run.
         box: in fast mode, the box of the full-resolution model grid that was segmented
             (None: the whole volume was).
+        probability: (I, J, K) spleen probability on the input grid (float32 0-1 or uint8
+            0-255) when ``InferenceOptions.probability`` asked for it, else None.
+        probability_covers: what the map covers: "volume", "box" (fast mode: 0 outside the
+            segmented box) or "nothing" (no spleen in view: all 0); "" without a map.
     """
 
     labelmap: np.ndarray
@@ -305,10 +314,22 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
     mode: str = "full"
     box: Box | None = None
+    probability: np.ndarray | None = None
+    probability_covers: str = ""
 
     @property
     def volume_ml(self) -> float:
         return self.report.volume_ml
+
+    @property
+    def confidence(self) -> conf.Confidence | None:
+        """How sure the network was about the returned mask (None when nothing was segmented)."""
+        return self.report.confidence
+
+    @property
+    def probability_note(self) -> str:
+        """What the probability map covers, in words ("" without a map)."""
+        return conf.COVERS_NOTES.get(self.probability_covers, "")
 
 
 def choose_mode(requested: str, device: torch.device, info: ModelInfo) -> str:
@@ -444,7 +465,11 @@ def predict_volume(
         if not location.found:
             if progress is not None:
                 progress(1.0, "done: no spleen in view")
-            return _empty_prediction(image, info, location, device, t0, notes, mode)
+            empty = _empty_prediction(image, info, location, device, t0, notes, mode)
+            if opts.probability:
+                empty.probability = conf.empty_probability(image.shape, opts.probability)
+                empty.probability_covers = conf.COVERS_NOTHING
+            return empty
         fine_from = 0.2
         if mode == "fast":
             # the box is at least one trained window in every direction (centred on the organ), so the
@@ -461,8 +486,10 @@ def predict_volume(
     if progress is not None:
         progress(0.9, "resampling to the input grid")
     labelmap = _labels_on_input_grid(probs, region, info, opts.threshold)
-    del probs
+    probability = conf.probability_on_input_grid(probs[0], region, opts.probability) if opts.probability else None
     raw = labelmap > 0
+    focus = conf.crop_around(probs[0], region, raw, image.affine)  # a small copy, for the confidence
+    del probs
     if view is None:  # no whole-CT view: the largest component is the organ
         keep, counts = split_components(raw)  # labelled once: clean-up and the report share it
         keep = keep if opts.postprocess else raw
@@ -476,9 +503,17 @@ def predict_volume(
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
     report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
+    if focus is not None and report.found:
+        report.confidence = conf.measure_confidence(focus[0], focus[1], labelmap == info.label_values[0])
+        if report.confidence is not None and report.confidence.low:
+            report.warnings.append(conf.low_confidence_warning(report.confidence))
     if progress is not None:
         progress(1.0, "done")
-    return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, box)
+    result = Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, box)
+    if probability is not None:
+        result.probability = probability
+        result.probability_covers = conf.COVERS_BOX if box is not None else conf.COVERS_VOLUME
+    return result
 
 
 def _labels_on_input_grid(probs: np.ndarray, grid: GridMap, info: ModelInfo, threshold: float) -> np.ndarray:
@@ -514,14 +549,20 @@ def predict_file(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     read: vio.ReadOptions | None = None,
+    probability_path: str | os.PathLike[str] | None = None,
 ) -> Prediction:
     """Read a CT, segment it, and write the mask (format from the file name), atomically.
 
     The output is checked before any work (an existing file is kept unless ``overwrite``), and
     nothing is written when reading, inference or cancellation fails. ``read`` says how a DICOM
     folder is read (which series, missing slices allowed); what reading noticed comes first in ``notes``.
+    With ``probability_path`` (.nii.gz, .nii or .nrrd) the spleen probability map is written too, as
+    ``options.probability`` asks (float32 when it asks for none), saying in the file what it covers.
     """
     dest = vio.check_writable(output_path, overwrite)
+    prob_dest = vio.check_writable_volume(probability_path, overwrite) if probability_path is not None else None
+    if prob_dest is not None and (options is None or options.probability is None):
+        options = replace(options or InferenceOptions(), probability="float32")
     if isinstance(model, tuple):
         net, info = model
     else:
@@ -535,7 +576,22 @@ def predict_file(
 
     vio.write_mask(dest, result.labelmap, result.affine, segments_of(info), overwrite=overwrite, source=image.source,
                    algorithm=algorithm_of(info))
+    if prob_dest is not None and result.probability is not None:
+        write_probability(prob_dest, result, info, overwrite=overwrite)
     return result
+
+
+def write_probability(path: str | os.PathLike[str], result: Prediction, info: ModelInfo, *, overwrite: bool = False) -> Path:
+    """Write ``result.probability`` (NIfTI or NRRD) on the input grid, saying what it is and covers."""
+    if result.probability is None:
+        raise ValueError("this prediction holds no probability map; run it with InferenceOptions(probability='float32')")
+    scale = "0-255 = probability x 255" if result.probability.dtype == np.uint8 else "0-1"
+    description = {
+        "vnetseg_probability": f"{info.labels[0].name} probability {scale}",
+        "vnetseg_probability_covers": result.probability_covers,
+        "vnetseg_probability_note": result.probability_note,
+    }
+    return vio.write_volume(path, result.probability, result.affine, description, overwrite=overwrite)
 
 
 def output_name(input_path: str | os.PathLike[str], suffix: str = ".nii.gz") -> str:

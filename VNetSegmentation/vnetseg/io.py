@@ -445,3 +445,47 @@ def write_mask(
 
         return write_dicom_seg(path, mask, affine, segments, source, algorithm, overwrite=overwrite)
     raise ValueError(f"output {Path(path).name}: use a .nii.gz, .nii, .seg.nrrd or .dcm (DICOM SEG) file name")
+
+
+# ------------------------------------------------------------------------ probability maps
+PROBABILITY_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr")
+
+
+def check_writable_volume(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Like :func:`check_writable`, for a scalar volume (probability map): .nii.gz, .nii, .nrrd or .nhdr."""
+    dest = Path(path)
+    if suffix_of(dest) not in PROBABILITY_SUFFIXES:
+        raise ValueError(f"probability map {dest.name}: use a .nii.gz, .nii or .nrrd file name (not .seg.nrrd: it is not a segmentation)")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+    if not dest.parent.exists():
+        raise FileNotFoundError(f"output folder {dest.parent} does not exist")
+    return dest
+
+
+def write_volume(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    affine: np.ndarray,
+    description: dict[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a scalar (I, J, K) volume as NIfTI or NRRD (from the file name), atomically.
+
+    Args:
+        description: key -> text kept in the file: NRRD header fields, or (joined) the NIfTI
+            ``descrip`` field (80 characters at most there).
+    """
+    dest = check_writable_volume(path, overwrite=True)
+    description = description or {}
+    if suffix_of(dest) in NIFTI_SUFFIXES:
+        img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=float))
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header["descrip"] = "; ".join(description.values()).encode("ascii", "replace")[:79]
+        return _write_atomically(dest, lambda tmp: nib.save(img, str(tmp)), overwrite)
+    sitk_img = array_affine_to_sitk(array, affine)
+    for key, value in description.items():
+        sitk_img.SetMetaData(key, value)
+    return _write_atomically(dest, lambda tmp: sitk.WriteImage(sitk_img, str(tmp), useCompression=True), overwrite)

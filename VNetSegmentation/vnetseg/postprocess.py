@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -124,6 +125,7 @@ class QualityReport:
     warnings: list[str] = field(default_factory=list)
     found: bool = True  # False: "no spleen found in the field of view" is the answer (an empty mask)
     message: str = ""  # the answer in one line when nothing was found
+    confidence: Any = None  # vnetseg.confidence.Confidence of the returned mask (None: nothing segmented)
 
 
 def quality_report(

@@ -114,21 +114,29 @@ def to_input_grid(
     fill: float = 0.0,
     threshold: float | None = None,
     slab: int = 16,
+    quantize: bool = False,
 ) -> np.ndarray:
     """Resample a model-grid array (or a crop described by ``grid``) back onto the input grid.
 
     Works slab by slab along the last canonical axis. Input voxels whose centre lies outside the
     model voxels of ``values`` get ``fill``. With ``threshold``, each slab is thresholded as it is
-    made and the result is a uint8 mask: no input-sized float array is ever allocated.
+    made and the result is a uint8 mask: no input-sized float array is ever allocated. With
+    ``quantize`` (values in [0, 1], e.g. probabilities), each slab becomes ``round(255 * value)``
+    as uint8 the same way.
 
     Returns:
-        (I, J, K) array in the input's own voxel order: float32, or uint8 (0/1) with ``threshold``.
+        (I, J, K) array in the input's own voxel order: float32, uint8 (0/1) with ``threshold``, or
+        uint8 (0-255) with ``quantize``.
     """
+    if threshold is not None and quantize:
+        raise ValueError("to_input_grid: give threshold or quantize, not both")
     values = np.asarray(values, dtype=np.float32)
-    if threshold is None:
-        out = np.full(grid.canonical_shape, fill, dtype=np.float32)
-    else:
+    if threshold is not None:
         out = np.full(grid.canonical_shape, fill > threshold, dtype=np.uint8)
+    elif quantize:
+        out = np.full(grid.canonical_shape, round(255 * min(max(float(fill), 0.0), 1.0)), dtype=np.uint8)
+    else:
+        out = np.full(grid.canonical_shape, fill, dtype=np.float32)
     inv_scale = 1.0 / grid.scale
     inside = []  # per canonical axis: the input index range covered by the model voxels
     for axis in range(3):
@@ -149,8 +157,19 @@ def to_input_grid(
             output=np.float32,
             prefilter=False,
         )
-        out[i0:i1, j0:j1, s0:s1] = part if threshold is None else part > threshold
+        if threshold is not None:
+            part = part > threshold
+        elif quantize:
+            part = _to_uint8(part)
+        out[i0:i1, j0:j1, s0:s1] = part
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> round(255 * value) as uint8 (clipped), in place on float32 input."""
+    scaled = np.multiply(values, 255.0, dtype=np.float32)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def window_hu(array: np.ndarray, hu_window: tuple[float, float], scale: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
