@@ -188,7 +188,8 @@ def test_cancel_callback_in_background_mode(ct_dir, tiny_model_file, env, logic)
 
 
 def test_empty_result_from_the_background_process(ct_dir, env, logic, tmp_path):
-    """A model that always answers 'background': the empty mask is read back, and the run says so."""
+    """A model that always answers 'background': the empty mask is read back, and the run says "no spleen"
+    (an answer: nothing is added to the scene)."""
     import torch
 
     from vnetseg.checkpoint import ModelInfo, Preprocessing, save_model
@@ -202,9 +203,11 @@ def test_empty_result_from_the_background_process(ct_dir, env, logic, tmp_path):
     path = tmp_path / "background.pt"
     save_model(path, model, ModelInfo(config, Preprocessing((3.0, 3.0, 3.0), patch_size=(32, 32, 32))))
     volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", "sm-empty")
+    ids_before = env.node_ids()
     seg, result = logic.segment(volume, path, SegmentationOptions("cpu", 0.0), background=True, timeout=120)
-    assert result.volumeMl == 0.0 and [w.code for w in result.warnings] == ["empty"]
-    assert seg.GetSegmentation().GetSegment(result.segmentIDs[0]).GetName() == "Spleen"
+    assert seg is None and not result.found and result.volumeMl == 0.0 and result.segmentIDs == []
+    assert result.message == "no spleen found in the field of view" and env.node_ids() == ids_before
+    assert result.summary().startswith("No spleen found in the field of view: nothing was added to the scene")
 
 
 # ------------------------------------------------------------------ a launcher like PythonSlicer
