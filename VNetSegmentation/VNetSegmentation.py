@@ -441,8 +441,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
             return
         try:
-            with slicer.util.tryWithErrorDisplay(_("Improving the model could not be started."), waitCursor=True):
-                self.startFinetune()
+            with slicer.util.tryWithErrorDisplay(_("Improving the model could not be started.")):
+                self.startFinetune()  # asks for the folder and the name: no wait cursor over the dialogs
         finally:
             self.updateGui()
 
@@ -470,7 +470,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = (folder, p.modelName, name)
         folder, base, name = request
         device = SegmentationOptions(p.device).coreDevice()
-        self._finetuneRun = self.logic.startFinetune(folder, base, name, FinetuneSettings(device=device, force=force))
+        with self.busy():
+            self._finetuneRun = self.logic.startFinetune(folder, base, name, FinetuneSettings(device=device, force=force))
         self._finetuneRequest = request
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Starting to improve the model...")
@@ -495,8 +496,10 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "Cancelled: no model was installed. Improve again with the same name to resume."
                 )
                 return
-            with slicer.util.tryWithErrorDisplay(_("Improving the model failed."), waitCursor=True):
-                self.showFinetuneOutcome(self.logic.finishFinetune(run))
+            with slicer.util.tryWithErrorDisplay(_("Improving the model failed.")):
+                with self.busy():
+                    outcome = self.logic.finishFinetune(run)
+                self.showFinetuneOutcome(outcome)  # may ask whether to install a worse model: normal cursor
         finally:
             self.updateGui()
 
