@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
-from training.realct.ship import INFERENCE_PATCH, _with_patch, fp16_roundtrip
 from training.realct.sources import PATIENTS, Scan, load_scans, spleen_free_parts
 from vnetseg import confidence as conf
 from vnetseg import inference as inf
@@ -67,12 +66,10 @@ WRONG_INPUTS = ("spleen_as_fat", "hu_plus_300", "noise_150", "mirrored_lr")
 
 # ------------------------------------------------------------------------------- models
 def bundle(main: Path, locator: Path):
-    """Main network + locator as the shipped file holds them (float16 weights, inference window), in memory."""
-    net, info = load_model(main)
-    loc_net, loc_info = load_model(locator)
-    info = _with_patch(info, INFERENCE_PATCH)
-    info.locator = (fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH))
-    return fp16_roundtrip(net), info
+    """Main network + locator as the shipped file holds them, in memory."""
+    from training.realct.ship import bundle_in_memory
+
+    return bundle_in_memory(main, locator)
 
 
 def find_models(runs: Path | None, shipped: bool) -> list[dict[str, Any]]:

@@ -293,13 +293,9 @@ def _steps(model_path: Path) -> int:
 
 def _bundle_in_memory(main: Path, locator: Path):
     """The two networks as the shipped file would hold them (float16 weights, inference window), not written."""
-    from training.realct.ship import _with_patch, fp16_roundtrip
+    from training.realct.ship import bundle_in_memory
 
-    net, info = load_model(main)
-    loc_net, loc_info = load_model(locator)
-    info = _with_patch(info, INFERENCE_PATCH)
-    info.locator = (fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH))
-    return fp16_roundtrip(net), info
+    return bundle_in_memory(main, locator)
 
 
 def stage_final(out: Path) -> None:

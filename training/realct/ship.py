@@ -50,6 +50,15 @@ def fp16_roundtrip(net: VNet) -> VNet:
     return net.eval()
 
 
+def bundle_in_memory(main: Path, locator: Path) -> tuple[VNet, ModelInfo]:
+    """Main network + locator as the shipped file holds them (float16 weights, inference window), in memory."""
+    net, info = load_model(main)
+    loc_net, loc_info = load_model(locator)
+    info = _with_patch(info, INFERENCE_PATCH)
+    info.locator = (fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH))
+    return fp16_roundtrip(net), info
+
+
 def _with_patch(info: ModelInfo, patch: tuple[int, int, int], card: dict[str, Any] | None = None) -> ModelInfo:
     pre = Preprocessing(**{**info.preprocessing.__dict__, "patch_size": patch})
     return ModelInfo(info.config, pre, info.labels, card if card is not None else {})
