@@ -362,14 +362,18 @@ def _run_network(
     cancel: CancelFn | None,
     notes: list[str],
     single_window: bool,
+    resampled: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample ``array`` onto ``region`` (a model grid or a box of it), window HU, run the network.
+
+    ``resampled``: ``array`` already on ``region`` (HU), when the caller needed it too.
 
     Returns:
         (K-1, *region.model_shape) float32 foreground probabilities.
     """
     pre = info.preprocessing
-    volume = window_hu(to_model_grid(array, region), pre.hu_window, pre.scale)
+    hu = to_model_grid(array, region) if resampled is None else resampled
+    volume = window_hu(hu, pre.hu_window, pre.scale)
     multiple = model.config.size_multiple
     patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or window_for(
         pre.patch_size, region.model_shape, multiple
@@ -412,9 +416,9 @@ def whole_ct_view(
     else:
         return None
     coarse = make_grid_map(image.shape, image.affine, spacing)
-    found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True)
-    body = to_model_grid(image.array, coarse) > BODY_HU  # the patient's midline: the spleen lies left of it
-    return locate(found.sum(0), coarse, body=body), coarse
+    hu = to_model_grid(image.array, coarse)  # resampled once: for the network and for the body's midline
+    found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
+    return locate(found.sum(0), coarse, body=hu > BODY_HU), coarse  # the spleen lies left of the midline
 
 
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
