@@ -397,18 +397,18 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lines += [_("Warning: {text}").format(text=m.message) for m in messages] or [_("No warnings.")]
             p.resultSummary = "\n".join(lines)
 
+    def askExportFolder(self, title: str) -> str:
+        """A folder chosen by the user, starting from the last export folder ("" when cancelled)."""
+        start = qt.QSettings().value("VNetSegmentation/exportFolder", os.path.expanduser("~"))
+        return qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), title, start)
+
     def onExportForTraining(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export for training failed.")):
             p = self._parameterNode
-            settings = qt.QSettings()
-            folder = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(),
-                _("Training set folder (MSD layout)"),
-                settings.value("VNetSegmentation/exportFolder", os.path.expanduser("~")),
-            )
+            folder = self.askExportFolder(_("Training set folder (MSD layout)"))
             if not folder:
                 return
-            settings.setValue("VNetSegmentation/exportFolder", folder)
+            qt.QSettings().setValue("VNetSegmentation/exportFolder", folder)
             from VNetSegmentationLib.export import caseNameFrom
 
             caseName = qt.QInputDialog.getText(
@@ -450,12 +450,7 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask for the export folder and the new model's name (unless ``request`` repeats a run), then start."""
         p = self._parameterNode
         if request is None:
-            settings = qt.QSettings()
-            folder = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(),
-                _("Folder of the cases exported for training"),
-                settings.value("VNetSegmentation/exportFolder", os.path.expanduser("~")),
-            )
+            folder = self.askExportFolder(_("Folder of the cases exported for training"))
             if not folder:
                 return
             name = qt.QInputDialog.getText(
