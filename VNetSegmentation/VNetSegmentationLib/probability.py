@@ -47,7 +47,8 @@ def addProbabilityNode(scene, volumeNode, probability: np.ndarray, covers: str, 
 
     Args:
         probability: float32 0-1 (or uint8 0-255) on exactly the volume's voxel grid.
-        covers: what the map covers ("volume", "box": 0 outside fast mode's box, "nothing").
+        covers: what the map covers ("volume", "box": 0 outside fast mode's box, "body": 0 outside
+            the body's box in full mode, "nothing").
 
     Raises:
         ValueError: when the array's shape is not the volume's.

@@ -78,7 +78,8 @@ class SegmentationResult:
         message: that answer in one line (with the core's reason).
         probabilityNodeID: the "Spleen probability" volume added by this run ("" when not asked
             for, or when no spleen was found: then nothing is added).
-        probabilityCovers: what that map covers ("volume", or "box": fast mode, 0 outside it).
+        probabilityCovers: what that map covers ("volume"; "box": fast mode, 0 outside it; "body": full
+            mode, 0 in the air outside the body's box).
         confidence: the core's confidence of the mask (``vnetseg.confidence.Confidence`` as a
             dict: mean_probability, uncertain_share, organ_voxels, low), or None.
     """
@@ -125,7 +126,8 @@ class SegmentationResult:
         ]
         lines += [self.confidenceText()] if self.confidence else []
         if self.probabilityNodeID:
-            where = " (fast mode: 0 outside the segmented box)" if self.probabilityCovers == "box" else ""
+            where = {"box": " (fast mode: 0 outside the segmented box)",
+                     "body": " (0 in the air outside the body's box)"}.get(self.probabilityCovers, "")
             lines.append(f"Probability map: added as a volume, shown over the CT{where}")
         lines += [f"Warning: {w.message}" for w in self.warnings]
         return "\n".join(lines)

@@ -71,7 +71,7 @@ class CaseResult:
     series: dict[str, Any] | None = None  # the DICOM series that was read
     confidence: dict[str, Any] | None = None  # vnetseg.confidence.Confidence of the mask (None: no mask)
     probability: str | None = None  # the probability map written, if any
-    probability_covers: str | None = None  # "volume", "box" (fast mode: 0 outside) or "nothing"
+    probability_covers: str | None = None  # "volume", "box" (fast: 0 outside), "body" (full: 0 outside the body's box), "nothing"
 
 
 # -------------------------------------------------------------------------- progress

@@ -43,9 +43,11 @@ LOW_CONFIDENCE = "low confidence: check the result"
 COVERS_VOLUME = "volume"
 COVERS_BOX = "box"
 COVERS_NOTHING = "nothing"
+COVERS_BODY = "body"
 COVERS_NOTES = {
     COVERS_VOLUME: "the network's probability over the whole volume",
     COVERS_BOX: "fast mode: the network's probability inside the segmented box only; 0 outside it (not computed there)",
+    COVERS_BODY: "full mode: the network's probability over the patient's body (its box); 0 in the air outside it (not computed there)",
     COVERS_NOTHING: "no spleen in view: 0 everywhere (the full-resolution network was not run)",
 }
 _STRUCTURE = ndimage.generate_binary_structure(3, 1)

@@ -3,7 +3,17 @@
 A model file with a locator (or a coarse spacing) first looks at the whole CT at low resolution
 (e.g. 4 mm: a 512x512x120 CT becomes about 100^3 voxels, one window) and decides, for both modes,
 whether a spleen is in view and which part of the CT it is (:func:`locate`): the part holding the
-most probability mass, if it has at least ``MIN_LOCATED_ML``. When nothing is located the answer
+most probability mass, if it has at least ``MIN_LOCATED_ML``, among the parts where a spleen can
+be. Two anatomical facts decide where it can be (:class:`BodyView`, from the CT's HU alone):
+
+- the spleen lies on the patient's left of the body's centre (the liver's side is the right);
+- the spleen lies under the diaphragm, so no lung lies beneath it: a part with more than
+  ``MAX_LUNG_BELOW_ML`` of lung straight below it (in its axial footprint) is in the chest (a
+  shoulder or chest-wall muscle, the heart's upper part). Lung here is air inside the body on
+  axial slices where air fills at least ``CHEST_AIR_SHARE`` of the body's cross-section; bowel gas
+  in an abdominal slice fills less (at most 5 % on the real CTs' spleen-free parts).
+
+When nothing is located the answer
 is "no spleen found in the field of view": an empty mask, said plainly, in fast and full mode
 alike. Otherwise the full-resolution mask may only lie on the located part (grown by
 ``LOCATED_GROW_MM``): its component that overlaps the located part most is the spleen, so keeping
@@ -35,12 +45,23 @@ from .preprocess import GridMap
 # paper V-Net's activations on CPU around 1 GB.
 SINGLE_WINDOW_VOXELS = 2_600_000
 MARGIN_MM = 15.0
+# full mode's box around the body: one coarse voxel, for the resampling; the air around holds nothing
+BODY_MARGIN_MM = 4.0
 # The whole-CT view answers "spleen in view" only with a located part of at least this volume: a
 # spleen tip cut by the field of view is smaller, and so is what it calls spleen in spleen-free CT.
 MIN_LOCATED_ML = 10.0
 # The located part, grown by this much, is where the full-resolution mask may lie (both modes).
 LOCATED_GROW_MM = 12.0
 NO_SPLEEN = "no spleen found in the field of view"
+BODY_HU = -300.0  # denser than this is body (its largest connected part is the patient)
+AIR_HU = -400.0  # lighter than this, inside the body, is air: lung or bowel gas
+# an axial slice is a chest slice (its air is lung) when air fills this share of the body's cross-section
+CHEST_AIR_SHARE = 0.10
+# at most this much lung may lie straight below a part that can be the spleen. Measured with the
+# shipped model and the five leave-one-patient-out locators on the real CTs: under the located
+# spleens at most 3.1 mL (colon and lung-base partial volume), under the chest parts they called
+# spleen (shoulder and chest-wall muscle, 40-360 mL) 113-538 mL
+MAX_LUNG_BELOW_ML = 50.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,8 @@ class Location:
         candidates_ml: every part the coarse pass found that could be the spleen, by volume (mL),
             the located one first.
         reason: why nothing was located ("" when found).
+        body: (X, Y, Z) bool, the patient's body on the coarse grid (:class:`BodyView`), when known:
+            full mode windows its box only (the air around the patient cannot hold a spleen).
     """
 
     found: bool
@@ -73,6 +96,63 @@ class Location:
     volume_ml: float
     candidates_ml: list[float]
     reason: str = ""
+    body: np.ndarray | None = None
+
+
+@dataclass
+class BodyView:
+    """What the CT's HU say about the anatomy, on the coarse model grid (canonical RAS axes).
+
+    Attributes:
+        body: (X, Y, Z) bool, the patient: the largest connected part denser than ``BODY_HU``
+            (the table and the scanner's padding are other parts, or too thin to matter).
+        lung: (X, Y, Z) bool, air inside the body (holes of each axial slice of ``body`` filled)
+            on chest slices (see ``CHEST_AIR_SHARE``).
+    """
+
+    body: np.ndarray
+    lung: np.ndarray
+
+    @classmethod
+    def from_hu(cls, hu: np.ndarray) -> "BodyView":
+        dense = hu > BODY_HU
+        labels, n = ndimage.label(dense)
+        if n == 0:
+            empty = np.zeros(hu.shape, bool)
+            return cls(empty, empty.copy())
+        body = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        inside = np.empty_like(body)
+        for k in range(body.shape[2]):  # axis 2 is the head-foot axis of the canonical grid
+            inside[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+        air = inside & (hu < AIR_HU)
+        area = inside.sum((0, 1))
+        chest = air.sum((0, 1)) >= CHEST_AIR_SHARE * np.maximum(area, 1)
+        return cls(body, air & chest[None, None, :])
+
+    def midline_x(self, grid: GridMap) -> float | None:
+        """RAS x (mm) of the body's centre, or None without a body."""
+        if not self.body.any():
+            return None
+        return float((np.argwhere(self.body).mean(0) @ grid.model_affine[:3, :3].T + grid.model_affine[:3, 3])[0])
+
+    def lung_below_ml(self, labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
+        """(n,) mL of lung straight below each part 1..n of ``labels``: in its axial footprint
+        (grown by two voxels), under its lowest slice."""
+        voxel_ml = float(np.prod(grid.model_spacing)) / 1000.0
+        # below[x, y, k]: lung voxels at (x, y) under slice k (superior is +k on the canonical grid)
+        below = np.concatenate([np.zeros(self.lung.shape[:2] + (1,), np.int32),
+                                np.cumsum(self.lung, axis=2, dtype=np.int32)], axis=2)
+        out = np.zeros(n)
+        for i, found in enumerate(ndimage.find_objects(labels, max_label=n)):
+            if found is None:
+                continue
+            part = labels[found] == i + 1
+            xs, ys, zs = found
+            foot = np.zeros(labels.shape[:2], bool)
+            foot[xs, ys] = part.any(2)
+            foot = ndimage.binary_dilation(foot, iterations=2)
+            out[i] = float(below[:, :, zs.start][foot].sum()) * voxel_ml
+        return out
 
 
 def _ras_centroids(labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
@@ -82,7 +162,7 @@ def _ras_centroids(labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
 
 
 def locate(
-    probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, body: np.ndarray | None = None
+    probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, anatomy: BodyView | None = None
 ) -> Location:
     """Pick the spleen among the coarse pass's parts: the one holding the most probability mass.
 
@@ -90,9 +170,11 @@ def locate(
         probs: (X, Y, Z) float32 spleen probability on ``coarse``'s model grid.
         coarse: the coarse grid map.
         min_ml: smallest part that counts as a spleen in view.
-        body: (X, Y, Z) bool body mask on the same grid. When given, only parts whose centre lies
-            on the patient's left of the body's centre (smaller RAS x) can be the spleen: a part on
-            the right is the liver (or, in situs inversus, which this model does not handle, the spleen).
+        anatomy: the CT's body and lungs on the same grid. When given, only parts whose centre lies
+            on the patient's left of the body's centre (smaller RAS x) can be the spleen (a part on
+            the right is the liver, or, in situs inversus, which this model does not handle, the
+            spleen), and only parts with at most ``MAX_LUNG_BELOW_ML`` of lung straight below them
+            (a part above lung is in the chest).
     """
     voxel_ml = float(np.prod(coarse.model_spacing)) / 1000.0
     labels, n = ndimage.label(probs > 0.5, structure=ndimage.generate_binary_structure(3, 1))
@@ -101,15 +183,20 @@ def locate(
     index = np.arange(1, n + 1)
     mass = ndimage.sum_labels(probs, labels, index)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    eligible = np.ones(n, bool)
-    if body is not None and body.any():
-        midline = (np.argwhere(body).mean(0) @ coarse.model_affine[:3, :3].T + coarse.model_affine[:3, 3])[0]
-        eligible = _ras_centroids(labels, n, coarse)[:, 0] < midline
+    right = np.zeros(n, bool)
+    chest = np.zeros(n, bool)
+    midline = anatomy.midline_x(coarse) if anatomy is not None else None
+    if midline is not None:
+        right = _ras_centroids(labels, n, coarse)[:, 0] >= midline
+        chest = anatomy.lung_below_ml(labels, n, coarse) > MAX_LUNG_BELOW_ML  # type: ignore[union-attr]
+    eligible = ~right & ~chest
     if not eligible.any():
         biggest = float(sizes.max()) * voxel_ml
+        where = " or ".join(w for w, hit in (("on the patient's right", right.any()),
+                                              ("in the chest, above lung", chest.any())) if hit)
         return Location(
             False, np.zeros(probs.shape, bool), 0.0, [round(biggest, 1)],
-            f"{NO_SPLEEN} (the whole-CT view's candidates, up to {biggest:.1f} mL, all lie on the patient's right)",
+            f"{NO_SPLEEN} (the whole-CT view's candidates, up to {biggest:.1f} mL, all lie {where})",
         )
     best = int(np.argmax(np.where(eligible, mass, -1.0)))
     volume = float(sizes[best]) * voxel_ml

@@ -20,12 +20,11 @@ import torch
 from . import confidence as conf
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .fast import Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
+from .fast import BODY_MARGIN_MM, Box, BodyView, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
 from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
-BODY_HU = -300.0  # denser than this is body (the table included): its centre gives the midline
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -303,7 +302,8 @@ class Prediction:
         probability: (I, J, K) spleen probability on the input grid (float32 0-1 or uint8
             0-255) when ``InferenceOptions.probability`` asked for it, else None.
         probability_covers: what the map covers: "volume", "box" (fast mode: 0 outside the
-            segmented box) or "nothing" (no spleen in view: all 0); "" without a map.
+            segmented box), "body" (full mode with a whole-CT view: 0 in the air outside the
+            body's box) or "nothing" (no spleen in view: all 0); "" without a map.
     """
 
     labelmap: np.ndarray
@@ -416,9 +416,12 @@ def whole_ct_view(
     else:
         return None
     coarse = make_grid_map(image.shape, image.affine, spacing)
-    hu = to_model_grid(image.array, coarse)  # resampled once: for the network and for the body's midline
+    hu = to_model_grid(image.array, coarse)  # resampled once: for the anatomy and for the network
+    anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
-    return locate(found.sum(0), coarse, body=hu > BODY_HU), coarse  # the spleen lies left of the midline
+    location = locate(found.sum(0), coarse, anatomy=anatomy)  # left of the midline, not above lung
+    location.body = anatomy.body
+    return location, coarse
 
 
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
@@ -481,6 +484,14 @@ def predict_volume(
             box, note = box_from_coarse_mask(location.mask, coarse, grid, min_shape=pre.patch_size)
             notes += [f"fast mode: {note}"] if note else []
             region = grid.crop(box.start, box.stop)  # type: ignore[union-attr]
+        elif location.body is not None and location.body.any():
+            # full mode windows the patient's body (its box, at least one window): the air around it
+            # holds no spleen, and skipping it is what keeps full mode ahead of a plain sliding window
+            body_box, _ = box_from_coarse_mask(location.body, coarse, grid, BODY_MARGIN_MM, min_shape=pre.patch_size)
+            if body_box is not None and body_box.shape != grid.model_shape:
+                region = grid.crop(body_box.start, body_box.stop)
+                share = math.prod(body_box.shape) / math.prod(grid.model_shape)
+                notes.append(f"full mode: the body's box, {100 * share:.0f} % of the CT's volume, was segmented")
     # the main network always uses its trained window (fast mode just runs fewer of them): its output
     # depends on the window size, so one big window would not give the full pass's answer
     segmenting = _stage(progress, fine_from, 0.9, "segmenting")
@@ -516,7 +527,9 @@ def predict_volume(
     result = Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, box)
     if probability is not None:
         result.probability = probability
-        result.probability_covers = conf.COVERS_BOX if box is not None else conf.COVERS_VOLUME
+        result.probability_covers = (
+            conf.COVERS_BOX if box is not None else conf.COVERS_BODY if region is not grid else conf.COVERS_VOLUME
+        )
     return result
 
 
