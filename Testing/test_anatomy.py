@@ -138,3 +138,38 @@ def test_a_muscle_above_the_lungs_alone_is_no_spleen(mode: str) -> None:
     bare, _o, muscle, _c, _g = _chest_abdomen(spleen=False, lungs=False)
     res = predict_volume(bare, ThresholdNet(), _info(), InferenceOptions(device="cpu", mode=mode))
     assert res.report.found and dice(res.labelmap > 0, muscle) > 0.95
+
+
+def test_on_the_real_cts_no_lung_lies_beneath_the_reference_spleen_and_the_chest_cts_have_lungs(ct_dir) -> None:
+    """The anatomy the rule relies on, measured on every real CT (no network involved): the reference
+    spleen (on the 4 mm grid) has almost no lung straight below it, the CTs that show the chest
+    have their lungs found, and the lower-abdomen parts have none (their bowel gas is not lung)."""
+    from scipy import ndimage
+
+    from training.realct.sources import load_scans, spleen_free_parts
+    from vnetseg.preprocess import to_model_grid
+
+    for scan in load_scans(ct_dir):
+        coarse, hu = _coarse_hu(scan.image)
+        view = BodyView.from_hu(hu)
+        spleen = to_model_grid(scan.spleen.astype(np.float32), coarse) > 0.5
+        labels, n = ndimage.label(spleen)
+        biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        below = view.lung_below_ml((labels == biggest).astype(np.int32), 1, coarse)[0]
+        assert below < 0.2 * MAX_LUNG_BELOW_ML, f"{scan.name}: {below:.1f} mL of lung below the reference spleen"
+        centre = np.argwhere(spleen).mean(0) @ coarse.model_affine[:3, :3].T + coarse.model_affine[:3, 3]
+        assert centre[0] < view.midline_x(coarse), scan.name  # the spleen lies left of the body's centre
+        lung_ml = view.lung.sum() * float(np.prod(coarse.model_spacing)) / 1000.0
+        if scan.name in ("p3_cptac", "p5_lidc"):  # the chest CTs
+            assert lung_ml > 1000.0, f"{scan.name}: only {lung_ml:.0f} mL of lung found"
+        if scan.name == "p4_acrin":  # from the heart down: the lower lungs
+            assert lung_ml > 200.0, f"{scan.name}: only {lung_ml:.0f} mL of lung found"
+        if scan.name == "p1_sm":
+            continue
+        for part, image in spleen_free_parts(scan).items():
+            part_view = BodyView.from_hu(_coarse_hu(image)[1])
+            part_lung = part_view.lung.sum() * 64e-3
+            if part == "below":
+                assert part_lung < 5.0, f"{scan.name} {part}: {part_lung:.1f} mL called lung"
+            else:
+                assert part_lung > 500.0, f"{scan.name} {part}: only {part_lung:.0f} mL of lung"
