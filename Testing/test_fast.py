@@ -209,3 +209,81 @@ def test_a_locator_carried_in_the_model_file_drives_fast_mode(tmp_path) -> None:
     seen: list[str] = []
     res = predict_volume(_phantom(), net, info, InferenceOptions(device="cpu"), progress=lambda f, m: seen.append(m))
     assert res.mode == "fast" and any(m.startswith("locating") for m in seen)
+
+
+class PlaceNet(torch.nn.Module):
+    """A stand-in network whose answer depends on where a voxel sits in its window (like a real one
+    near the window's borders): ThresholdNet's logits plus a ramp along the window's head-foot axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = VNetConfig(widths=(4, 8, 16, 32, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1.0, 1.0, x.shape[4]).reshape(1, 1, 1, 1, -1)
+        return torch.cat([torch.zeros_like(x), 40.0 * (x - 0.5) + 3.0 * ramp], dim=1)
+
+
+def test_fast_mode_runs_full_modes_own_windows_on_the_organ_and_gives_its_answer_exactly() -> None:
+    """With a network whose answer depends on the window's placement, fast mode's probabilities on
+    the organ's box equal full mode's (to float rounding), with fewer windows than full mode."""
+    small = _phantom()  # a long CT: 140 slices, one window wide in-plane, as most abdomens are for the shipped model
+    ct = Image(np.pad(small.array, ((0, 0), (0, 0), (40, 40)), constant_values=-50.0), small.affine)
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(112, 96, 32),
+                                                coarse_spacing=(4.0, 4.0, 4.0)))
+    seen: dict[str, list[str]] = {"fast": [], "full": []}
+    runs = {
+        mode: predict_volume(ct, PlaceNet(), info, InferenceOptions(device="cpu", mode=mode, probability="float32"),
+                             lambda f, m, mode=mode: seen[mode].append(m))
+        for mode in ("fast", "full")
+    }
+    fast, full = runs["fast"], runs["full"]
+    windows = {mode: max(int(m.split("window ")[1].split("/")[1]) for m in seen[mode] if "window " in m) for mode in seen}
+    assert windows["fast"] < windows["full"], windows
+    assert np.array_equal(fast.labelmap, full.labelmap)
+    organ = fast.labelmap > 0
+    assert organ.sum() > 1000 and np.abs(fast.probability[organ] - full.probability[organ]).max() < 1e-5
+    # on the same box, a window grid of its own answers differently with this network: the match is
+    # fast mode running full mode's windows, not the network ignoring where its windows sit
+    from vnetseg.inference import WindowSettings, _windows, sliding_window, softmax_foreground
+    from vnetseg.preprocess import to_model_grid, window_hu
+
+    grid = make_grid_map(ct.shape, ct.affine, info.preprocessing.target_spacing)
+    box, patch = fast.box, (112, 96, 32)
+    padded = tuple(max(s, p) for s, p in zip(grid.model_shape, patch))
+    inside = [w for w in _windows(padded, patch, 0.25)  # full mode's windows within fast mode's box
+              if all(lo <= a and min(a + p, n) <= hi for a, p, lo, hi, n in zip(w, patch, box.start, box.stop, grid.model_shape))]
+    assert len(inside) == windows["fast"]
+    part = grid.crop(box.start, box.stop)
+    volume = window_hu(to_model_grid(ct.array, part), info.preprocessing.hu_window)[None]
+    net = softmax_foreground(PlaceNet(), False)
+    exact = sliding_window(volume, net, WindowSettings(patch), 1, windows=[tuple(np.subtract(w, box.start)) for w in inside])[0]
+    from vnetseg.inference import whole_ct_view
+
+    location, coarse = whole_ct_view(ct, PlaceNet(), info, InferenceOptions(device="cpu"), torch.device("cpu"), None, None, [])
+    organ, _ = box_from_coarse_mask(location.mask, coarse, grid, min_shape=patch)  # the box fast mode used to run
+    own = grid.crop(organ.start, organ.stop)
+    alone = sliding_window(window_hu(to_model_grid(ct.array, own), info.preprocessing.hu_window)[None], net,
+                           WindowSettings(patch), 1)[0]
+    lo = np.subtract(organ.start, box.start)
+    same = exact[lo[0]:lo[0] + organ.shape[0], lo[1]:lo[1] + organ.shape[1], lo[2]:lo[2] + organ.shape[2]]
+    assert same.shape == alone.shape and np.abs(alone - same).max() > 0.05
+
+
+def test_fast_region_falls_back_to_its_own_box_when_full_modes_windows_would_cost_too_much() -> None:
+    from vnetseg.fast import Box
+    from vnetseg.inference import EXACT_FAST_COST, _windows, fast_region
+
+    grid = make_grid_map((400, 400, 300), np.diag([1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
+    organ = Box((100, 100, 100), (150, 150, 150))  # 50^3: one 64^3 window of its own
+    region, box, run, patch = fast_region(grid, grid, organ, (64, 64, 64), 16, 0.25)
+    # full mode's 64^3 grid (step 48) touches 2 x 2 x 2 windows of this box: more than twice one
+    assert EXACT_FAST_COST * 1 < 8 and run is None and patch is None and box == organ
+    assert region.model_shape == (50, 50, 50)
+    # a long CT one window wide in-plane (the shipped model's usual case): 3 windows of its own along z, 4 of full mode's
+    long = make_grid_map((64, 64, 400), np.diag([1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
+    big = Box((0, 0, 100), (64, 64, 228))
+    region, box, run, patch = fast_region(long, long, big, (64, 64, 64), 16, 0.25)
+    assert run is not None and len(run) == 4 == len(_windows((64, 64, 128), (64,) * 3, 0.25)) + 1
+    assert all(a <= s and t <= b for a, s, t, b in zip(box.start, big.start, big.stop, box.stop))
+    assert region.model_shape == box.shape and all(0 <= w[2] <= box.shape[2] - 64 for w in run)

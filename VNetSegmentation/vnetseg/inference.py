@@ -170,6 +170,7 @@ def sliding_window(
     cancel: CancelFn | None = None,
     on_oom: Callable[[int], None] | None = None,
     only: Callable[[tuple[int, int, int]], bool] | None = None,
+    windows: list[tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """Gaussian-weighted sliding-window prediction over a whole volume.
 
@@ -183,6 +184,9 @@ def sliding_window(
         on_oom: called with the new batch size when CUDA memory runs out and the batch is halved.
         only: run only the grid's windows (start indices) for which this returns True; voxels no
             run window covers come out as 0.
+        windows: run exactly these window starts instead of the grid's (each window must lie
+            inside the volume padded up to one patch): a part of a bigger volume's grid, so that
+            the part's answer is the bigger run's, voxel for voxel.
 
     Returns:
         (out_channels, X, Y, Z) float32: the weighted mean of all window predictions.
@@ -200,7 +204,7 @@ def sliding_window(
     norm = np.zeros(padded, dtype=np.float32)  # sum of weights
     weight = gaussian_importance(patch)
     weight_t = torch.from_numpy(weight).to(device)
-    windows = _windows(padded, patch, settings.overlap)
+    windows = _windows(padded, patch, settings.overlap) if windows is None else list(windows)
     if only is not None:
         windows = [w for w in windows if only(w)]
     batch_size = settings.batch_size
@@ -363,10 +367,14 @@ def _run_network(
     notes: list[str],
     single_window: bool,
     resampled: np.ndarray | None = None,
+    windows: list[tuple[int, int, int]] | None = None,
+    patch: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Resample ``array`` onto ``region`` (a model grid or a box of it), window HU, run the network.
 
     ``resampled``: ``array`` already on ``region`` (HU), when the caller needed it too.
+    ``windows`` and ``patch``: run these window starts of that patch (see :func:`sliding_window`)
+    instead of ``region``'s own grid.
 
     Returns:
         (K-1, *region.model_shape) float32 foreground probabilities.
@@ -375,9 +383,10 @@ def _run_network(
     hu = to_model_grid(array, region) if resampled is None else resampled
     volume = window_hu(hu, pre.hu_window, pre.scale)
     multiple = model.config.size_multiple
-    patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or window_for(
-        pre.patch_size, region.model_shape, multiple
-    )
+    if patch is None:
+        patch = (single_window_patch(region.model_shape, multiple) if single_window else None) or window_for(
+            pre.patch_size, region.model_shape, multiple
+        )
     batch = opts.batch_size or choose_batch_size(model, patch, device)
     return sliding_window(
         volume[None],
@@ -388,6 +397,7 @@ def _run_network(
         progress=progress,
         cancel=cancel,
         on_oom=lambda b: notes.append(f"GPU out of memory: retried with batch size {b}"),
+        windows=windows,
     )
 
 
@@ -436,6 +446,46 @@ def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, dev
     return Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, None)
 
 
+# fast mode runs full mode's own windows on the organ (then its answer is full mode's, voxel for
+# voxel) while that costs at most this many times the windows of a box of its own around the organ
+EXACT_FAST_COST = 2.0
+
+
+def fast_region(
+    grid: GridMap, full: GridMap, organ: Box, patch_size: tuple[int, int, int], multiple: int, overlap: float
+) -> tuple[GridMap, Box, list[tuple[int, int, int]] | None, tuple[int, int, int] | None]:
+    """Fast mode's part of the model grid and the windows to run on it.
+
+    Args:
+        grid: the whole model grid; ``full``: full mode's part of it (``grid`` or a crop: the body's box).
+        organ: the located organ's box on ``grid`` (at least one trained window wide).
+
+    Returns:
+        (region, box, windows, patch): when full mode's windows that touch ``organ`` are at most
+        ``EXACT_FAST_COST`` times the windows of ``organ`` alone, region is their union and
+        windows/patch are those windows (relative to it), so that fast mode's probabilities there
+        equal full mode's exactly; otherwise region is ``organ`` with its own window grid (windows
+        and patch None). ``box`` is region's box on ``grid``.
+    """
+    offset = np.asarray(full.model_affine[:3, 3] - grid.model_affine[:3, 3]) @ np.linalg.inv(grid.model_affine[:3, :3]).T
+    origin = np.round(offset).astype(int)  # where ``full`` starts on ``grid``
+    patch = window_for(patch_size, full.model_shape, multiple)
+    padded = tuple(max(s, p) for s, p in zip(full.model_shape, patch))
+    lo = np.asarray(organ.start) - origin
+    hi = np.asarray(organ.stop) - origin
+    touching = [w for w in _windows(padded, patch, overlap)
+                if all(a < h and a + p > l for a, p, l, h in zip(w, patch, lo, hi))]
+    own_patch = window_for(patch_size, organ.shape, multiple)
+    own = len(_windows(tuple(max(s, p) for s, p in zip(organ.shape, own_patch)), own_patch, overlap))
+    if not touching or len(touching) > EXACT_FAST_COST * own:
+        return grid.crop(organ.start, organ.stop), organ, None, None
+    start = np.min(np.asarray(touching), 0)
+    stop = np.minimum(np.max(np.asarray(touching), 0) + np.asarray(patch), full.model_shape)
+    region = full.crop(tuple(int(v) for v in start), tuple(int(v) for v in stop))  # type: ignore[arg-type]
+    box = Box(tuple(int(v) for v in start + origin), tuple(int(v) for v in stop + origin))  # type: ignore[arg-type]
+    return region, box, [tuple(int(v) for v in np.asarray(w) - start) for w in touching], patch  # type: ignore[misc]
+
+
 def predict_volume(
     image: vio.Image,
     model: VNet,
@@ -449,8 +499,10 @@ def predict_volume(
     When the model file has a locator (or a coarse spacing), a whole-CT view decides first, for
     both modes, whether a spleen is in view and where (see :mod:`vnetseg.fast`): nothing located
     gives an empty mask with ``report.found`` False and the reason in ``report.message``; otherwise
-    only the component on the located part is kept. Fast mode then windows the located part's box
-    only, full mode the whole volume.
+    only the component on the located part is kept. Full mode then windows the patient's body
+    (its box), fast mode only full mode's windows that touch the located part's box, so that its
+    answer there is full mode's voxel for voxel (or, where those would cost more than
+    ``EXACT_FAST_COST`` times a box of its own, that box: see :func:`fast_region`).
     """
     opts = options or InferenceOptions()
     t0 = time.perf_counter()
@@ -464,6 +516,8 @@ def predict_volume(
         progress(0.0, "resampling")
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
     region, fine_from, box = grid, 0.05, None
+    windows: list[tuple[int, int, int]] | None = None
+    patch: tuple[int, int, int] | None = None
     view = whole_ct_view(image, model, info, opts, device, _stage(progress, 0.02, 0.2, "locating"), cancel, notes)
     if view is not None:
         location, coarse = view
@@ -478,24 +532,26 @@ def predict_volume(
                 empty.probability_covers = conf.COVERS_NOTHING
             return empty
         fine_from = 0.2
-        if mode == "fast":
-            # the box is at least one trained window in every direction (centred on the organ), so the
-            # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
-            box, note = box_from_coarse_mask(location.mask, coarse, grid, min_shape=pre.patch_size)
-            notes += [f"fast mode: {note}"] if note else []
-            region = grid.crop(box.start, box.stop)  # type: ignore[union-attr]
-        elif location.body is not None and location.body.any():
-            # full mode windows the patient's body (its box, at least one window): the air around it
-            # holds no spleen, and skipping it is what keeps full mode ahead of a plain sliding window
+        if location.body is not None and location.body.any():
+            # both modes window the patient's body (its box, at least one window): the air around it
+            # holds no spleen, and skipping it keeps full mode ahead of a plain sliding window
             body_box, _ = box_from_coarse_mask(location.body, coarse, grid, BODY_MARGIN_MM, min_shape=pre.patch_size)
             if body_box is not None and body_box.shape != grid.model_shape:
                 region = grid.crop(body_box.start, body_box.stop)
-                share = math.prod(body_box.shape) / math.prod(grid.model_shape)
-                notes.append(f"full mode: the body's box, {100 * share:.0f} % of the CT's volume, was segmented")
+                if mode == "full":
+                    share = math.prod(body_box.shape) / math.prod(grid.model_shape)
+                    notes.append(f"full mode: the body's box, {100 * share:.0f} % of the CT's volume, was segmented")
+        if mode == "fast":
+            # the box is at least one trained window in every direction (centred on the organ), so the
+            # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
+            organ, note = box_from_coarse_mask(location.mask, coarse, grid, min_shape=pre.patch_size)
+            notes += [f"fast mode: {note}"] if note else []
+            region, box, windows, patch = fast_region(grid, region, organ, pre.patch_size, model.config.size_multiple, opts.overlap)  # type: ignore[arg-type]
     # the main network always uses its trained window (fast mode just runs fewer of them): its output
     # depends on the window size, so one big window would not give the full pass's answer
     segmenting = _stage(progress, fine_from, 0.9, "segmenting")
-    probs = _run_network(image.array, region, model, info, opts, device, segmenting, cancel, notes, False)
+    probs = _run_network(image.array, region, model, info, opts, device, segmenting, cancel, notes, False,
+                         windows=windows, patch=patch)
     if cancel is not None and cancel():
         raise Cancelled("cancelled by the user")
     if progress is not None:

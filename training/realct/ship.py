@@ -178,9 +178,12 @@ def write_outputs(
             f"V-Net widths {list(loc_info.config.widths)} (batch norm) at 4 x 4 x 4 mm, run once over the "
             "whole CT; in fast mode the located part's box plus 15 mm, grown to at least one "
             f"{' x '.join(map(str, INFERENCE_PATCH))}-voxel window around the organ, is then segmented at "
-            "1.5 x 1.5 x 2 mm. In both modes the part it locates (the one holding the most probability, "
-            "at least 10 mL) is the spleen: nothing located means 'no spleen found in the field of view', and "
-            "the full-resolution mask keeps only its component on the located part. "
+            "1.5 x 1.5 x 2 mm; full mode segments the body's box. In both modes the part it locates is the "
+            "spleen: the one holding the most probability, at least 10 mL, among the parts whose centre lies on "
+            "the patient's left of the body's centre and that have at most 50 mL of lung straight below them "
+            "(the spleen lies under the diaphragm; a part above lung is in the chest). Nothing located means "
+            "'no spleen found in the field of view', and the full-resolution mask keeps only its component on "
+            "the located part. "
             "Trained with training.engine on the same subjects as the main network."
         ),
         "trained_steps": (budget["locator"] + budget["locator_refine"]) * 20,
@@ -317,7 +320,7 @@ def build_card(
             "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
-            "spleen in view"
+            "spleen in view, and a part on the patient's right or with lung beneath it is never located"
         ),
         "training": {
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
