@@ -62,6 +62,7 @@ CHEST_AIR_SHARE = 0.10
 # spleens at most 3.1 mL (colon and lung-base partial volume), under the chest parts they called
 # spleen (shoulder and chest-wall muscle, 40-360 mL) 113-538 mL
 MAX_LUNG_BELOW_ML = 50.0
+FOOTPRINT_GROW_MM = 8.0  # a part's axial footprint is grown by this much before the lung under it is counted
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ class Location:
         candidates_ml: every part the coarse pass found that could be the spleen, by volume (mL),
             the located one first.
         reason: why nothing was located ("" when found).
-        body: (X, Y, Z) bool, the patient's body on the coarse grid (:class:`BodyView`), when known:
+        body: (X, Y, Z) bool, the patient's body (:class:`BodyView`) on ``body_grid``, when known:
             full mode windows its box only (the air around the patient cannot hold a spleen).
+        body_grid: the model grid ``body`` lies on (the locator's 4 mm grid).
     """
 
     found: bool
@@ -97,6 +99,7 @@ class Location:
     candidates_ml: list[float]
     reason: str = ""
     body: np.ndarray | None = None
+    body_grid: GridMap | None = None
 
 
 @dataclass
@@ -137,8 +140,9 @@ class BodyView:
 
     def lung_below_ml(self, labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
         """(n,) mL of lung straight below each part 1..n of ``labels``: in its axial footprint
-        (grown by two voxels), under its lowest slice."""
+        (grown by ``FOOTPRINT_GROW_MM``), under its lowest slice."""
         voxel_ml = float(np.prod(grid.model_spacing)) / 1000.0
+        grow = max(1, int(round(FOOTPRINT_GROW_MM / float(min(grid.model_spacing[:2])))))
         # below[x, y, k]: lung voxels at (x, y) under slice k (superior is +k on the canonical grid)
         below = np.concatenate([np.zeros(self.lung.shape[:2] + (1,), np.int32),
                                 np.cumsum(self.lung, axis=2, dtype=np.int32)], axis=2)
@@ -150,7 +154,7 @@ class BodyView:
             xs, ys, zs = found
             foot = np.zeros(labels.shape[:2], bool)
             foot[xs, ys] = part.any(2)
-            foot = ndimage.binary_dilation(foot, iterations=2)
+            foot = ndimage.binary_dilation(foot, iterations=grow)
             out[i] = float(below[:, :, zs.start][foot].sum()) * voxel_ml
         return out
 
