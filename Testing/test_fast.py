@@ -40,7 +40,9 @@ def test_fast_equals_full_on_a_phantom_and_reports_its_box() -> None:
     grid = make_grid_map(ct.shape, ct.affine, FAST.preprocessing.target_spacing)
     start, stop = np.array(fast.box.start), np.array(fast.box.stop)
     assert (start >= 0).all() and (stop <= grid.model_shape).all()
-    assert (stop - start >= 48).all() and np.prod(stop - start) < 0.6 * np.prod(grid.model_shape)
+    # (on this small phantom the organ touches every one of full mode's 48^3 windows, so fast mode runs
+    # them all and its box is the grid: fewer windows are checked on a long CT further down)
+    assert (stop - start >= 48).all()
     organ = np.argwhere(ct.array > 0) @ ct.affine[:3, :3].T + ct.affine[:3, 3]
     organ_ijk = organ @ np.linalg.inv(grid.model_affine)[:3, :3].T + np.linalg.inv(grid.model_affine)[:3, 3]
     assert (organ_ijk.min(0) >= start).all() and (organ_ijk.max(0) <= stop - 1).all()
@@ -277,7 +279,7 @@ def test_fast_region_falls_back_to_its_own_box_when_full_modes_windows_would_cos
     grid = make_grid_map((400, 400, 300), np.diag([1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
     organ = Box((100, 100, 100), (150, 150, 150))  # 50^3: one 64^3 window of its own
     region, box, run, patch = fast_region(grid, grid, organ, (64, 64, 64), 16, 0.25)
-    # full mode's 64^3 grid (step 48) touches 2 x 2 x 2 windows of this box: more than twice one
+    # full mode's 64^3 grid (step 48) touches 2 x 2 x 2 windows of this box: more than three times one
     assert EXACT_FAST_COST * 1 < 8 and run is None and patch is None and box == organ
     assert region.model_shape == (50, 50, 50)
     # a long CT one window wide in-plane (the shipped model's usual case): 3 windows of its own along z, 4 of full mode's

