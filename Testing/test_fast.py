@@ -289,36 +289,3 @@ def test_fast_region_falls_back_to_its_own_box_when_full_modes_windows_would_cos
     assert run is not None and len(run) == 4 == len(_windows((64, 64, 128), (64,) * 3, 0.25)) + 1
     assert all(a <= s and t <= b for a, s, t, b in zip(box.start, big.start, big.stop, box.stop))
     assert region.model_shape == box.shape and all(0 <= w[2] <= box.shape[2] - 64 for w in run)
-
-
-class BlindNet(torch.nn.Module):
-    """A stand-in locator that never sees a spleen (as the held-out locator on a 40 mm slab)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = VNetConfig(widths=(4, 8, 16, 32, 64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), torch.full_like(x, -20.0)], dim=1)
-
-
-@pytest.mark.parametrize("mode", ["fast", "full"])
-def test_a_thin_slab_is_judged_by_the_main_network_and_a_deeper_ct_by_the_locator(mode: str) -> None:
-    """A CT no deeper than one main-network window (here 48 slices x 2 mm = 96 mm): the locator's
-    view is not used; the main network's parts, under the same rules, decide. A deeper CT: the
-    locator decides (and this one sees nothing: no spleen)."""
-    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
-    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
-    info.locator = (BlindNet(), loc_info)
-    deep = _phantom()  # 60 slices x 2.5 mm = 150 mm
-    res = predict_volume(deep, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
-    assert not res.report.found and not res.labelmap.any()
-    thin = Image(np.ascontiguousarray(deep.array[:, :, 14:46]), deep.affine @ np.array(  # 32 slices: 80 mm
-        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 14], [0, 0, 0, 1]], dtype=float))
-    res = predict_volume(thin, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
-    assert res.report.found and dice(res.labelmap > 0, thin.array > 0) > 0.97
-    assert any("judged it at full resolution" in n for n in res.notes), res.notes
-    # the same rules hold on a slab: the organ mirrored to the patient's right is not the spleen
-    mirrored = Image(np.ascontiguousarray(thin.array[::-1]), thin.affine)
-    res = predict_volume(mirrored, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
-    assert not res.report.found and "patient's right" in res.report.message

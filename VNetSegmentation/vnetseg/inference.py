@@ -407,12 +407,6 @@ def _stage(progress: ProgressFn | None, lo: float, hi: float, label: str) -> Pro
     return lambda f, m: progress(lo + (hi - lo) * f, f"{label}: {m}")
 
 
-def _depth_mm(image: vio.Image, info: ModelInfo) -> float:
-    """The CT's head-foot extent (mm) on the main network's grid (canonical RAS: axis 2)."""
-    grid = make_grid_map(image.shape, image.affine, info.preprocessing.target_spacing)
-    return float(grid.model_shape[2] * grid.model_spacing[2])
-
-
 def whole_ct_view(
     image: vio.Image,
     model: VNet,
@@ -423,14 +417,7 @@ def whole_ct_view(
     cancel: CancelFn | None,
     notes: list[str],
 ) -> tuple[Location, GridMap] | None:
-    """Run the locator (or the model at its coarse spacing) over the whole CT; None for models with neither.
-
-    A CT no deeper (head-foot) than one of the main network's windows - a thin slab, such as a
-    20-slice series - is judged by the main network itself at full resolution, with the same
-    rules: the locator learnt from views 192 mm deep, and held out it found nothing on such a
-    slab (P2, 40 mm) where the main network found the spleen; the slab is one window deep, so
-    this costs about one more full-mode pass.
-    """
+    """Run the locator (or the model at its coarse spacing) over the whole CT; None for models with neither."""
     if info.locator is not None:  # a small network of its own, at its own spacing
         loc_net, loc_info = info.locator[0].to(device).eval(), info.locator[1]
         spacing = loc_info.preprocessing.target_spacing
@@ -441,20 +428,6 @@ def whole_ct_view(
     coarse = make_grid_map(image.shape, image.affine, spacing)
     hu = to_model_grid(image.array, coarse)  # resampled once: for the anatomy and for the network
     anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
-    pre = info.preprocessing
-    depth = _depth_mm(image, info)
-    if info.locator is not None and depth <= pre.patch_size[2] * pre.target_spacing[2]:  # a thin slab
-        grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
-        fine_hu = to_model_grid(image.array, grid)
-        fine_anatomy = BodyView.from_hu(fine_hu)
-        found = _run_network(image.array, grid, model, info, opts, device, progress, cancel, notes, False, fine_hu)
-        notes.append(
-            f"whole-CT view: the CT is {depth:.0f} mm deep, no deeper than one window of the main network, so "
-            "the main network judged it at full resolution (the locator learnt from deeper views)"
-        )
-        location = locate(found.sum(0), grid, anatomy=fine_anatomy)
-        location.body, location.body_grid = anatomy.body, coarse
-        return location, grid
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     location = locate(found.sum(0), coarse, anatomy=anatomy)  # left of the midline, not above lung
     location.body, location.body_grid = anatomy.body, coarse
