@@ -28,6 +28,11 @@ and a tight box showed less than full mode does (fast vs full Dice on the three 
 shipped model v1.0.0: 0.942-0.981 with a tight box, 0.986-0.995 with one 160 x 160 x 32 window at
 least). When the organ touches the edge of the field of view, the box is extended to the image
 border on that side (the image itself is the only limit there) and the result says so.
+
+Full mode windows the body's box (the air around the patient holds no spleen). Fast mode then
+runs only full mode's windows that touch the organ's box (``inference.fast_region``), which makes
+its probabilities there full mode's exactly; where that would cost more than
+``inference.EXACT_FAST_COST`` times the organ's own box, it runs that box with its own windows.
 """
 
 from __future__ import annotations
