@@ -268,7 +268,7 @@ LOPO_TARGET = {True: 0.85, False: 0.75}  # issue 12: held-out Dice per contrast-
 KNOWN_LOW = {
     "P2": "held out, the locator finds nothing on P2's 40 mm slab (it learnt from 192 mm deep views), so both "
     "modes answer 'no spleen' (Dice 0); the held-out main network alone would find it (0.873)",
-    "P3": "held out, P3 (contrast chest CT, reduced training budget) reaches Dice 0.786 against 0.85",
+    "P3": "held out, P3 (contrast chest CT, sharp kernel) reaches Dice 0.777 against 0.85",
     "P4": "held out, P4 (native low-dose CT) reaches Dice 0.697 against 0.75",
     "P5": "held out, P5 (contrast neck-to-kidneys chest CT) reaches Dice 0.751 against 0.85",
 }
