@@ -79,7 +79,7 @@ def _grid_windows(shape, patch) -> list[tuple[int, int, int]]:
 
 def _touching(windows, patch, box) -> list[tuple[int, int, int]]:
     """The windows that share at least one voxel with ``box``."""
-    return [w for w in windows if all(a < hi and a + p > lo for a, p, lo, hi in zip(w, patch, box.start, box.stop))]
+    return inf.touching_windows(windows, patch, box.start, box.stop)
 
 
 def _subset_probabilities(net, info, volume: np.ndarray, box) -> tuple[np.ndarray, int]:

@@ -93,9 +93,8 @@ class Location:
         candidates_ml: every part the coarse pass found that could be the spleen, by volume (mL),
             the located one first.
         reason: why nothing was located ("" when found).
-        body: (X, Y, Z) bool, the patient's body (:class:`BodyView`) on ``body_grid``, when known:
-            full mode windows its box only (the air around the patient cannot hold a spleen).
-        body_grid: the model grid ``body`` lies on (the locator's 4 mm grid).
+        body: (X, Y, Z) bool, the patient's body (:class:`BodyView`) on the same coarse grid, when
+            known: full mode windows its box only (the air around the patient cannot hold a spleen).
     """
 
     found: bool
@@ -104,7 +103,6 @@ class Location:
     candidates_ml: list[float]
     reason: str = ""
     body: np.ndarray | None = None
-    body_grid: GridMap | None = None
 
 
 @dataclass

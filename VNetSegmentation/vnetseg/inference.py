@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -130,6 +130,13 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 def _windows(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> list[tuple[int, int, int]]:
     starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
     return [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+
+
+def touching_windows(
+    windows: list[tuple[int, int, int]], patch: tuple[int, ...], start: Sequence[int], stop: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """The window starts whose ``patch``-sized window shares at least one voxel with the box ``start:stop``."""
+    return [w for w in windows if all(a < hi and a + p > lo for a, p, lo, hi in zip(w, patch, start, stop))]
 
 
 def _batches(items: list[tuple[int, int, int]], size: int) -> Iterator[list[tuple[int, int, int]]]:
@@ -430,7 +437,7 @@ def whole_ct_view(
     anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     location = locate(found.sum(0), coarse, anatomy=anatomy)  # left of the midline, not above lung
-    location.body, location.body_grid = anatomy.body, coarse
+    location.body = anatomy.body
     return location, coarse
 
 
@@ -475,8 +482,7 @@ def fast_region(
     padded = tuple(max(s, p) for s, p in zip(full.model_shape, patch))
     lo = np.asarray(organ.start) - origin
     hi = np.asarray(organ.stop) - origin
-    touching = [w for w in _windows(padded, patch, overlap)
-                if all(a < h and a + p > l for a, p, l, h in zip(w, patch, lo, hi))]
+    touching = touching_windows(_windows(padded, patch, overlap), patch, lo, hi)
     own_patch = window_for(patch_size, organ.shape, multiple)
     own = len(_windows(tuple(max(s, p) for s, p in zip(organ.shape, own_patch)), own_patch, overlap))
     if not touching or len(touching) > EXACT_FAST_COST * own:
@@ -537,8 +543,7 @@ def predict_volume(
         if location.body is not None and location.body.any():
             # both modes window the patient's body (its box, at least one window): the air around it
             # holds no spleen, and skipping it keeps full mode ahead of a plain sliding window
-            body_box, _ = box_from_coarse_mask(location.body, location.body_grid or coarse, grid, BODY_MARGIN_MM,
-                                               min_shape=pre.patch_size)
+            body_box, _ = box_from_coarse_mask(location.body, coarse, grid, BODY_MARGIN_MM, min_shape=pre.patch_size)
             if body_box is not None and body_box.shape != grid.model_shape:
                 region = grid.crop(body_box.start, body_box.stop)
                 if mode == "full":
