@@ -176,9 +176,9 @@ def write_outputs(
         "role": "locator",
         "description": (
             f"V-Net widths {list(loc_info.config.widths)} (batch norm) at 4 x 4 x 4 mm, run once over the "
-            "whole CT; in fast mode the located part's box plus 15 mm, grown to at least one "
-            f"{' x '.join(map(str, INFERENCE_PATCH))}-voxel window around the organ, is then segmented at "
-            "1.5 x 1.5 x 2 mm; full mode segments the body's box. In both modes the part it locates is the "
+            "whole CT; full mode then segments the body's box at 1.5 x 1.5 x 2 mm with "
+            f"{' x '.join(map(str, INFERENCE_PATCH))}-voxel windows, fast mode only those of full mode's "
+            "windows that touch the located part's box plus 15 mm (so its mask is full mode's). In both modes the part it locates is the "
             "spleen: the one holding the most probability, at least 10 mL, among the parts whose centre lies on "
             "the patient's left of the body's centre and that have at most 50 mL of lung straight below them "
             "(the spleen lies under the diaphragm; a part above lung is in the chest). Nothing located means "
