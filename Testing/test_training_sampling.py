@@ -116,30 +116,3 @@ def test_two_views_are_windows_of_each_patch_at_their_offsets() -> None:
     assert len({tuple(o) for o in offsets.tolist()}) > 1
     with pytest.raises(ValueError, match="smaller than the window"):
         two_views(image, label, (24, 16, 8), torch.Generator())
-
-
-def test_thin_slabs_keep_an_axial_slab_through_the_centre_and_pad_the_rest() -> None:
-    case = _case()
-    no_slab = AugmentConfig(affine_prob=0.0, elastic_prob=0.0, intensity_scale_prob=0.0, intensity_shift_prob=0.0,
-                            noise_prob=0.0, blur_prob=0.0)
-    slab = AugmentConfig(**{**no_slab.__dict__, "slab_prob": 1.0, "slab_mm": (8.0, 16.0)})  # 2-4 slices of 4 mm
-    plain = PatchDataset([case], (16, 16, 16), 30, fg_ratio=1.0, seed=2, augment=no_slab, pad_value=-1.0)
-    thin = PatchDataset([case], (16, 16, 16), 30, fg_ratio=1.0, seed=2, augment=slab, pad_value=-1.0,
-                        spacing=(2.0, 2.0, 4.0))
-    depths = set()
-    for i in range(30):
-        a, b = plain[i], thin[i]
-        kept = np.flatnonzero((b["image"][0] != -1.0).any(axis=(0, 1)).numpy())
-        assert kept.size and np.array_equal(kept, np.arange(kept[0], kept[-1] + 1))  # one contiguous slab
-        assert kept[0] <= 8 <= kept[-1]  # through the centre slice, so the centred spleen voxel is kept
-        depths.add(kept.size)
-        inside = slice(kept[0], kept[-1] + 1)
-        # inside the slab the patch is the patch it would have been; outside only padding, no label
-        assert torch.equal(b["image"][..., inside], a["image"][..., inside])
-        assert torch.equal(b["label"][..., inside], a["label"][..., inside])
-        assert b["label"].sum() == b["label"][..., inside].sum() and b["label"][8, 8, 8] == 1
-    assert depths <= {2, 3, 4} and len(depths) > 1
-    with pytest.raises(ValueError, match="spacing"):
-        PatchDataset([case], (16, 16, 16), 4, 1.0, 0, slab)
-    with pytest.raises(ValueError, match="slab_prob"):
-        AugmentConfig(slab_prob=1.5)

@@ -81,10 +81,6 @@ CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 16
 TRAIN_AUG = AugmentConfig(
     affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0, noise_prob=0.15, blur_prob=0.1
 )
-# the locator sees the whole CT in one window, so a thin CT (P2's 20-slice series is 40 mm deep) is a
-# slab with padding above it: a quarter of its patches are cut to an axial slab of 24-96 mm (through
-# the patch's centre), so that it also learns thin slabs with and without a spleen in them
-LOCATOR_AUG = AugmentConfig(**{**TRAIN_AUG.__dict__, "slab_prob": 0.25, "slab_mm": (24.0, 96.0)})
 
 
 def main_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -172,11 +168,9 @@ def locator_refine_config(epochs: int, iters: int = 20) -> TrainConfig:
 
 
 def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
-    """The locator: 4 mm, large patches, 40 % of them on the spleen (most of the others hold the heart, liver,
-    bowel), a quarter of them thin axial slabs."""
+    """The locator: 4 mm, large patches, 40 % of them on the spleen (most of the others hold the heart, liver, bowel)."""
     cfg = main_config(epochs, iters)
-    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4,
-                          "augment": LOCATOR_AUG})
+    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4})
 
 
 # epochs of 20 steps x 2 patches: main stage one (64^3) for the final model and for each

@@ -36,10 +36,6 @@ class AugmentConfig:
         noise_prob / noise_std: additive Gaussian noise (windowed units).
         blur_prob / blur_sigma: Gaussian blur sigma range in voxels.
         flip_lr: random left-right flips. Off by default: the spleen is on the patient's left.
-        slab_prob / slab_mm: with this probability a patch keeps only an axial slab of U(min, max)
-            mm (through the patch's centre, so a patch cut around the spleen keeps some of it) and
-            everything above and below it becomes padding with no label, as a thin CT (a 20-slice
-            series, a few slices exported) looks to a network that sees the whole CT in one window.
     """
 
     affine_prob: float = 0.5
@@ -57,14 +53,6 @@ class AugmentConfig:
     blur_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     flip_lr: bool = False
-    slab_prob: float = 0.0
-    slab_mm: tuple[float, float] = (32.0, 96.0)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.slab_prob <= 1.0:
-            raise ValueError(f"augment.slab_prob must be in [0, 1], got {self.slab_prob}")
-        if not 0.0 < self.slab_mm[0] <= self.slab_mm[1]:
-            raise ValueError(f"augment.slab_mm must be (min, max) mm with 0 < min <= max, got {self.slab_mm}")
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,7 @@ class Trainer:
         extra = cfg.consistency_shift if cfg.shift_consistency > 0 else (0, 0, 0)
         size = tuple(p + e for p, e in zip(cfg.preprocessing.patch_size, extra))
         ds = PatchDataset(cached, size, per_rank * self.dist.world, cfg.fg_ratio, cfg.seed,
-                          cfg.augment, pad_value=cfg.preprocessing.scale[0], fg_offset=cfg.fg_offset,
-                          spacing=cfg.preprocessing.target_spacing)
+                          cfg.augment, pad_value=cfg.preprocessing.scale[0], fg_offset=cfg.fg_offset)
         sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=False) if self.dist.enabled else None
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
                             pin_memory=self.dist.device.type == "cuda", drop_last=True,

@@ -110,22 +110,6 @@ def two_views(
     return torch.stack(images), torch.stack(labels), offsets
 
 
-def thin_slab(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, slab_mm: tuple[float, float],
-              spacing_z: float, pad_value: float) -> None:
-    """Keep one axial slab of ``image`` (C, X, Y, Z) and ``label`` (X, Y, Z); the rest becomes padding, in place.
-
-    The slab is U(slab_mm) mm thick (at least one slice, at most the patch) and holds the patch's
-    centre slice; above and below it the image is ``pad_value`` and the label 0.
-    """
-    depth = image.shape[-1]
-    slices = int(np.clip(round(rng.uniform(*slab_mm) / spacing_z), 1, depth))
-    centre = depth // 2
-    start = int(rng.integers(max(0, centre - slices + 1), min(centre, depth - slices) + 1))
-    for lo, hi in ((0, start), (start + slices, depth)):
-        image[..., lo:hi] = pad_value
-        label[..., lo:hi] = 0
-
-
 class PatchDataset(Dataset):
     """``length`` random patches per epoch from cached cases.
 
@@ -141,12 +125,10 @@ class PatchDataset(Dataset):
         pad_value: value outside the volume (the lower end of the intensity scale).
         fg_offset: how far from the patch centre the foreground voxel may lie, as a share of half
             of ``patch`` per axis (uniform; 0 = centred on it; the voxel always stays inside).
-        spacing: the patches' voxel size in mm; needed when ``augment.slab_prob`` > 0.
     """
 
     def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int], length: int, fg_ratio: float,
-                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_offset: float = 0.0,
-                 spacing: tuple[float, float, float] | None = None) -> None:
+                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_offset: float = 0.0) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
         self.cases = cases
@@ -160,11 +142,6 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.pad_value = float(pad_value)
         self.aug_cfg = augment
-        self.slab_prob = augment.slab_prob if augment is not None else 0.0
-        if self.slab_prob > 0 and spacing is None:
-            raise ValueError("PatchDataset: augment.slab_prob > 0 needs the patches' spacing (mm), got spacing=None")
-        self.slab_mm = augment.slab_mm if augment is not None else (0.0, 0.0)
-        self.spacing_z = float(spacing[2]) if spacing is not None else 0.0
         self.crop_size = crop_margin(self.patch, augment)  # type: ignore[arg-type]
         # built here, in the parent process: forked DataLoader workers inherit it (no import per epoch)
         self._transform = build_augmentation(augment, self.patch) if augment is not None else None  # type: ignore[arg-type]
@@ -203,7 +180,4 @@ class PatchDataset(Dataset):
         else:
             image_t = torch.from_numpy(image.astype(np.float32))
             label_t = torch.from_numpy(label[0].astype(np.int64))
-        # drawn after everything else: runs without slabs draw exactly the patches they drew before
-        if self.slab_prob > 0 and rng.random() < self.slab_prob:
-            thin_slab(image_t.numpy(), label_t.numpy(), rng, self.slab_mm, self.spacing_z, self.pad_value)
         return {"image": image_t, "label": label_t}
