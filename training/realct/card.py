@@ -127,10 +127,14 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
     ]
     lopo = card["leave_one_patient_out"]
     if isinstance(lopo, dict):
-        steps = next(iter(lopo.values())).get("steps", "?")
+        all_steps = {h: v.get("steps", "?") for h, v in lopo.items()}
+        if len(set(all_steps.values())) == 1:
+            steps = f"{next(iter(all_steps.values()))} steps"
+        else:  # some pairs were trained with fewer stages: each says its own
+            steps = "; ".join(f"{h}: {s} steps" for h, s in all_steps.items())
         lines.append(
             "Both networks (main V-Net and locator) trained without the held-out patient (its real image and "
-            f"every subject made from it) with the same recipe ({steps} steps), scored in both modes on the "
+            f"every subject made from it) with the same recipe ({steps}), scored in both modes on the "
             "held-out patient's real CTs against its reference, and on its spleen-free parts. 'Away from the "
             "reference' is the predicted volume more than 10 mm from every reference spleen voxel (for P1 and "
             "P2 broken down by the TotalSegmentator structure it covers)."
