@@ -316,7 +316,7 @@ def build_card(
             "batch 2, half of the patches centred on the spleen, light MONAI augmentation), HU window "
             "[-57, 164], in five stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
             "short low-rate pass with more patches away from the spleen, then two with the spleen placed "
-            "anywhere in the patch (the held-out pairs stop after the third stage and the locator's first). "
+            "anywhere in the patch (the held-out pairs have every stage too, with a shorter first one). "
             "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
