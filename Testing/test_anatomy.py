@@ -153,7 +153,7 @@ def test_on_the_real_cts_no_lung_lies_beneath_the_reference_spleen_and_the_chest
         coarse, hu = _coarse_hu(scan.image)
         view = BodyView.from_hu(hu)
         spleen = to_model_grid(scan.spleen.astype(np.float32), coarse) > 0.5
-        labels, n = ndimage.label(spleen)
+        labels, _n = ndimage.label(spleen)
         biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
         below = view.lung_below_ml((labels == biggest).astype(np.int32), 1, coarse)[0]
         assert below < 0.2 * MAX_LUNG_BELOW_ML, f"{scan.name}: {below:.1f} mL of lung below the reference spleen"

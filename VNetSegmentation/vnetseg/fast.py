@@ -120,7 +120,7 @@ class BodyView:
     lung: np.ndarray
 
     @classmethod
-    def from_hu(cls, hu: np.ndarray) -> "BodyView":
+    def from_hu(cls, hu: np.ndarray) -> BodyView:
         dense = hu > BODY_HU
         labels, n = ndimage.label(dense)
         if n == 0:
@@ -145,7 +145,7 @@ class BodyView:
         """(n,) mL of lung straight below each part 1..n of ``labels``: in its axial footprint
         (grown by ``FOOTPRINT_GROW_MM``), under its lowest slice."""
         voxel_ml = float(np.prod(grid.model_spacing)) / 1000.0
-        grow = max(1, int(round(FOOTPRINT_GROW_MM / float(min(grid.model_spacing[:2])))))
+        grow = max(1, round(FOOTPRINT_GROW_MM / float(min(grid.model_spacing[:2]))))
         # below[x, y, k]: lung voxels at (x, y) under slice k (superior is +k on the canonical grid)
         below = np.concatenate([np.zeros(self.lung.shape[:2] + (1,), np.int32),
                                 np.cumsum(self.lung, axis=2, dtype=np.int32)], axis=2)

@@ -20,7 +20,7 @@ import torch
 from . import confidence as conf
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .fast import BODY_MARGIN_MM, Box, BodyView, Location, box_from_coarse_mask, grown, locate, single_window_patch
+from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
 from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
