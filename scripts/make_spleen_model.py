@@ -8,10 +8,11 @@ after the other, each training run with one CPU thread)::
 One thread makes every run deterministic (each training subject and each patch is a pure function
 of the seed): two runs from scratch of this recipe's v1 gave bit-identical subjects and weights.
 Measured times for v2.0.0 on this project's 2-core machine are in the model card
-(``training.train_minutes_wall`` and each held-out record's ``train_minutes``): one after the
-other, the pool takes a few minutes, the final networks about half an hour and each of the five
-leave-one-patient-out pairs about as long, so about three hours in all. The stages may run side by
-side, one process per core, which is how v2.0.0 was made (``--stage pool --scan S`` per scan,
+(``training.train_minutes_wall`` and each held-out record's ``train_minutes``, measured with
+two runs side by side): the pool takes a few minutes, the final networks' seven runs about 95
+minutes and each of the five leave-one-patient-out pairs, with the same seven stages, 57-77
+minutes, so about seven hours one after the other and about three and a half with two runs side
+by side, one process per core, which is how v2.0.0 was made (``--stage pool --scan S`` per scan,
 ``--stage final`` beside ``--stage lopo --held P``, then ``--stage bundle``).
 
 What it does (each stage reuses what an earlier, interrupted run left in ``--out``):
