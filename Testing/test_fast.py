@@ -278,14 +278,14 @@ def test_fast_region_falls_back_to_its_own_box_when_full_modes_windows_would_cos
 
     grid = make_grid_map((400, 400, 300), np.diag([1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
     organ = Box((100, 100, 100), (150, 150, 150))  # 50^3: one 64^3 window of its own
-    region, box, run, patch = fast_region(grid, grid, organ, (64, 64, 64), 16, 0.25)
+    region, box, run, patch = fast_region(grid, Box((0, 0, 0), grid.model_shape), organ, (64, 64, 64), 16, 0.25)
     # full mode's 64^3 grid (step 48) touches 2 x 2 x 2 windows of this box: more than three times one
     assert EXACT_FAST_COST * 1 < 8 and run is None and patch is None and box == organ
     assert region.model_shape == (50, 50, 50)
     # a long CT one window wide in-plane (the shipped model's usual case): 3 windows of its own along z, 4 of full mode's
     long = make_grid_map((64, 64, 400), np.diag([1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
     big = Box((0, 0, 100), (64, 64, 228))
-    region, box, run, patch = fast_region(long, long, big, (64, 64, 64), 16, 0.25)
+    region, box, run, patch = fast_region(long, Box((0, 0, 0), long.model_shape), big, (64, 64, 64), 16, 0.25)
     assert run is not None and len(run) == 4 == len(_windows((64, 64, 128), (64,) * 3, 0.25)) + 1
     assert all(a <= s and t <= b for a, s, t, b in zip(box.start, big.start, big.stop, box.stop))
     assert region.model_shape == box.shape and all(0 <= w[2] <= box.shape[2] - 64 for w in run)

@@ -17,10 +17,12 @@ from vnetseg.inference import (
     DeviceError,
     InferenceOptions,
     WindowSettings,
+    _windows,
     gaussian_importance,
     predict_volume,
     resolve_device,
     sliding_window,
+    touching_windows,
     window_starts,
 )
 from vnetseg.io import Image, read_image
@@ -170,11 +172,8 @@ def test_sliding_window_over_some_windows_equals_the_full_pass_where_they_are_al
     settings = WindowSettings((24, 24, 16), 0.25, 1)
     full = sliding_window(vol, predictor, settings, 1)
     lo, hi = (20, 10, 8), (30, 22, 14)  # a box; run only the windows that share a voxel with it
-
-    def touches(w: tuple[int, int, int]) -> bool:
-        return all(a < h and a + p > low for a, p, low, h in zip(w, settings.patch, lo, hi))
-
-    some = sliding_window(vol, predictor, settings, 1, only=touches)
+    touching = touching_windows(_windows(vol.shape[1:], settings.patch, 0.25), settings.patch, lo, hi)
+    some = sliding_window(vol, predictor, settings, 1, windows=touching)
     box = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
     np.testing.assert_array_equal(some[box], full[box])  # every window over the box ran: identical values
     assert not np.array_equal(some, full)  # elsewhere windows are missing

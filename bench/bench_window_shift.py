@@ -77,23 +77,16 @@ def _grid_windows(shape, patch) -> list[tuple[int, int, int]]:
     return inf._windows(tuple(max(s, p) for s, p in zip(shape, patch)), patch, 0.25)
 
 
-def _touching(windows, patch, box) -> list[tuple[int, int, int]]:
-    """The windows that share at least one voxel with ``box``."""
-    return inf.touching_windows(windows, patch, box.start, box.stop)
-
-
 def _subset_probabilities(net, info, volume: np.ndarray, box) -> tuple[np.ndarray, int]:
     """Full mode's Gaussian-weighted mean, but only over its windows that touch ``box`` (exact inside it)."""
     pre = info.preprocessing
     patch = inf.window_for(pre.patch_size, volume.shape, net.config.size_multiple)
-    n = len(_touching(_grid_windows(volume.shape, patch), patch, box))
+    touching = inf.touching_windows(_grid_windows(volume.shape, patch), patch, box.start, box.stop)
     settings = inf.WindowSettings(patch, 0.25, 1, pad_value=pre.scale[0])
-    probs = inf.sliding_window(
-        volume[None], inf.softmax_foreground(net, False), settings, 1, only=lambda w: bool(_touching([w], patch, box))
-    )[0]
+    probs = inf.sliding_window(volume[None], inf.softmax_foreground(net, False), settings, 1, windows=touching)[0]
     inside = np.zeros(volume.shape, bool)
     inside[tuple(slice(a, b) for a, b in zip(box.start, box.stop))] = True
-    return np.where(inside, probs, 0.0).astype(np.float32), n
+    return np.where(inside, probs, 0.0).astype(np.float32), len(touching)
 
 
 def _window_counts(shape, patch, multiple, fast_box, organ_box) -> dict[str, int]:
@@ -102,7 +95,7 @@ def _window_counts(shape, patch, multiple, fast_box, organ_box) -> dict[str, int
     return {
         "full": len(_grid_windows(shape, full_patch)),
         "fast": len(_grid_windows(fast_box.shape, fast_patch)),
-        "exact_subset": len(_touching(_grid_windows(shape, full_patch), full_patch, organ_box)),
+        "exact_subset": len(inf.touching_windows(_grid_windows(shape, full_patch), full_patch, organ_box.start, organ_box.stop)),
     }
 
 

@@ -176,7 +176,6 @@ def sliding_window(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     on_oom: Callable[[int], None] | None = None,
-    only: Callable[[tuple[int, int, int]], bool] | None = None,
     windows: list[tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """Gaussian-weighted sliding-window prediction over a whole volume.
@@ -189,11 +188,10 @@ def sliding_window(
         progress: called with (fraction done, message) after each batch.
         cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
         on_oom: called with the new batch size when CUDA memory runs out and the batch is halved.
-        only: run only the grid's windows (start indices) for which this returns True; voxels no
-            run window covers come out as 0.
         windows: run exactly these window starts instead of the grid's (each window must lie
-            inside the volume padded up to one patch): a part of a bigger volume's grid, so that
-            the part's answer is the bigger run's, voxel for voxel.
+            inside the volume padded up to one patch), e.g. a part of a bigger volume's grid, so that
+            the part's answer is the bigger run's, voxel for voxel; voxels no run window covers come
+            out as 0.
 
     Returns:
         (out_channels, X, Y, Z) float32: the weighted mean of all window predictions.
@@ -212,8 +210,6 @@ def sliding_window(
     weight = gaussian_importance(patch)
     weight_t = torch.from_numpy(weight).to(device)
     windows = _windows(padded, patch, settings.overlap) if windows is None else list(windows)
-    if only is not None:
-        windows = [w for w in windows if only(w)]
     batch_size = settings.batch_size
     done = 0
     pending = list(windows)
@@ -461,12 +457,13 @@ EXACT_FAST_COST = 3.0
 
 
 def fast_region(
-    grid: GridMap, full: GridMap, organ: Box, patch_size: tuple[int, int, int], multiple: int, overlap: float
+    grid: GridMap, full_box: Box, organ: Box, patch_size: tuple[int, int, int], multiple: int, overlap: float
 ) -> tuple[GridMap, Box, list[tuple[int, int, int]] | None, tuple[int, int, int] | None]:
     """Fast mode's part of the model grid and the windows to run on it.
 
     Args:
-        grid: the whole model grid; ``full``: full mode's part of it (``grid`` or a crop: the body's box).
+        grid: the whole model grid; ``full_box``: the box of it full mode windows (the whole grid or
+            the body's box).
         organ: the located organ's box on ``grid`` (at least one trained window wide).
 
     Returns:
@@ -476,8 +473,8 @@ def fast_region(
         equal full mode's exactly; otherwise region is ``organ`` with its own window grid (windows
         and patch None). ``box`` is region's box on ``grid``.
     """
-    offset = np.asarray(full.model_affine[:3, 3] - grid.model_affine[:3, 3]) @ np.linalg.inv(grid.model_affine[:3, :3]).T
-    origin = np.round(offset).astype(int)  # where ``full`` starts on ``grid``
+    full = grid.crop(full_box.start, full_box.stop)
+    origin = np.asarray(full_box.start)
     patch = window_for(patch_size, full.model_shape, multiple)
     padded = tuple(max(s, p) for s, p in zip(full.model_shape, patch))
     lo = np.asarray(organ.start) - origin
@@ -524,6 +521,7 @@ def predict_volume(
         progress(0.0, "resampling")
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
     region, fine_from, box = grid, 0.05, None
+    full_box = Box((0, 0, 0), grid.model_shape)  # what full mode windows: the grid, or the body's box
     windows: list[tuple[int, int, int]] | None = None
     patch: tuple[int, int, int] | None = None
     view = whole_ct_view(image, model, info, opts, device, _stage(progress, 0.02, 0.2, "locating"), cancel, notes)
@@ -545,7 +543,7 @@ def predict_volume(
             # holds no spleen, and skipping it keeps full mode ahead of a plain sliding window
             body_box, _ = box_from_coarse_mask(location.body, coarse, grid, BODY_MARGIN_MM, min_shape=pre.patch_size)
             if body_box is not None and body_box.shape != grid.model_shape:
-                region = grid.crop(body_box.start, body_box.stop)
+                full_box, region = body_box, grid.crop(body_box.start, body_box.stop)
                 if mode == "full":
                     share = math.prod(body_box.shape) / math.prod(grid.model_shape)
                     notes.append(f"full mode: the body's box, {100 * share:.0f} % of the CT's volume, was segmented")
@@ -554,7 +552,9 @@ def predict_volume(
             # network sees the organ with as much surrounding anatomy as in full mode, not a tight crop
             organ, note = box_from_coarse_mask(location.mask, coarse, grid, min_shape=pre.patch_size)
             notes += [f"fast mode: {note}"] if note else []
-            region, box, windows, patch = fast_region(grid, region, organ, pre.patch_size, model.config.size_multiple, opts.overlap)  # type: ignore[arg-type]
+            region, box, windows, patch = fast_region(  # type: ignore[arg-type]
+                grid, full_box, organ, pre.patch_size, model.config.size_multiple, opts.overlap
+            )
     # the main network always uses its trained window (fast mode just runs fewer of them): its output
     # depends on the window size, so one big window would not give the full pass's answer
     segmenting = _stage(progress, fine_from, 0.9, "segmenting")
