@@ -235,23 +235,22 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None 
     return fold_dir / "model_last.pt"
 
 
-def _train_networks(
-    out: Path, task: Path, prefix: str, first_epochs: int, refine: bool = False
-) -> tuple[Path, Path, list[Path]]:
-    """The main network's stages and the locator on ``task``; returns (main, locator, every run)."""
+def _train_networks(out: Path, task: Path, prefix: str, first_epochs: int) -> tuple[Path, Path, list[Path]]:
+    """Every stage of the main network and of the locator on ``task``; returns (main, locator, every run).
+
+    The runs, in order: main stages one to five, then the locator's two stages.
+    """
     first = _train(out, task, prefix, main_config(first_epochs))
     second = _train(out, task, f"{prefix}_context", context_config(BUDGET["context"]), init=first)
-    main = _train(out, task, f"{prefix}_polish", polish_config(BUDGET["polish"]), init=second)
-    locator = _train(out, task, f"{prefix.replace('_main', '')}_locator", locator_config(BUDGET["locator"]))
-    runs = [first, second, main, locator]
-    if refine:
-        fourth = _train(out, task, f"{prefix}_refine", refine_config(BUDGET["refine"]), init=main)
-        settle = TrainConfig(**{**refine_config(BUDGET["settle"]).__dict__, "lr": 5e-4})
-        main = _train(out, task, f"{prefix}_settle", settle, init=fourth)
-        locator = _train(out, task, f"{prefix.replace('_main', '')}_locator_refine",
-                         locator_refine_config(BUDGET["locator_refine"]), init=locator)
-        runs += [fourth, main, locator]
-    return main, locator, runs
+    third = _train(out, task, f"{prefix}_polish", polish_config(BUDGET["polish"]), init=second)
+    fourth = _train(out, task, f"{prefix}_refine", refine_config(BUDGET["refine"]), init=third)
+    settle = TrainConfig(**{**refine_config(BUDGET["settle"]).__dict__, "lr": 5e-4})
+    main = _train(out, task, f"{prefix}_settle", settle, init=fourth)
+    loc_prefix = prefix.replace("_main", "")
+    locator = _train(out, task, f"{loc_prefix}_locator", locator_config(BUDGET["locator"]))
+    locator2 = _train(out, task, f"{loc_prefix}_locator_refine", locator_refine_config(BUDGET["locator_refine"]),
+                      init=locator)
+    return main, locator2, [first, second, third, fourth, main, locator, locator2]
 
 
 def stage_lopo(out: Path, only: str | None = None) -> None:
@@ -272,13 +271,12 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
             val,
             f"subjects of {', '.join(others)}; validation on {held}'s real CTs",
         )
-        # every stage of the final networks (refine, settle, the locator's second stage): the held-out
-        # pairs measure the recipe that made the shipped file, not a shorter one
-        main, locator, runs = _train_networks(out, task, f"lopo_without_{held}", BUDGET["lopo"], refine=True)
+        # every stage of the final networks: the held-out pairs measure the recipe that made the shipped file
+        main, locator, runs = _train_networks(out, task, f"lopo_without_{held}", BUDGET["lopo"])
         net, info = _bundle_in_memory(main, locator)
         scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,))
         minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
-        first, second, third, loc, fourth, fifth, loc2 = (_steps(p) for p in runs)  # as trained (--budget may change them)
+        first, second, third, fourth, fifth, loc, loc2 = (_steps(p) for p in runs)  # as trained (--budget may change them)
         result = {
             "trained_on": list(others),
             "steps": f"{first} (64^3) + {second} + {third} + {fourth} + {fifth} (128x128x32); locator {loc} + {loc2}",
@@ -313,7 +311,7 @@ def stage_final(out: Path) -> None:
         val,
         "subjects of all five patients; validation on P2's real CT (a training-set check)",
     )
-    _train_networks(out, task, "final_main", BUDGET["final"], refine=True)
+    _train_networks(out, task, "final_main", BUDGET["final"])
 
 
 def stage_trials(out: Path, only: str | None = None) -> None:

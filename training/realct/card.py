@@ -130,7 +130,7 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         all_steps = {h: v.get("steps", "?") for h, v in lopo.items()}
         if len(set(all_steps.values())) == 1:
             steps = f"{next(iter(all_steps.values()))} steps"
-        else:  # some pairs were trained with fewer stages: each says its own
+        else:  # pairs trained with different budgets (--budget): each says its own
             steps = "; ".join(f"{h}: {s} steps" for h, s in all_steps.items())
         lines.append(
             "Both networks (main V-Net and locator) trained without the held-out patient (its real image and "
