@@ -8,7 +8,7 @@ import torch
 from test_inference import ThresholdNet
 from test_io import make_affine
 
-from vnetseg.checkpoint import ModelInfo, Preprocessing
+from vnetseg.checkpoint import Label, ModelInfo, Preprocessing
 from vnetseg.fast import box_from_coarse_mask, locate, single_window_patch
 from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
 from vnetseg.io import Image
@@ -115,6 +115,40 @@ def test_no_spleen_in_view_is_an_answer_in_both_modes(mode: str) -> None:
     assert not res.report.found and res.report.message.startswith("no spleen found in the field of view")
     assert res.volume_ml == 0 and res.report.warnings == [] and res.box is None
     assert not any(m.startswith("segmenting") for m in seen)  # the full-resolution network never ran
+
+
+class OrganBandNet(torch.nn.Module):
+    """A stand-in multi-organ locator with classes (background, Heart, Spleen): "Heart" above 131 HU,
+    "Spleen" at 76-131 HU. The spleen is its second foreground channel, not its first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = VNetConfig(widths=(4, 8, 16, 32, 64), out_channels=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 40.0 * (x - 0.85), 40.0 * torch.minimum(x - 0.6, 0.85 - x)], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_a_multi_organ_locator_decides_with_its_spleen_channel_only(mode: str) -> None:
+    """Its heart channel is not the spleen: the whole-CT view takes the channel named like the model's organ."""
+    ct, spleen, heart = _two_organs()
+    labels = (Label(1, "Heart"), Label(2, "Spleen"))
+    loc_info = ModelInfo(OrganBandNet().config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)),
+                         labels)
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (OrganBandNet(), loc_info)
+    res = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert res.report.found and dice(res.labelmap > 0, spleen) > 0.97 and not (res.labelmap > 0)[heart].any()
+    # the heart alone: the heart channel is sure of it, the spleen channel is not, so "no spleen"
+    alone = Image(np.where(heart, 160.0, -50.0).astype(np.float32), ct.affine)
+    res = predict_volume(alone, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not res.labelmap.any() and res.report.message.startswith("no spleen found in the field of view")
+    # a locator that does not name the model's organ is an inconsistent file: said, not guessed
+    info.locator = (OrganBandNet(), ModelInfo(loc_info.config, loc_info.preprocessing,
+                                              (Label(1, "Heart"), Label(2, "Liver"))))
+    with pytest.raises(ValueError, match="do not include the model's organ 'spleen'"):
+        predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
 
 
 def test_a_part_on_the_patients_right_is_never_located_as_the_spleen() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -11,7 +12,17 @@ from scipy import ndimage
 from training.data import load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
 from training.realct.augment import View, ViewSettings, draw_view, sample_view
-from training.realct.build import POOL_VIEWS, kinds_of, pool_cases, read_pool_records, write_pool, write_task
+from training.realct.build import (
+    ORGAN_CLASSES,
+    POOL_VIEWS,
+    UNKNOWN,
+    kinds_of,
+    organ_map,
+    pool_cases,
+    read_pool_records,
+    write_pool,
+    write_task,
+)
 from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics, misplaced
 from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part, spleen_free_parts
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
@@ -113,6 +124,32 @@ def test_pool_and_task_folders_train_ready(scans, tmp_path) -> None:
     assert json.loads((task / "splits.json").read_text()) == [{"train": ["p2_real_000", "p2_syn_000"], "val": []}]
     assert pool_cases(tmp_path, subjects, ("P1",)) == {}
     assert [r["name"] for r in read_pool_records(tmp_path)] == ["p2_real_000", "p2_syn_000"]
+    # the organ maps: the same spleen as the spleen mask, and the organs around it from the label map
+    organ_file = tmp_path / "pool" / "organsTr" / "p2_real_000.nii.gz"
+    organs = np.asarray(nib.load(str(organ_file)).dataobj)
+    spleen = np.asarray(nib.load(str(tmp_path / "pool" / "labelsTr" / "p2_real_000.nii.gz")).dataobj)
+    assert organs.shape == spleen.shape and np.array_equal(organs == 1, spleen == 1)
+    assert {ORGAN_CLASSES.index("liver"), ORGAN_CLASSES.index("stomach")} <= set(np.unique(organs).tolist())
+    # a pool written before organ maps existed gets them made again from each subject's seed, identical
+    organ_file.unlink()
+    write_pool(tmp_path, per_kind=1, seed=5, scans=[scans["p2_dicom"]], log=None)
+    assert np.array_equal(np.asarray(nib.load(str(organ_file)).dataobj), organs)
+    organ_task = write_task(tmp_path / "organs", pool_cases(tmp_path, subjects, ("P2",), "organsTr"), {}, "test",
+                            ORGAN_CLASSES)
+    data = read_msd(organ_task)
+    assert data.labels == dict(enumerate(ORGAN_CLASSES))
+    assert np.array_equal(load_case(data.case("p2_real_000"), data.labels)[1], organs)
+
+
+def test_organ_map_known_answers() -> None:
+    # TotalSegmentator v2 values: 1 spleen, 2/3 kidneys, 5 liver, 6 stomach, 18 small bowel, 20 colon,
+    # 51 heart (not a class: background), 80 gluteus maximus (muscle), 25 a vertebra (background)
+    labels = np.array([0, 1, 2, 3, 5, 6, 18, 20, 51, 80, 25], dtype=np.int16).reshape(1, 1, -1)
+    expected = ["background", "spleen", "kidney", "kidney", "liver", "stomach", "bowel", "bowel", "background",
+                "muscle", "background"]
+    assert organ_map(labels, "v2").ravel().tolist() == [ORGAN_CLASSES.index(n) for n in expected]
+    # a spleen-only reference says nothing about the rest: "not spleen, organ unknown"
+    assert organ_map(np.array([[[0, 1, 0]]]), "spleen").ravel().tolist() == [UNKNOWN, 1, UNKNOWN]
 
 
 def test_metrics_known_answers() -> None:

@@ -54,7 +54,16 @@ import torch
 from training import distributed as dd
 from training.config import AugmentConfig, TrainConfig, train_preset
 from training.engine import Trainer, TrainOptions
-from training.realct.build import TRAIN_SCANS, pool_cases, read_pool_records, write_pool, write_real_cases, write_task
+from training.realct.build import (
+    ORGAN_CLASSES,
+    TRAIN_SCANS,
+    UNKNOWN,
+    pool_cases,
+    read_pool_records,
+    write_pool,
+    write_real_cases,
+    write_task,
+)
 from training.realct.ship import COMMAND, INFERENCE_PATCH, write_outputs
 from training.realct.sources import PATIENTS, load_scans
 from vnetseg.checkpoint import Preprocessing, load_model
@@ -70,7 +79,9 @@ PER_KIND = 16
 # around it, which is why fast mode segments at least one trained window around the organ. Quarter
 # widths halve the CPU time of training and inference compared with the light preset's half widths.
 MAIN_MODEL = preset("light", widths=(4, 8, 16, 32, 64), norm="batch")
-LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch")
+# the locator is multi-organ: spleen, liver, kidney, stomach, bowel, muscle (ORGAN_CLASSES), so that the
+# TotalSegmentator maps of P1 and P2 tell it what the spleen is not; only its spleen channel is used
+LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch", out_channels=len(ORGAN_CLASSES))
 MAIN_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 64))
 # the locator decides whether a spleen is in view and which part is the spleen, for both modes: it is
 # trained on 256 x 256 x 192 mm patches (half the abdomen's width, the heart above the spleen, the
@@ -169,9 +180,15 @@ def locator_refine_config(epochs: int, iters: int = 20) -> TrainConfig:
 
 
 def locator_config(epochs: int, iters: int = 20) -> TrainConfig:
-    """The locator: 4 mm, large patches, 40 % of them on the spleen (most of the others hold the heart, liver, bowel)."""
+    """The locator: 4 mm, large patches, 40 % of them on the spleen (most of the others hold the heart, liver, bowel).
+
+    It learns ORGAN_CLASSES from the organ maps (``pool/organsTr``): every class where a
+    TotalSegmentator map names it, and only "not spleen" (UNKNOWN) elsewhere in the CTs whose
+    reference is the spleen alone; the partial-label loss does not push those voxels to any class.
+    """
     cfg = main_config(epochs, iters)
-    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4})
+    return TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4,
+                          "partial_label": UNKNOWN, "fg_classes": (1,)})
 
 
 # epochs of 20 steps x 2 patches: main stage one (64^3) for the final model and for each
@@ -235,8 +252,11 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None 
     return fold_dir / "model_last.pt"
 
 
-def _train_networks(out: Path, task: Path, prefix: str, first_epochs: int) -> tuple[Path, Path, list[Path]]:
-    """Every stage of the main network and of the locator on ``task``; returns (main, locator, every run).
+def _train_networks(
+    out: Path, task: Path, organ_task: Path, prefix: str, first_epochs: int
+) -> tuple[Path, Path, list[Path]]:
+    """Every stage of the main network on ``task`` and of the locator on ``organ_task`` (the same
+    subjects with their organ maps); returns (main, locator, every run).
 
     The runs, in order: main stages one to five, then the locator's two stages.
     """
@@ -247,9 +267,9 @@ def _train_networks(out: Path, task: Path, prefix: str, first_epochs: int) -> tu
     settle = TrainConfig(**{**refine_config(BUDGET["settle"]).__dict__, "lr": 5e-4})
     main = _train(out, task, f"{prefix}_settle", settle, init=fourth)
     loc_prefix = prefix.replace("_main", "")
-    locator = _train(out, task, f"{loc_prefix}_locator", locator_config(BUDGET["locator"]))
-    locator2 = _train(out, task, f"{loc_prefix}_locator_refine", locator_refine_config(BUDGET["locator_refine"]),
-                      init=locator)
+    locator = _train(out, organ_task, f"{loc_prefix}_organ_locator", locator_config(BUDGET["locator"]))
+    locator2 = _train(out, organ_task, f"{loc_prefix}_organ_locator_refine",
+                      locator_refine_config(BUDGET["locator_refine"]), init=locator)
     return main, locator2, [first, second, third, fourth, main, locator, locator2]
 
 
@@ -265,14 +285,12 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
             continue
         others = tuple(p for p in PATIENTS if p != held)
         val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
-        task = write_task(
-            out / "tasks" / f"lopo_without_{held}",
-            pool_cases(out, subjects, others),
-            val,
-            f"subjects of {', '.join(others)}; validation on {held}'s real CTs",
-        )
+        what = f"subjects of {', '.join(others)}; validation on {held}'s real CTs"
+        task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, others), val, what)
+        organ_task = write_task(out / "tasks" / f"lopo_without_{held}_organs",
+                                pool_cases(out, subjects, others, "organsTr"), val, what, ORGAN_CLASSES)
         # every stage of the final networks: the held-out pairs measure the recipe that made the shipped file
-        main, locator, runs = _train_networks(out, task, f"lopo_without_{held}", BUDGET["lopo"])
+        main, locator, runs = _train_networks(out, task, organ_task, f"lopo_without_{held}", BUDGET["lopo"])
         net, info = _bundle_in_memory(main, locator)
         scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,))
         minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
@@ -305,13 +323,11 @@ def stage_final(out: Path) -> None:
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
     val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
-    task = write_task(
-        out / "tasks" / "all",
-        pool_cases(out, subjects, PATIENTS),
-        val,
-        "subjects of all five patients; validation on P2's real CT (a training-set check)",
-    )
-    _train_networks(out, task, "final_main", BUDGET["final"])
+    what = "subjects of all five patients; validation on P2's real CT (a training-set check)"
+    task = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what)
+    organ_task = write_task(out / "tasks" / "all_organs", pool_cases(out, subjects, PATIENTS, "organsTr"), val, what,
+                            ORGAN_CLASSES)
+    _train_networks(out, task, organ_task, "final_main", BUDGET["final"])
 
 
 def stage_trials(out: Path, only: str | None = None) -> None:

@@ -43,13 +43,19 @@ class CachedCase:
     foreground: np.ndarray
 
 
-def cache_key(pre: Preprocessing) -> str:
-    """Digest of everything that changes the cached arrays."""
-    text = json.dumps(
-        {"v": CACHE_VERSION, "spacing": pre.target_spacing, "window": pre.hu_window, "scale": pre.scale,
-         "orientation": pre.orientation},
-        sort_keys=True,
-    )
+def cache_key(pre: Preprocessing, labels: dict[int, str] | None = None, unknown: int = 0) -> str:
+    """Digest of everything that changes the cached arrays.
+
+    A label set of more than two classes, or an ``unknown`` label value, is part of the key: the
+    same case names then hold other label maps (a multi-organ task made from the same subjects as
+    a spleen task) and get a folder of their own. Two-class caches keep the key they always had.
+    """
+    settings = {"v": CACHE_VERSION, "spacing": pre.target_spacing, "window": pre.hu_window, "scale": pre.scale,
+                "orientation": pre.orientation}
+    if unknown or (labels is not None and len(labels) > 2):
+        settings["labels"] = sorted(int(v) for v in (labels or {}))
+        settings["unknown"] = int(unknown)
+    text = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -70,16 +76,24 @@ def preprocess_case(case: Case, labels: dict[int, str], pre: Preprocessing) -> t
     return img, lab
 
 
-def cache_dir_for(cache_root: str | os.PathLike[str], pre: Preprocessing) -> Path:
-    return Path(cache_root) / cache_key(pre)
+def cache_dir_for(
+    cache_root: str | os.PathLike[str], pre: Preprocessing, labels: dict[int, str] | None = None, unknown: int = 0
+) -> Path:
+    return Path(cache_root) / cache_key(pre, labels, unknown)
 
 
 def ensure_cached(
     cases: list[Case], labels: dict[int, str], pre: Preprocessing, cache_root: str | os.PathLike[str],
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, unknown: int = 0,
 ) -> Path:
-    """Preprocess every case that is missing or stale in the cache; return the cache folder."""
-    folder = cache_dir_for(cache_root, pre)
+    """Preprocess every case that is missing or stale in the cache; return the cache folder.
+
+    ``unknown`` (0: none) is a label value allowed besides ``labels`` (see TrainConfig.partial_label);
+    it is not foreground: the stored foreground voxels are those of the classes in ``labels``.
+    """
+    folder = cache_dir_for(cache_root, pre, labels, unknown)
+    allowed = {**labels, unknown: "unknown"} if unknown else labels
+    classes = np.array(sorted(v for v in labels if v > 0), dtype=np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps({"version": CACHE_VERSION, "preprocessing": {
         "target_spacing": pre.target_spacing, "hu_window": pre.hu_window, "scale": pre.scale}}, indent=1))
@@ -90,8 +104,8 @@ def ensure_cached(
             continue
         if log is not None:
             log(f"preprocessing {case.name} ({n + 1}/{len(cases)})")
-        img, lab = preprocess_case(case, labels, pre)
-        fg = np.argwhere(lab > 0).astype(np.int32)
+        img, lab = preprocess_case(case, allowed, pre)
+        fg = np.argwhere(np.isin(lab, classes)).astype(np.int32)
         for suffix, arr in (("image", img), ("label", lab), ("fg", fg)):
             tmp = folder / f".{case.name}_{suffix}.tmp{os.getpid()}.npy"
             np.save(tmp, arr)

@@ -90,6 +90,11 @@ class TrainConfig:
             losses.shift_consistency_loss): the same voxel should get the same answer wherever it
             falls in a window (sliding-window and fast-mode inference place windows differently).
         consistency_shift: largest offset between the two views, voxels per axis.
+        partial_label: a label value (> every class) that means "not the first foreground class,
+            otherwise unknown", for cases whose reference names one organ only, trained with cases
+            that label several (losses.partial_dice_ce_loss); 0: every voxel is labelled.
+        fg_classes: the label values foreground-centred patches are cut around (empty: any
+            foreground label); e.g. (1,) keeps a multi-organ model's patches on the spleen.
     """
 
     model: VNetConfig = field(default_factory=lambda: preset("paper"))
@@ -118,6 +123,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shift_consistency: float = 0.0
     consistency_shift: tuple[int, int, int] = (0, 0, 0)
+    partial_label: int = 0
+    fg_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -142,6 +149,15 @@ class TrainConfig:
             raise ValueError(f"config consistency_shift must be 3 voxel counts >= 0, got {self.consistency_shift}")
         if self.shift_consistency > 0 and not any(self.consistency_shift):
             raise ValueError("config shift_consistency > 0 needs a consistency_shift > 0 in at least one axis")
+        if self.partial_label and not self.model.out_channels <= self.partial_label <= 255:
+            raise ValueError(
+                f"config partial_label must be 0 (off) or a label value from model.out_channels "
+                f"({self.model.out_channels}) to 255, got {self.partial_label}"
+            )
+        if any(not 0 < int(c) < self.model.out_channels for c in self.fg_classes):
+            raise ValueError(
+                f"config fg_classes must be foreground classes 1..{self.model.out_channels - 1}, got {self.fg_classes}"
+            )
         m = self.model.size_multiple
         if any(p % m for p in self.preprocessing.patch_size):
             raise ValueError(
@@ -170,6 +186,8 @@ class TrainConfig:
             data["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
         if "consistency_shift" in data:
             data["consistency_shift"] = tuple(int(v) for v in data["consistency_shift"])
+        if "fg_classes" in data:
+            data["fg_classes"] = tuple(int(v) for v in data["fg_classes"])
         return cls(**data)
 
 

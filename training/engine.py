@@ -169,7 +169,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.use_amp = bool(cfg.amp and self.dist.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.loss_fn = make_loss(cfg.loss)
+        self.loss_fn = make_loss(cfg.loss, cfg.partial_label)
         self.epoch = 0
         self.best_dice, self.best_epoch = -1.0, -1
         self.history: list[dict[str, Any]] = []
@@ -205,15 +205,17 @@ class Trainer:
         cache_root = opts.cache or Path(opts.out) / "cache"
         train_cases = [self.dataset.case(n) for n in self.train_names]
         log = None if opts.quiet else lambda m: print(m, file=sys.stderr, flush=True)
-        _on_main(self.dist, lambda: ensure_cached(train_cases, self.dataset.labels, cfg.preprocessing, cache_root, log))
-        folder = cache_dir_for(cache_root, cfg.preprocessing)
+        labels, unknown = self.dataset.labels, cfg.partial_label
+        _on_main(self.dist, lambda: ensure_cached(train_cases, labels, cfg.preprocessing, cache_root, log, unknown))
+        folder = cache_dir_for(cache_root, cfg.preprocessing, labels, unknown)
         cached = load_cached(folder, self.train_names)
         per_rank = cfg.iters_per_epoch * cfg.batch_size
         # with shift consistency each patch is cut larger: two windows at different offsets come out of it
         extra = cfg.consistency_shift if cfg.shift_consistency > 0 else (0, 0, 0)
         size = tuple(p + e for p, e in zip(cfg.preprocessing.patch_size, extra))
         ds = PatchDataset(cached, size, per_rank * self.dist.world, cfg.fg_ratio, cfg.seed,
-                          cfg.augment, pad_value=cfg.preprocessing.scale[0], fg_offset=cfg.fg_offset)
+                          cfg.augment, pad_value=cfg.preprocessing.scale[0], fg_offset=cfg.fg_offset,
+                          fg_classes=cfg.fg_classes)
         sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=False) if self.dist.enabled else None
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
                             pin_memory=self.dist.device.type == "cuda", drop_last=True,
@@ -290,7 +292,11 @@ class Trainer:
         return float(sums[0] / max(sums[1], 1)), float(sums[2] / max(seconds, 1e-9))
 
     def validate(self) -> dict[str, float]:
-        """Per-case Dice (mean over foreground labels) of the validation cases, via the core's inference."""
+        """Per-case Dice (mean over foreground labels) of the validation cases, via the core's inference.
+
+        With partial labels (``partial_label``) only the first foreground label is scored: it is the
+        one every case labels (a validation CT may name the spleen only).
+        """
         info = self.model_info({})
         options = InferenceOptions(device=str(self.dist.device), overlap=self.cfg.val_overlap,
                                    batch_size=self.cfg.batch_size, postprocess=self.cfg.val_postprocess,
@@ -298,13 +304,20 @@ class Trainer:
         mine = self.val_names[self.dist.rank :: self.dist.world]
         scores = torch.zeros(len(self.val_names), dtype=torch.float64)
         for name in mine:
-            image, label = load_case(self.dataset.case(name), self.dataset.labels)
+            image, label = load_case(self.dataset.case(name), self._case_labels())
             pred = predict_volume(image, self.model, info, options).labelmap
-            per_label = [dice(pred == lab.value, label == lab.value) for lab in self.labels]
+            scored = self.labels[:1] if self.cfg.partial_label else self.labels
+            per_label = [dice(pred == lab.value, label == lab.value) for lab in scored]
             scores[self.val_names.index(name)] = float(np.mean(per_label))
         self.model.train()
         scores = dd.all_reduce_sum(scores, self.dist)
         return {name: float(s) for name, s in zip(self.val_names, scores)}
+
+    def _case_labels(self) -> dict[int, str]:
+        """The label values a case may hold: dataset.json's, and the partial label if there is one."""
+        if not self.cfg.partial_label:
+            return self.dataset.labels
+        return {**self.dataset.labels, self.cfg.partial_label: "not the first label (otherwise unknown)"}
 
     # ----------------------------------------------------------------- export
     def model_info(self, card: dict[str, Any]) -> ModelInfo:

@@ -20,7 +20,7 @@ from vnetseg.checkpoint import ModelInfo
 from vnetseg.model import VNet
 
 from .checkpointing import load_state, save_state
-from .losses import make_loss
+from .losses import UNKNOWN_LABEL, make_loss
 from .optim import LRFactor
 from .sampling import PatchDataset
 
@@ -97,7 +97,10 @@ def train_phase(phase: Phase, cases: list, opts: FinetuneOptions, device: torch.
     seed = opts.seed * 2 + (phase.name == "locator")
     patches = PatchDataset(cases, phase.patch, phase.steps * opts.batch_size, FG_RATIO, seed, None,
                            pad_value=pre.scale[0], fg_offset=FG_OFFSET)
-    loss_fn, rows = make_loss("dice_ce"), []
+    # a multi-organ locator (spleen, liver, kidney...): the user's masks name the spleen only, so every
+    # other voxel is "not spleen, organ unknown" and the partial-label loss leaves its other classes alone
+    partial = UNKNOWN_LABEL if len(phase.info.labels) > 1 else 0
+    loss_fn, rows = make_loss("dice_ce", partial), []
     net.train()
     freeze_norm(net)
     for step in range(start, phase.steps):
@@ -106,6 +109,8 @@ def train_phase(phase: Phase, cases: list, opts: FinetuneOptions, device: torch.
         items = [patches[step * opts.batch_size + b] for b in range(opts.batch_size)]
         image = torch.stack([it["image"] for it in items]).to(device)  # (B, 1, X, Y, Z)
         label = torch.stack([it["label"] for it in items]).to(device)  # (B, X, Y, Z)
+        if partial:
+            label = torch.where(label == 1, label, torch.full_like(label, partial))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net(image), label)
         loss.backward()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# the label value of "not the first foreground class, otherwise unknown" (TrainConfig.partial_label)
+UNKNOWN_LABEL = 255
+
 
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, include_background: bool = False, eps: float = 1e-5
@@ -94,10 +97,65 @@ def shift_consistency_loss(
     return torch.stack(terms).mean()
 
 
-def make_loss(name: str):
-    """The loss function called ``name`` ("dice" or "dice_ce")."""
-    if name == "dice":
-        return soft_dice_loss
-    if name == "dice_ce":
-        return dice_ce_loss
-    raise ValueError(f"loss must be 'dice' or 'dice_ce', got {name!r}")
+def partial_dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, unknown: int, ce_weight: float = 1.0, eps: float = 1e-5
+) -> torch.Tensor:
+    """Dice + cross-entropy for labels that are partly unknown: ``unknown`` means "not class 1, but which
+    other class is not known" (a case whose reference names the spleen only, trained with cases that
+    also label the liver, kidneys, heart...).
+
+    * Cross-entropy: a labelled voxel scores ``-log p[label]``; an ``unknown`` voxel scores the
+      marginal ``-log(1 - p[1])``, the probability of all the classes it may belong to together.
+    * Soft Dice (squared denominators, over the whole batch, background excluded): class 1 over
+      every voxel (it is known everywhere); every other class over the labelled voxels only, and
+      only when the batch has any: a class is never pushed down where it may be true.
+
+    Args:
+        logits: (B, K, X, Y, Z) raw network output, K >= 2.
+        target: (B, X, Y, Z) labels in 0..K-1 or ``unknown``.
+        unknown: the label value of "not class 1, otherwise unknown" (>= K).
+        ce_weight: weight of the cross-entropy term.
+
+    Returns:
+        Scalar loss.
+    """
+    if logits.ndim != 5 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"logits (B, K, X, Y, Z) and target (B, X, Y, Z) expected, "
+            f"got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    k = logits.shape[1]
+    if k < 2 or unknown < k:
+        raise ValueError(f"the unknown label {unknown} must lie outside the {k} classes (0..{k - 1}), with K >= 2")
+    target = target.long()
+    known = target != unknown
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    safe = torch.where(known, target, torch.zeros_like(target))
+    labelled = -log_p.gather(1, safe[:, None])[:, 0]
+    others = torch.cat([log_p[:, :1], log_p[:, 2:]], dim=1)
+    not_first = -torch.logsumexp(others, dim=1)  # -log(1 - p[1])
+    ce = torch.where(known, labelled, not_first).mean()
+
+    probs = log_p.exp()
+    dims = (0, 1, 2, 3)
+    terms = []
+    for c in range(1, k):
+        p, g = probs[:, c], (target == c).to(probs.dtype)
+        if c != 1:
+            if not bool(known.any()):
+                continue
+            p = p * known
+        dice = (2.0 * (p * g).sum(dims) + eps) / ((p * p).sum(dims) + (g * g).sum(dims) + eps)
+        terms.append(1.0 - dice)
+    return torch.stack(terms).mean() + ce_weight * ce
+
+
+def make_loss(name: str, partial_label: int = 0):
+    """The loss function called ``name`` ("dice" or "dice_ce"); with ``partial_label`` > 0, its
+    partial-label form (:func:`partial_dice_ce_loss`, no cross-entropy for "dice")."""
+    if name not in ("dice", "dice_ce"):
+        raise ValueError(f"loss must be 'dice' or 'dice_ce', got {name!r}")
+    if partial_label:
+        weight = 1.0 if name == "dice_ce" else 0.0
+        return lambda logits, target: partial_dice_ce_loss(logits, target, partial_label, weight)
+    return soft_dice_loss if name == "dice" else dice_ce_loss

@@ -9,6 +9,7 @@ an uninterrupted run would have drawn.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -125,12 +126,21 @@ class PatchDataset(Dataset):
         pad_value: value outside the volume (the lower end of the intensity scale).
         fg_offset: how far from the patch centre the foreground voxel may lie, as a share of half
             of ``patch`` per axis (uniform; 0 = centred on it; the voxel always stays inside).
+        fg_classes: the label values that count as foreground for those patches (empty: every
+            foreground voxel the cache stored).
     """
 
     def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int], length: int, fg_ratio: float,
-                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_offset: float = 0.0) -> None:
+                 seed: int, augment: AugmentConfig | None, pad_value: float = 0.0, fg_offset: float = 0.0,
+                 fg_classes: tuple[int, ...] = ()) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
+        if fg_classes:  # e.g. a multi-organ model whose patches are cut around the spleen only
+            keep = np.asarray(fg_classes, dtype=np.uint8)
+            cases = [
+                replace(c, foreground=c.foreground[np.isin(np.asarray(c.label)[tuple(c.foreground.T)], keep)])
+                for c in cases
+            ]
         self.cases = cases
         self.patch = tuple(int(p) for p in patch)
         self.length = int(length)

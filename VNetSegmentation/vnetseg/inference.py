@@ -432,9 +432,29 @@ def whole_ct_view(
     hu = to_model_grid(image.array, coarse)  # resampled once: for the anatomy and for the network
     anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
-    location = locate(found.sum(0), coarse, anatomy=anatomy)  # left of the midline, not above lung
+    # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
+    organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
+    location = locate(organ, coarse, anatomy=anatomy)  # left of the midline, not above lung
     location.body = anatomy.body
     return location, coarse
+
+
+def _organ_channel(loc_info: ModelInfo, info: ModelInfo) -> int:
+    """Which of the whole-CT view's foreground channels is the main model's organ.
+
+    A locator with one foreground label is that organ. A multi-organ locator (spleen, liver,
+    kidney, heart...) must name it: its other classes are what the organ is not.
+    """
+    if len(loc_info.labels) == 1:
+        return 0
+    organ = info.labels[0].name.lower()
+    names = [lab.name.lower() for lab in loc_info.labels]
+    if organ not in names:
+        raise ValueError(
+            f"the model file's locator labels {names} do not include the model's organ '{organ}'; "
+            "the file is inconsistent: re-export it with a locator trained for that organ"
+        )
+    return names.index(organ)
 
 
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:

@@ -4,6 +4,8 @@ Layout under ``OUT`` (a run folder, never committed)::
 
     OUT/pool/imagesTr/<subject>.nii.gz   every subject (int16 HU, 1.5 x 1.5 x 2.0 mm, RAS)
     OUT/pool/labelsTr/<subject>.nii.gz   its spleen mask (uint8, 1 = spleen)
+    OUT/pool/organsTr/<subject>.nii.gz   its organ map for the multi-organ locator (uint8, ORGAN_CLASSES;
+                                         255 = "not spleen, organ unknown" where the reference is spleen-only)
     OUT/pool/subjects_<scan>.json        how each subject was made (patient, kind, view, phase...)
     OUT/real/...                         the real CTs with their spleen pseudo-labels (validation)
     OUT/tasks/<task>/                    MSD task folders (symlinks into pool/ and real/),
@@ -32,6 +34,7 @@ import numpy as np
 from vnetseg.io import write_nifti
 
 from ..data import write_dataset_json
+from .anatomy import GROUP_NAMES
 from .augment import ViewSettings, degrade, draw_view, sample_view
 from .sources import Scan, load_scans
 from .synth import group_map, group_means, rephase_real, synthesize
@@ -42,6 +45,32 @@ TRAIN_SCANS = ("p1_ct", "p2_dicom", "p3_cptac", "p4_acrin", "p5_lidc")
 # more views away from the spleen than the ViewSettings default: chest with the heart, lower abdomen,
 # pelvis and the patient's right side, so that the network learns what the spleen is not
 POOL_VIEWS = ViewSettings(mode_p=(0.45, 0.2, 0.35))
+
+
+# the multi-organ locator's classes: what the spleen is not, where a TotalSegmentator map says so.
+# No heart: neither TotalSegmentator CT here (P1: abdomen and pelvis, P2: 20 slices) reaches it; the
+# CTs that show it (P3-P5) have spleen-only references, so there it is "not spleen" (UNKNOWN).
+ORGAN_CLASSES = ("background", "spleen", "liver", "kidney", "stomach", "bowel", "muscle")
+ORGAN_GROUPS = {"liver": ("liver",), "kidney": ("kidney",), "stomach": ("stomach",), "bowel": ("bowel", "colon"),
+                "muscle": ("muscle",)}
+UNKNOWN = 255  # "not the spleen; which other class is not known" (TrainConfig.partial_label)
+
+
+def organ_map(labels: np.ndarray, version: str) -> np.ndarray:
+    """(X, Y, Z) uint8 index into ORGAN_CLASSES of a label map.
+
+    A TotalSegmentator map ("v1", "v2") gives every class; structures outside ORGAN_GROUPS
+    (fat, bone, lung, vessels, pancreas...) are background. A spleen-only reference ("spleen")
+    names the spleen and nothing else: every other voxel is UNKNOWN, not background.
+    """
+    if version == "spleen":
+        return np.where(labels == 1, 1, UNKNOWN).astype(np.uint8)
+    groups = group_map(labels, version)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for name, members in ORGAN_GROUPS.items():
+        out[np.isin(groups, [GROUP_NAMES.index(m) for m in members])] = ORGAN_CLASSES.index(name)
+    out[labels == 1] = 1
+    return out
 
 
 def kinds_of(scan: Scan) -> tuple[str, ...]:
@@ -80,7 +109,8 @@ def make_subject(
     """One subject from ``scan``: a deformed view, then real (rephased) or synthetic appearance, then degradations.
 
     Returns:
-        ((X, Y, Z) int16 HU, (X, Y, Z) uint8 spleen mask, 4x4 affine, description).
+        ((X, Y, Z) int16 HU, (X, Y, Z) uint8 spleen mask, (X, Y, Z) uint8 organ map (:func:`organ_map`),
+        4x4 affine, description).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -96,7 +126,19 @@ def make_subject(
     hu, degraded = degrade(hu, rng, settings.spacing)
     spleen = (labels == 1).astype(np.uint8)
     info = {"view": view.mode, "shape": list(view.shape), "phase": phase, **degraded}
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), spleen, view.affine(settings.spacing), info
+    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    return hu, spleen, organ_map(labels, scan.version), view.affine(settings.spacing), info
+
+
+def subject_organs(scan: Scan, rng: np.random.Generator, settings: ViewSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The (spleen mask, organ map) of the subject :func:`make_subject` draws from ``rng``, without its image.
+
+    The view is the first thing drawn from the generator, so the same seed gives the same view:
+    the organ maps of subjects written before there were organ maps are made again this way.
+    """
+    view = draw_view(scan, rng, settings)
+    labels = sample_view(scan, view, settings.spacing)[1]
+    return (labels == 1).astype(np.uint8), organ_map(labels, scan.version)
 
 
 def write_pool(
@@ -118,6 +160,7 @@ def write_pool(
     pool = Path(out) / "pool"
     (pool / "imagesTr").mkdir(parents=True, exist_ok=True)
     (pool / "labelsTr").mkdir(parents=True, exist_ok=True)
+    (pool / "organsTr").mkdir(parents=True, exist_ok=True)
     scans = scans if scans is not None else load_scans(names=TRAIN_SCANS)
     subjects = []
     for scan in scans:
@@ -130,15 +173,20 @@ def write_pool(
             for n in range(subjects_per_kind(scan, per_kind)):
                 name = f"{scan.patient.lower()}_{kind}_{n:03d}"
                 img_path, lab_path = pool / "imagesTr" / f"{name}.nii.gz", pool / "labelsTr" / f"{name}.nii.gz"
+                org_path = pool / "organsTr" / f"{name}.nii.gz"
+                seeds = [seed, s_index, k_index, n]
                 if name in records and img_path.is_file() and lab_path.is_file():
                     r = records[name]
                     subjects.append(Subject(name, r["patient"], r["kind"], r["spleen_ml"], {}))
+                    if not org_path.is_file():  # written before organ maps existed: made again from its seed
+                        _write_organs_of(scan, seeds, settings, lab_path, org_path)
                     continue
                 t0 = time.perf_counter()
-                rng = np.random.default_rng([seed, s_index, k_index, n])
-                hu, spleen, affine, info = make_subject(scan, kind, rng, settings, means)
+                rng = np.random.default_rng(seeds)
+                hu, spleen, organs, affine, info = make_subject(scan, kind, rng, settings, means)
                 write_nifti(img_path, hu, affine, overwrite=True)
                 write_nifti(lab_path, spleen, affine, overwrite=True)
+                write_nifti(org_path, organs, affine, overwrite=True)
                 ml = float(spleen.sum()) * float(np.prod(settings.spacing)) / 1000.0
                 subject = Subject(name, scan.patient, kind, ml, {"scan": scan.name, **info})
                 subjects.append(subject)
@@ -150,6 +198,20 @@ def write_pool(
                         f"({time.perf_counter() - t0:.1f} s)"
                     )
     return subjects
+
+
+def _write_organs_of(scan: Scan, seeds: list[int], settings: ViewSettings, lab_path: Path, org_path: Path) -> None:
+    """Make the organ map of a subject on disk again, and check it against the subject's spleen mask."""
+    import nibabel as nib
+
+    spleen, organs = subject_organs(scan, np.random.default_rng(seeds), settings)
+    stored = nib.load(str(lab_path))
+    if stored.shape != spleen.shape or not np.array_equal(np.asarray(stored.dataobj, dtype=np.uint8), spleen):
+        raise ValueError(
+            f"{lab_path.name}: the view drawn again from its seed does not match the stored spleen mask; "
+            "the pool was written with other settings: build it again into an empty folder"
+        )
+    write_nifti(org_path, organs, stored.affine, overwrite=True)
 
 
 def read_pool_records(out: str | os.PathLike[str]) -> list[dict]:
@@ -186,10 +248,12 @@ def write_task(
     train: dict[str, tuple[Path, Path]],
     val: dict[str, tuple[Path, Path]],
     description: str,
+    classes: tuple[str, ...] = ("background", "spleen"),
 ) -> Path:
     """An MSD task folder with symlinks to the cases, ``dataset.json`` and a one-fold ``splits.json``.
 
     Validation cases may also be training cases (a training-set check); they are listed once.
+    ``classes`` names the label values 0, 1, ... (ORGAN_CLASSES for a multi-organ task).
     """
     root = Path(task_dir)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -202,18 +266,20 @@ def write_task(
                 link.unlink()
             link.symlink_to(Path(target).resolve())
         pairs.append((f"./imagesTr/{name}.nii.gz", f"./labelsTr/{name}.nii.gz"))
-    write_dataset_json(root, pairs, {0: "background", 1: "spleen"}, name="RealCTSpleen", description=description)
+    labels = dict(enumerate(classes))
+    name = "RealCTSpleen" if len(classes) == 2 else "RealCTOrgans"
+    write_dataset_json(root, pairs, labels, name=name, description=description)
     (root / "splits.json").write_text(json.dumps([{"train": sorted(train), "val": sorted(val)}], indent=1))
     return root
 
 
 def pool_cases(
-    out: str | os.PathLike[str], subjects: list[Subject], patients: tuple[str, ...]
+    out: str | os.PathLike[str], subjects: list[Subject], patients: tuple[str, ...], labels: str = "labelsTr"
 ) -> dict[str, tuple[Path, Path]]:
-    """Pool subjects of ``patients`` as name -> (image, label) paths."""
+    """Pool subjects of ``patients`` as name -> (image, label) paths (``labels="organsTr"``: their organ maps)."""
     pool = Path(out) / "pool"
     return {
-        s.name: (pool / "imagesTr" / f"{s.name}.nii.gz", pool / "labelsTr" / f"{s.name}.nii.gz")
+        s.name: (pool / "imagesTr" / f"{s.name}.nii.gz", pool / labels / f"{s.name}.nii.gz")
         for s in subjects
         if s.patient in patients
     }
