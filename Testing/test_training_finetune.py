@@ -203,3 +203,41 @@ def test_a_changed_run_in_the_same_work_folder_is_refused(tiny_model_file, tmp_p
     assert result.installed and result.resumed_at == 0
     settings = json.loads((tmp_path / "m_finetune" / "settings.json").read_text())
     assert settings["cases"]["blob_0"][1][0] == (data / "labelsTr" / "blob_0.nii.gz").stat().st_size  # the new label
+
+
+def test_a_multi_organ_locator_is_fine_tuned_on_spleen_masks_without_unlearning_its_other_organs(tmp_path):
+    """The user's masks name the spleen only: the locator's liver channel must not be trained away as background."""
+    from vnetseg.checkpoint import Label, ModelInfo, Preprocessing, save_model
+    from vnetseg.model import VNetConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="instance")
+    loc_cfg = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch", out_channels=3)
+    locator = build_model(loc_cfg)
+    with torch.no_grad():
+        locator.head.weight.mul_(0.1)
+        locator.head.bias.copy_(torch.tensor([0.0, -2.0, 1.0]))  # "liver" likelier than background everywhere
+    info = ModelInfo(cfg, Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(32, 32, 32)),
+                     card={"name": "tiny model with a multi-organ locator", "trained": False})
+    labels = (Label(1, "Spleen"), Label(2, "Liver"))
+    loc_info = ModelInfo(loc_cfg, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(32, 32, 32)), labels)
+    base = tmp_path / "base.pt"
+    save_model(base, build_model(cfg), info, locator=(locator, loc_info))
+    data = blob_folder(tmp_path / "data")
+    opts = FinetuneOptions(base, data, tmp_path / "new.pt", steps=2, locator_steps=12, patch_size=(32, 32, 16),
+                           checkpoint_every=4, lr=1e-2, force=True, device="cpu")
+    finetune(opts)
+    new_loc, new_info = load_model(tmp_path / "new.pt")[1].locator
+    assert [lab.name for lab in new_info.labels] == ["Spleen", "Liver"]
+
+    def liver_share(net) -> float:
+        x = torch.full((1, 1, 16, 16, 16), 0.35)  # the blobs' background intensity (20 HU), no spleen
+        with torch.no_grad():
+            p = torch.softmax(net.eval()(x), 1)[0]
+        return float((p[2] / (p[0] + p[2])).mean())
+
+    before = liver_share(load_model(base)[1].locator[0])
+    assert before > 0.6
+    # spleen masks say "not spleen" there, not "background": the liver's share of it is not trained away
+    # (trained with their zeros as background, the same run leaves it at 0.05)
+    assert liver_share(new_loc) > 0.5
