@@ -335,7 +335,7 @@ def stage_trials(out: Path, only: str | None = None) -> None:
     from training.realct.ship import _with_patch, fp16_roundtrip, score_all
 
     stage3 = out / "runs" / "final_main_polish" / "fold_0" / "model_last.pt"
-    locator = out / "runs" / "final_locator" / "fold_0" / "model_last.pt"
+    locator = out / "runs" / "final_organ_locator" / "fold_0" / "model_last.pt"
     if not (stage3.is_file() and locator.is_file()):
         raise SystemExit(f"run --stage final into {out} first: trials start from {stage3} and use {locator}")
     loc_net, loc_info = load_model(locator)
