@@ -8,7 +8,7 @@ import torch
 from test_inference import ThresholdNet
 from test_io import make_affine
 
-from vnetseg.checkpoint import Label, ModelInfo, Preprocessing
+from vnetseg.checkpoint import Label, ModelInfo, Preprocessing, describe
 from vnetseg.fast import box_from_coarse_mask, locate, single_window_patch
 from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
 from vnetseg.io import Image
@@ -147,6 +147,8 @@ def test_a_multi_organ_locator_decides_with_its_spleen_channel_only(mode: str) -
     # a locator that does not name the model's organ is an inconsistent file: said, not guessed
     info.locator = (OrganBandNet(), ModelInfo(loc_info.config, loc_info.preprocessing,
                                               (Label(1, "Heart"), Label(2, "Liver"))))
+    assert "(classes Heart, Spleen; the decision reads Spleen)" in describe(ModelInfo(
+        info.config, info.preprocessing, locator=(OrganBandNet(), loc_info)))
     with pytest.raises(ValueError, match="do not include the model's organ 'spleen'"):
         predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
 
@@ -224,7 +226,7 @@ def test_a_locator_carried_in_the_model_file_drives_fast_mode(tmp_path) -> None:
     """Round trip of a model file with a locator; fast mode then uses the locator's own spacing."""
     import torch
 
-    from vnetseg.checkpoint import describe, load_model, save_model
+    from vnetseg.checkpoint import load_model, save_model
     from vnetseg.model import VNet
 
     torch.manual_seed(0)

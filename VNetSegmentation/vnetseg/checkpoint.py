@@ -300,7 +300,10 @@ def _fast_mode_text(info: ModelInfo) -> str:
     if info.locator is not None:
         loc = info.locator[1]
         spacing = " x ".join(f"{s:g}" for s in loc.preprocessing.target_spacing)
-        return f"locator V-Net widths={list(loc.config.widths)} at {spacing} mm"
+        text = f"locator V-Net widths={list(loc.config.widths)} at {spacing} mm"
+        if len(loc.labels) > 1:  # multi-organ: its other classes say what the organ is not
+            text += f" (classes {', '.join(lab.name for lab in loc.labels)}; the decision reads {info.labels[0].name})"
+        return text
     if info.preprocessing.coarse_spacing:
         return f"coarse pass at {' x '.join(f'{s:g}' for s in info.preprocessing.coarse_spacing)} mm"
     return "not supported (full pass only)"
