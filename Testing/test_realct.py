@@ -221,3 +221,27 @@ def test_misplaced_volume_and_what_it_covers(scans) -> None:
     # the liver lies more than 10 mm from the spleen nearly everywhere
     liver_ml = liver.sum() * scan.image.voxel_volume_ml
     assert 0.9 * liver_ml < far["misplaced_ml"] <= liver_ml + 0.05 and set(far["misplaced_in"]) == {"liver"}
+
+
+def _recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_spleen_model.py"
+    spec = importlib.util.spec_from_file_location("make_spleen_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_multi_organ_locator_experiment_is_a_partial_label_config_and_never_bundled(capsys) -> None:
+    recipe = _recipe()
+    shipped, organ = recipe.locator_config(2), recipe.locator_config(2, organ=True)
+    assert shipped.model.out_channels == 2 and shipped.partial_label == 0 and shipped.fg_classes == ()
+    assert organ.model.out_channels == len(ORGAN_CLASSES) == 7
+    assert organ.partial_label == UNKNOWN == 255 and organ.fg_classes == (1,)
+    assert organ.preprocessing == shipped.preprocessing and organ.fg_ratio == shipped.fg_ratio
+    assert recipe.locator_refine_config(2, organ=True).partial_label == UNKNOWN
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(["--stage", "bundle", "--organ-locator"])
+    assert exc.value.code == 2 and "bundle ships the spleen-only locator" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def write_registry(weights_dir: Path, sha256: str, card: dict[str, Any]) -> Path
                 "file": MODEL_FILE,
                 "sha256": sha256,
                 "description": f"{card['name']} v{card['version']}: spleen in CT, light V-Net at "
-                "1.5 x 1.5 x 2 mm with a 4 mm multi-organ locator that decides whether a spleen is in view; made from "
+                "1.5 x 1.5 x 2 mm with a 4 mm locator that decides whether a spleen is in view; made from "
                 "five patients' CTs (research use only)",
             }
         },
@@ -198,10 +198,7 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         (
             "**What it is.** A light V-Net (1.5 x 1.5 x 2 mm, HU window [-57, 164], 256 x 256 x 32 windows) and "
             "a 4 mm locator that looks at the whole CT first and decides, in both modes, whether a spleen is in "
-            "view and which part of the CT it is. The locator also learns the liver, kidneys, stomach, bowel "
-            "and muscles (from the two TotalSegmentator label maps; a partial-label loss where a reference names "
-            "the spleen only), so that it is taught what the spleen is not; only its spleen channel is read. "
-            "Trained on a CPU from five patients' real CTs: two abdominal CTs "
+            "view and which part of the CT it is. Trained on a CPU from five patients' real CTs: two abdominal CTs "
             "of the TotalSegmentator test data (Apache-2.0; data CC-BY-4.0; Wasserthal et al., Radiology: AI 2023) "
             "and three TCIA CTs (CPTAC-LSCC, ACRIN-FLT-Breast, LIDC-IDRI; CC BY 3.0; Clark et al., J Digit "
             "Imaging 2013): three contrast-enhanced, two native, three with the heart in view; turned into "

@@ -167,8 +167,7 @@ def write_outputs(
     out: Path, weights_dir: Path, seed: int, budget: dict[str, int], per_kind: int, log: Callable[[str], None] = print
 ) -> Path:
     """Build, score and write the shipped model file, registry.json and MODEL_CARD.md."""
-    main_dir = out / "runs" / "final_main_settle" / "fold_0"
-    loc_first, loc_dir = (out / "runs" / f"final_organ_locator{s}" / "fold_0" for s in ("", "_refine"))
+    main_dir, loc_dir = out / "runs" / "final_main_settle" / "fold_0", out / "runs" / "final_locator_refine" / "fold_0"
     main_net, main_info = load_model(main_dir / "model_last.pt")
     loc_net, loc_info = load_model(loc_dir / "model_last.pt")
     main_net32 = load_model(main_dir / "model_last.pt")[0].eval()  # as trained, to check the float16 copy against
@@ -185,15 +184,10 @@ def write_outputs(
             "(the spleen lies under the diaphragm; a part above lung is in the chest). Nothing located means "
             "'no spleen found in the field of view', and the full-resolution mask keeps only its component on "
             "the located part. "
-            "It is a multi-organ network (classes "
-            f"{', '.join(lab.name.lower() for lab in loc_info.labels)}, and background) of which only the "
-            "spleen channel is read: trained with training.engine on the same subjects as the main network, "
-            "with the organs of P1 and P2's TotalSegmentator maps as classes, and on P3-P5, whose references "
-            "name the spleen only, every other voxel as 'not spleen, organ unknown' (a partial-label loss: "
-            "cross-entropy of not-spleen there, and no Dice for the other classes)."
+            "Trained with training.engine on the same subjects as the main network."
         ),
         "trained_steps": (budget["locator"] + budget["locator_refine"]) * 20,
-        "train_minutes": [_train_minutes(loc_first), _train_minutes(loc_dir)],
+        "train_minutes": [_train_minutes(out / "runs" / "final_locator" / "fold_0"), _train_minutes(loc_dir)],
     }
     loc_info = _with_patch(loc_info, INFERENCE_PATCH, loc_card)
     info = _with_patch(main_info, INFERENCE_PATCH)
@@ -216,7 +210,7 @@ def write_outputs(
             "main_stage3": _train_minutes(out / "runs" / "final_main_polish" / "fold_0"),
             "main_stage4": _train_minutes(out / "runs" / "final_main_refine" / "fold_0"),
             "main_stage5": _train_minutes(main_dir),
-            "locator": _train_minutes(loc_first),
+            "locator": _train_minutes(out / "runs" / "final_locator" / "fold_0"),
             "locator_stage2": _train_minutes(loc_dir),
         },
     )
@@ -323,9 +317,7 @@ def build_card(
             "[-57, 164], in five stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
             "short low-rate pass with more patches away from the spleen, then two with the spleen placed "
             "anywhere in the patch (the held-out pairs have every stage too, with a shorter first one). "
-            "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages, "
-            "multi-organ (spleen, liver, kidney, stomach, bowel, muscle from the TotalSegmentator maps; "
-            "'not spleen' where a reference names the spleen alone). The last weights of each stage are used (no "
+            "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
             "spleen in view, and a part on the patient's right or with lung beneath it is never located"
