@@ -20,7 +20,8 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
 1. ``pool``: training subjects from the five real patients (training/realct/build.py): views of
    the real images with affine + elastic deformation (on the spleen, anywhere, or wholly away from
    it: chest with the heart, lower abdomen, pelvis, the patient's right), contrast-phase changes and
-   synthetic CTs drawn from P1 and P2's TotalSegmentator label maps, slice thickness, blur and noise.
+   synthetic CTs drawn from P1 and P2's TotalSegmentator label maps, slice thickness, blur and noise;
+   each subject also gets an organ map (pool/organsTr) for the multi-organ locator experiment.
 2. ``final``: the main V-Net (1.5 x 1.5 x 2.0 mm, three stages) and the locator (4 mm), trained with
    training.engine on every subject.
 3. ``bundle``: both networks in one float16 model file, scored on every real CT (fast and full
@@ -33,6 +34,9 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    (TrainConfig.shift_consistency), in the variants of ``TRIALS``, each from the main network's third
    stage; the table in training/README.md ("Shift consistency") came from ``trials.json`` of the
    v1 recipe (two patients).
+6. ``--organ-locator`` with ``lopo`` or ``final`` (not shipped): the locator trained multi-organ on
+   the organ maps with partial labels; held-out records in ``lopo_P_organ.json`` (README: "A
+   multi-organ locator: measured, not shipped").
 
 Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials]``.
 """
