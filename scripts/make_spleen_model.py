@@ -89,7 +89,6 @@ LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch
 # the spleen is not; only its spleen channel is read. Measured in the README ("A multi-organ locator").
 ORGAN_LOCATOR_MODEL = VNetConfig(widths=(4, 8, 16, 32, 64), kernel_size=3, norm="batch",
                                  out_channels=len(ORGAN_CLASSES))
-ORGAN_LOCATOR = False  # set by --organ-locator
 MAIN_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 164.0), patch_size=(64, 64, 64))
 # the locator decides whether a spleen is in view and which part is the spleen, for both modes: it is
 # trained on 256 x 256 x 192 mm patches (half the abdomen's width, the heart above the spleen, the
@@ -264,10 +263,12 @@ def _train(out: Path, task: Path, run: str, cfg: TrainConfig, init: Path | None 
 
 
 def _train_networks(
-    out: Path, task: Path, organ_task: Path, prefix: str, first_epochs: int
+    out: Path, task: Path, prefix: str, first_epochs: int, organ_task: Path | None = None
 ) -> tuple[Path, Path, list[Path]]:
-    """Every stage of the main network and of the locator on ``task`` (with ``--organ-locator``, the
-    locator on ``organ_task``: the same subjects with their organ maps); returns (main, locator, every run).
+    """Every stage of the main network and of the locator on ``task``; returns (main, locator, every run).
+
+    With ``organ_task`` (the same subjects with their organ maps: ``--organ-locator``) the locator
+    is the multi-organ one, trained on it.
 
     The runs, in order: main stages one to five, then the locator's two stages.
     """
@@ -277,16 +278,22 @@ def _train_networks(
     fourth = _train(out, task, f"{prefix}_refine", refine_config(BUDGET["refine"]), init=third)
     settle = TrainConfig(**{**refine_config(BUDGET["settle"]).__dict__, "lr": 5e-4})
     main = _train(out, task, f"{prefix}_settle", settle, init=fourth)
-    loc_prefix = prefix.replace("_main", "")
-    organ = ORGAN_LOCATOR
-    loc_task, loc_prefix = (organ_task, f"{loc_prefix}_organ") if organ else (task, loc_prefix)
+    organ = organ_task is not None
+    loc_task = organ_task if organ else task
+    loc_prefix = prefix.replace("_main", "") + ("_organ" if organ else "")
     locator = _train(out, loc_task, f"{loc_prefix}_locator", locator_config(BUDGET["locator"], organ=organ))
     locator2 = _train(out, loc_task, f"{loc_prefix}_locator_refine",
                       locator_refine_config(BUDGET["locator_refine"], organ=organ), init=locator)
     return main, locator2, [first, second, third, fourth, main, locator, locator2]
 
 
-def stage_lopo(out: Path, only: str | None = None) -> None:
+def _organ_task(out: Path, name: str, subjects, patients: tuple[str, ...], val: dict, what: str) -> Path:
+    """The task folder of the multi-organ locator: the same subjects, labelled with their organ maps."""
+    return write_task(out / "tasks" / f"{name}_organs", pool_cases(out, subjects, patients, "organsTr"), val, what,
+                      ORGAN_CLASSES)
+
+
+def stage_lopo(out: Path, only: str | None = None, organ: bool = False) -> None:
     """Per held-out patient: both networks trained on the other four patients, scored on its CTs in both modes."""
     from training.realct.ship import score_all
 
@@ -300,10 +307,9 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
         val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
         what = f"subjects of {', '.join(others)}; validation on {held}'s real CTs"
         task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, others), val, what)
-        organ_task = write_task(out / "tasks" / f"lopo_without_{held}_organs",
-                                pool_cases(out, subjects, others, "organsTr"), val, what, ORGAN_CLASSES)
+        organ_task = _organ_task(out, f"lopo_without_{held}", subjects, others, val, what) if organ else None
         # every stage of the final networks: the held-out pairs measure the recipe that made the shipped file
-        main, locator, runs = _train_networks(out, task, organ_task, f"lopo_without_{held}", BUDGET["lopo"])
+        main, locator, runs = _train_networks(out, task, f"lopo_without_{held}", BUDGET["lopo"], organ_task)
         net, info = _bundle_in_memory(main, locator)
         scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,))
         minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
@@ -315,7 +321,7 @@ def stage_lopo(out: Path, only: str | None = None) -> None:
             **scores,
         }
         # the multi-organ experiment keeps its own record: the card's is the shipped recipe's
-        (out / f"lopo_{held}{'_organ' if ORGAN_LOCATOR else ''}.json").write_text(json.dumps(result, indent=1))
+        (out / f"lopo_{held}{'_organ' if organ else ''}.json").write_text(json.dumps(result, indent=1))
         log(f"lopo {held} done: {[(c['scan'], c['mode'], c['dice']) for c in scores['cases']]}")
 
 
@@ -332,16 +338,15 @@ def _bundle_in_memory(main: Path, locator: Path):
     return bundle_in_memory(main, locator)
 
 
-def stage_final(out: Path) -> None:
+def stage_final(out: Path, organ: bool = False) -> None:
     scans = load_scans()
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
     val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
     what = "subjects of all five patients; validation on P2's real CT (a training-set check)"
     task = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what)
-    organ_task = write_task(out / "tasks" / "all_organs", pool_cases(out, subjects, PATIENTS, "organsTr"), val, what,
-                            ORGAN_CLASSES)
-    _train_networks(out, task, organ_task, "final_main", BUDGET["final"])
+    organ_task = _organ_task(out, "all", subjects, PATIENTS, val, what) if organ else None
+    _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
 def stage_trials(out: Path, only: str | None = None) -> None:
@@ -413,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.organ_locator and args.stage not in ("lopo", "final"):
         parser.error("--organ-locator is for --stage lopo or --stage final (the bundle ships the spleen-only locator)")
-    global ORGAN_LOCATOR
-    ORGAN_LOCATOR = args.organ_locator
     for item in args.budget:
         key, _, value = item.partition("=")
         if key not in BUDGET or not value.isdigit():
@@ -427,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "pool":
             stage_pool(args.out, args.scan)
         elif stage == "lopo":
-            stage_lopo(args.out, args.held)
+            stage_lopo(args.out, args.held, args.organ_locator)
         elif stage == "final":
-            stage_final(args.out)
+            stage_final(args.out, args.organ_locator)
         elif stage == "trials":
             stage_trials(args.out, args.trial)
         else:
