@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from training.data import load_case, read_msd
+from training.data import UNKNOWN_LABEL, load_case, read_msd
 from training.realct.anatomy import GROUP_NAMES, GROUPS_V1, GROUPS_V2, draw_tissues, group_table
 from training.realct.augment import View, ViewSettings, draw_view, sample_view
 from training.realct.build import (
     ORGAN_CLASSES,
     POOL_VIEWS,
-    UNKNOWN,
     kinds_of,
     organ_map,
     pool_cases,
@@ -149,7 +148,7 @@ def test_organ_map_known_answers() -> None:
                 "muscle", "background"]
     assert organ_map(labels, "v2").ravel().tolist() == [ORGAN_CLASSES.index(n) for n in expected]
     # a spleen-only reference says nothing about the rest: "not spleen, organ unknown"
-    assert organ_map(np.array([[[0, 1, 0]]]), "spleen").ravel().tolist() == [UNKNOWN, 1, UNKNOWN]
+    assert organ_map(np.array([[[0, 1, 0]]]), "spleen").ravel().tolist() == [UNKNOWN_LABEL, 1, UNKNOWN_LABEL]
 
 
 def test_metrics_known_answers() -> None:
@@ -239,9 +238,9 @@ def test_the_multi_organ_locator_experiment_is_a_partial_label_config_and_never_
     shipped, organ = recipe.locator_config(2), recipe.locator_config(2, organ=True)
     assert shipped.model.out_channels == 2 and shipped.partial_label == 0 and shipped.fg_classes == ()
     assert organ.model.out_channels == len(ORGAN_CLASSES) == 7
-    assert organ.partial_label == UNKNOWN == 255 and organ.fg_classes == (1,)
+    assert organ.partial_label == UNKNOWN_LABEL == 255 and organ.fg_classes == (1,)
     assert organ.preprocessing == shipped.preprocessing and organ.fg_ratio == shipped.fg_ratio
-    assert recipe.locator_refine_config(2, organ=True).partial_label == UNKNOWN
+    assert recipe.locator_refine_config(2, organ=True).partial_label == UNKNOWN_LABEL
     with pytest.raises(SystemExit) as exc:
         recipe.main(["--stage", "bundle", "--organ-locator"])
     assert exc.value.code == 2 and "bundle ships the spleen-only locator" in capsys.readouterr().err

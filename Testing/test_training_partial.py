@@ -16,9 +16,9 @@ from training_helpers import blob_case, tiny_config, write_case, write_dataset
 
 from training.cache import cache_dir_for, ensure_cached, load_cached
 from training.config import TrainConfig
-from training.data import read_msd
+from training.data import UNKNOWN_LABEL, CaseError, read_msd
 from training.engine import TrainOptions, train
-from training.losses import UNKNOWN_LABEL, dice_ce_loss, make_loss, partial_dice_ce_loss
+from training.losses import dice_ce_loss, make_loss, partial_dice_ce_loss
 from training.sampling import PatchDataset
 from vnetseg.checkpoint import load_model
 
@@ -110,7 +110,7 @@ def _organ_task(root: Path) -> Path:
 def test_cache_keeps_unknown_out_of_the_foreground_and_in_a_folder_of_its_own(tmp_path: Path) -> None:
     data = read_msd(_organ_task(tmp_path / "Task"))
     cfg = tiny_config()
-    with pytest.raises(Exception, match="255"):  # without the partial label, 255 is an unknown value
+    with pytest.raises(CaseError, match="255"):  # without the partial label, 255 is an unknown value
         ensure_cached(data.cases, data.labels, cfg.preprocessing, tmp_path / "cache")
     folder = ensure_cached(data.cases, data.labels, cfg.preprocessing, tmp_path / "cache", unknown=UNKNOWN_LABEL)
     assert folder == cache_dir_for(tmp_path / "cache", cfg.preprocessing, data.labels, UNKNOWN_LABEL)

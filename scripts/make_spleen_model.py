@@ -57,11 +57,11 @@ import torch
 
 from training import distributed as dd
 from training.config import AugmentConfig, TrainConfig, train_preset
+from training.data import UNKNOWN_LABEL
 from training.engine import Trainer, TrainOptions
 from training.realct.build import (
     ORGAN_CLASSES,
     TRAIN_SCANS,
-    UNKNOWN,
     pool_cases,
     read_pool_records,
     write_pool,
@@ -191,14 +191,15 @@ def locator_config(epochs: int, iters: int = 20, organ: bool = False) -> TrainCo
 
     ``organ``: the multi-organ experiment. It learns ORGAN_CLASSES from the organ maps
     (``pool/organsTr``): every class where a TotalSegmentator map names it, and only "not spleen"
-    (UNKNOWN) elsewhere in the CTs whose reference is the spleen alone; the partial-label loss does
+    (UNKNOWN_LABEL) elsewhere in the CTs whose reference is the spleen alone; the partial-label loss does
     not push those voxels to any class.
     """
     cfg = main_config(epochs, iters)
     cfg = TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4})
     if not organ:
         return cfg
-    return TrainConfig(**{**cfg.__dict__, "model": ORGAN_LOCATOR_MODEL, "partial_label": UNKNOWN, "fg_classes": (1,)})
+    return TrainConfig(**{**cfg.__dict__, "model": ORGAN_LOCATOR_MODEL, "partial_label": UNKNOWN_LABEL,
+                          "fg_classes": (1,)})
 
 
 # epochs of 20 steps x 2 patches: main stage one (64^3) for the final model and for each

@@ -21,7 +21,7 @@ import numpy as np
 from vnetseg.checkpoint import Preprocessing
 from vnetseg.preprocess import make_grid_map, to_model_grid, window_hu
 
-from .data import Case, load_case
+from .data import Case, load_case, with_unknown
 
 CACHE_VERSION = 1
 
@@ -92,7 +92,7 @@ def ensure_cached(
     it is not foreground: the stored foreground voxels are those of the classes in ``labels``.
     """
     folder = cache_dir_for(cache_root, pre, labels, unknown)
-    allowed = {**labels, unknown: "unknown"} if unknown else labels
+    allowed = with_unknown(labels, unknown)
     classes = np.array(sorted(v for v in labels if v > 0), dtype=np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps({"version": CACHE_VERSION, "preprocessing": {

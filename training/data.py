@@ -23,6 +23,15 @@ import numpy as np
 
 from vnetseg import io as vio
 
+# a label value meaning "not the first foreground class, otherwise unknown" (TrainConfig.partial_label):
+# a case whose reference names the spleen only, in a task whose other cases label several organs
+UNKNOWN_LABEL = 255
+
+
+def with_unknown(labels: dict[int, str], unknown: int) -> dict[int, str]:
+    """The label values a case may hold: ``labels``, and ``unknown`` when it is not 0."""
+    return {**labels, unknown: "not the first label (otherwise unknown)"} if unknown else labels
+
 
 class DatasetError(ValueError):
     """An MSD folder or case that cannot be used; the message names the folder, case or file."""

@@ -44,7 +44,7 @@ from . import distributed as dd
 from .cache import cache_dir_for, ensure_cached, load_cached
 from .checkpointing import load_state, save_state, set_rng_state
 from .config import TrainConfig
-from .data import MSDDataset, fold_cases, load_case, load_or_make_folds, read_msd
+from .data import MSDDataset, fold_cases, load_case, load_or_make_folds, read_msd, with_unknown
 from .losses import make_loss, shift_consistency_loss
 from .observe import Progress, append_log, plot_curves
 from .optim import build_optimizer, build_scheduler
@@ -304,7 +304,8 @@ class Trainer:
         mine = self.val_names[self.dist.rank :: self.dist.world]
         scores = torch.zeros(len(self.val_names), dtype=torch.float64)
         for name in mine:
-            image, label = load_case(self.dataset.case(name), self._case_labels())
+            labels = with_unknown(self.dataset.labels, self.cfg.partial_label)  # a spleen-only case may hold 255
+            image, label = load_case(self.dataset.case(name), labels)
             pred = predict_volume(image, self.model, info, options).labelmap
             scored = self.labels[:1] if self.cfg.partial_label else self.labels
             per_label = [dice(pred == lab.value, label == lab.value) for lab in scored]
@@ -312,12 +313,6 @@ class Trainer:
         self.model.train()
         scores = dd.all_reduce_sum(scores, self.dist)
         return {name: float(s) for name, s in zip(self.val_names, scores)}
-
-    def _case_labels(self) -> dict[int, str]:
-        """The label values a case may hold: dataset.json's, and the partial label if there is one."""
-        if not self.cfg.partial_label:
-            return self.dataset.labels
-        return {**self.dataset.labels, self.cfg.partial_label: "not the first label (otherwise unknown)"}
 
     # ----------------------------------------------------------------- export
     def model_info(self, card: dict[str, Any]) -> ModelInfo:

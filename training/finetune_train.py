@@ -20,7 +20,8 @@ from vnetseg.checkpoint import ModelInfo
 from vnetseg.model import VNet
 
 from .checkpointing import load_state, save_state
-from .losses import UNKNOWN_LABEL, make_loss
+from .data import UNKNOWN_LABEL
+from .losses import make_loss
 from .optim import LRFactor
 from .sampling import PatchDataset
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# the label value of "not the first foreground class, otherwise unknown" (TrainConfig.partial_label)
-UNKNOWN_LABEL = 255
-
 
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, include_background: bool = False, eps: float = 1e-5
@@ -138,12 +135,12 @@ def partial_dice_ce_loss(
 
     probs = log_p.exp()
     dims = (0, 1, 2, 3)
+    # class 1 is known everywhere; the others only where labelled, and not at all in a batch with no label
+    scored = range(1, k) if bool(known.any()) else range(1, 2)
     terms = []
-    for c in range(1, k):
+    for c in scored:
         p, g = probs[:, c], (target == c).to(probs.dtype)
         if c != 1:
-            if not bool(known.any()):
-                continue
             p = p * known
         dice = (2.0 * (p * g).sum(dims) + eps) / ((p * p).sum(dims) + (g * g).sum(dims) + eps)
         terms.append(1.0 - dice)

@@ -33,7 +33,7 @@ import numpy as np
 
 from vnetseg.io import write_nifti
 
-from ..data import write_dataset_json
+from ..data import UNKNOWN_LABEL, write_dataset_json
 from .anatomy import GROUP_NAMES
 from .augment import ViewSettings, degrade, draw_view, sample_view
 from .sources import Scan, load_scans
@@ -49,11 +49,10 @@ POOL_VIEWS = ViewSettings(mode_p=(0.45, 0.2, 0.35))
 
 # the multi-organ locator's classes: what the spleen is not, where a TotalSegmentator map says so.
 # No heart: neither TotalSegmentator CT here (P1: abdomen and pelvis, P2: 20 slices) reaches it; the
-# CTs that show it (P3-P5) have spleen-only references, so there it is "not spleen" (UNKNOWN).
+# CTs that show it (P3-P5) have spleen-only references, so there it is "not spleen" (UNKNOWN_LABEL).
 ORGAN_CLASSES = ("background", "spleen", "liver", "kidney", "stomach", "bowel", "muscle")
 ORGAN_GROUPS = {"liver": ("liver",), "kidney": ("kidney",), "stomach": ("stomach",), "bowel": ("bowel", "colon"),
                 "muscle": ("muscle",)}
-UNKNOWN = 255  # "not the spleen; which other class is not known" (TrainConfig.partial_label)
 
 
 def organ_map(labels: np.ndarray, version: str) -> np.ndarray:
@@ -61,10 +60,10 @@ def organ_map(labels: np.ndarray, version: str) -> np.ndarray:
 
     A TotalSegmentator map ("v1", "v2") gives every class; structures outside ORGAN_GROUPS
     (fat, bone, lung, vessels, pancreas...) are background. A spleen-only reference ("spleen")
-    names the spleen and nothing else: every other voxel is UNKNOWN, not background.
+    names the spleen and nothing else: every other voxel is UNKNOWN_LABEL, not background.
     """
     if version == "spleen":
-        return np.where(labels == 1, 1, UNKNOWN).astype(np.uint8)
+        return np.where(labels == 1, 1, UNKNOWN_LABEL).astype(np.uint8)
     groups = group_map(labels, version)
     out = np.zeros(labels.shape, dtype=np.uint8)
     for name, members in ORGAN_GROUPS.items():
@@ -105,7 +104,7 @@ class Subject:
 
 def make_subject(
     scan: Scan, kind: str, rng: np.random.Generator, settings: ViewSettings, source_means: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
     """One subject from ``scan``: a deformed view, then real (rephased) or synthetic appearance, then degradations.
 
     Returns:
@@ -128,17 +127,6 @@ def make_subject(
     info = {"view": view.mode, "shape": list(view.shape), "phase": phase, **degraded}
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return hu, spleen, organ_map(labels, scan.version), view.affine(settings.spacing), info
-
-
-def subject_organs(scan: Scan, rng: np.random.Generator, settings: ViewSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The (spleen mask, organ map) of the subject :func:`make_subject` draws from ``rng``, without its image.
-
-    The view is the first thing drawn from the generator, so the same seed gives the same view:
-    the organ maps of subjects written before there were organ maps are made again this way.
-    """
-    view = draw_view(scan, rng, settings)
-    labels = sample_view(scan, view, settings.spacing)[1]
-    return (labels == 1).astype(np.uint8), organ_map(labels, scan.version)
 
 
 def write_pool(
@@ -201,17 +189,23 @@ def write_pool(
 
 
 def _write_organs_of(scan: Scan, seeds: list[int], settings: ViewSettings, lab_path: Path, org_path: Path) -> None:
-    """Make the organ map of a subject on disk again, and check it against the subject's spleen mask."""
+    """Make the organ map of a subject on disk again, and check it against the subject's spleen mask.
+
+    The view is the first thing :func:`make_subject` draws from the subject's generator, so the
+    same seeds give the same view, and its labels without making the image again.
+    """
     import nibabel as nib
 
-    spleen, organs = subject_organs(scan, np.random.default_rng(seeds), settings)
+    view = draw_view(scan, np.random.default_rng(seeds), settings)
+    labels = sample_view(scan, view, settings.spacing)[1]
+    spleen = (labels == 1).astype(np.uint8)
     stored = nib.load(str(lab_path))
     if stored.shape != spleen.shape or not np.array_equal(np.asarray(stored.dataobj, dtype=np.uint8), spleen):
         raise ValueError(
             f"{lab_path.name}: the view drawn again from its seed does not match the stored spleen mask; "
             "the pool was written with other settings: build it again into an empty folder"
         )
-    write_nifti(org_path, organs, stored.affine, overwrite=True)
+    write_nifti(org_path, organ_map(labels, scan.version), stored.affine, overwrite=True)
 
 
 def read_pool_records(out: str | os.PathLike[str]) -> list[dict]:
