@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from training.cache import CachedCase
 from training.config import AugmentConfig
-from training.sampling import PatchDataset, build_augmentation, crop, crop_margin, two_views
+from training.sampling import PatchDataset, build_augmentation, crop, crop_margin, end_field_of_view, two_views
 
 
 def _case(seed: int = 0) -> CachedCase:
@@ -116,3 +116,62 @@ def test_two_views_are_windows_of_each_patch_at_their_offsets() -> None:
     assert len({tuple(o) for o in offsets.tolist()}) > 1
     with pytest.raises(ValueError, match="smaller than the window"):
         two_views(image, label, (24, 16, 8), torch.Generator())
+
+
+def test_end_field_of_view_blanks_one_side_of_an_axial_plane() -> None:
+    image = np.random.default_rng(0).random((1, 6, 5, 10)).astype(np.float32) + 1.0  # never the pad value
+    label = np.ones((6, 5, 10), np.int64)
+    # probability 0 draws nothing: the generator and the arrays are untouched
+    rng = np.random.default_rng(7)
+    before = image.copy()
+    assert end_field_of_view(image, label, rng, 0.0, 0.0) is None
+    assert rng.random() == np.random.default_rng(7).random()
+    np.testing.assert_array_equal(image, before)
+    sides, cuts = set(), set()
+    for seed in range(200):
+        im, lab = image.copy(), label.copy()
+        side = end_field_of_view(im, lab, np.random.default_rng(seed), -0.5, 1.0)
+        gone = (im[0] == -0.5).all((0, 1))  # (Z,) slices that became "beyond the scan range"
+        assert np.array_equal(gone, (lab == 0).all((0, 1)))  # image and labels blanked together
+        assert not np.any(im[0][..., ~gone] == -0.5) and np.all(lab[..., ~gone] == 1)  # the rest is kept
+        kept = np.flatnonzero(~gone)
+        assert 1 <= gone.sum() <= 9 and np.all(np.diff(kept) == 1)  # one plane, a slice at least on each side
+        assert (side == "head") == bool(gone[-1]) and (side == "foot") == bool(gone[0])  # Z high is the head
+        sides.add(side)
+        cuts.add(int(kept[-1] if side == "head" else kept[0]))
+    assert sides == {"head", "foot"} and len(cuts) >= 9  # both sides, planes all along the patch
+
+
+def test_patches_with_a_field_of_view_end_match_the_same_patches_without_it() -> None:
+    case = _case(3)
+    aug = AugmentConfig(affine_prob=1.0, elastic_prob=0.0, noise_prob=1.0)
+    plain = PatchDataset([case], (16, 16, 16), 40, fg_ratio=0.5, seed=5, augment=aug, pad_value=-0.25)
+    ended = PatchDataset([case], (16, 16, 16), 40, fg_ratio=0.5, seed=5,
+                         augment=AugmentConfig(**{**aug.__dict__, "fov_end_prob": 1.0}), pad_value=-0.25)
+    heads = 0
+    for i in range(40):
+        a, b = plain[i], ended[i]
+        gone = (b["image"][0] == -0.25).all(0).all(0).numpy() & ~(a["image"][0] == -0.25).all(0).all(0).numpy()
+        assert 1 <= gone.sum() <= 15  # each patch lost the slices beyond one plane ...
+        keep = torch.from_numpy(~gone)
+        # ... and is the very same patch (same centre, same rotation, same noise) on the other side
+        assert torch.equal(a["image"][..., keep], b["image"][..., keep])
+        assert torch.equal(a["label"][..., keep], b["label"][..., keep])
+        assert int(b["label"][..., ~keep].sum()) == 0
+        heads += bool(gone[-1])
+    assert 5 <= heads <= 35
+
+
+def test_fov_end_prob_is_checked_and_kept_in_the_config_file(tmp_path) -> None:
+    import json
+
+    from training.config import TrainConfig, load_config
+
+    with pytest.raises(ValueError, match="fov_end_prob"):
+        AugmentConfig(fov_end_prob=1.5)
+    cfg = TrainConfig(augment=AugmentConfig(fov_end_prob=0.3))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert load_config(tmp_path / "config.json").augment.fov_end_prob == 0.3
+    with pytest.raises(ValueError, match="fov_end_prob"):
+        load_config(tmp_path / "config.json", {"augment.fov_end_prob": -0.1})
+    assert AugmentConfig().fov_end_prob == 0.0  # off unless asked for: older runs are unchanged

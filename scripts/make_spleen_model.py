@@ -47,6 +47,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -100,6 +101,10 @@ CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 16
 TRAIN_AUG = AugmentConfig(
     affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0, noise_prob=0.15, blur_prob=0.1
 )
+# The locator decides whether a spleen is in view: a third of its patches end at a random axial plane
+# (a CT's scan range ends anywhere). v2.0.0's locator, trained without it, learnt where P1's range ends
+# (inside the spleen): a lower abdomen ending under the spleen got its left kidney called spleen there.
+LOCATOR_AUG = replace(TRAIN_AUG, fov_end_prob=0.3)
 
 
 def main_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -195,7 +200,8 @@ def locator_config(epochs: int, iters: int = 20, organ: bool = False) -> TrainCo
     not push those voxels to any class.
     """
     cfg = main_config(epochs, iters)
-    cfg = TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4})
+    cfg = TrainConfig(**{**cfg.__dict__, "model": LOCATOR_MODEL, "preprocessing": LOCATOR_PRE, "fg_ratio": 0.4,
+                         "augment": LOCATOR_AUG})
     if not organ:
         return cfg
     return TrainConfig(**{**cfg.__dict__, "model": ORGAN_LOCATOR_MODEL, "partial_label": UNKNOWN_LABEL,

@@ -36,6 +36,13 @@ class AugmentConfig:
         noise_prob / noise_std: additive Gaussian noise (windowed units).
         blur_prob / blur_sigma: Gaussian blur sigma range in voxels.
         flip_lr: random left-right flips. Off by default: the spleen is on the patient's left.
+        fov_end_prob: probability that a patch's field of view ends at a random axial plane
+            inside it (:func:`training.sampling.end_field_of_view`): everything above it (or below
+            it) becomes what lies beyond a CT's scan range (the pad value, labels background). A
+            CT's scan range can end at any level, so where it ends must not tell the network
+            where the spleen is (a CT of the training set whose range ends inside the spleen
+            teaches exactly that; measured: a lower-abdomen CT ending 20 mm under the spleen got
+            its kidney called spleen at the top edge).
     """
 
     affine_prob: float = 0.5
@@ -53,6 +60,11 @@ class AugmentConfig:
     blur_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     flip_lr: bool = False
+    fov_end_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fov_end_prob <= 1.0:
+            raise ValueError(f"config augment.fov_end_prob must be in [0, 1], got {self.fov_end_prob}")
 
 
 @dataclass(frozen=True)

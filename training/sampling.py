@@ -83,6 +83,32 @@ def crop(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], pad_valu
     return out
 
 
+def end_field_of_view(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, pad_value: float, prob: float
+) -> str | None:
+    """With probability ``prob``, end the patch's field of view at a random axial plane, in place.
+
+    ``image`` (C, X, Y, Z) and ``label`` (X, Y, Z) are on the model grid (axis Z is head-foot).
+    A plane between two slices is drawn uniformly (at least one slice on each side); on one side,
+    drawn at random, the image becomes ``pad_value`` (what lies beyond a CT's scan range) and the
+    labels background (0). No draw is made when ``prob`` is 0 (runs without it stay as they were).
+
+    Returns:
+        "head" or "foot" (the side that was removed, index Z high or low), or None.
+    """
+    if prob <= 0 or rng.random() >= prob:
+        return None
+    n = image.shape[-1]
+    if n < 2:
+        return None
+    cut = int(rng.integers(1, n))
+    side = "head" if rng.random() < 0.5 else "foot"
+    gone = np.s_[..., cut:] if side == "head" else np.s_[..., :cut]
+    image[gone] = pad_value
+    label[gone] = 0
+    return side
+
+
 def two_views(
     image: torch.Tensor, label: torch.Tensor, patch: tuple[int, int, int], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,4 +216,6 @@ class PatchDataset(Dataset):
         else:
             image_t = torch.from_numpy(image.astype(np.float32))
             label_t = torch.from_numpy(label[0].astype(np.int64))
+        if self.aug_cfg is not None and self.aug_cfg.fov_end_prob > 0:
+            end_field_of_view(image_t.numpy(), label_t.numpy(), rng, self.pad_value, self.aug_cfg.fov_end_prob)
         return {"image": image_t, "label": label_t}
