@@ -23,7 +23,15 @@ from training.realct.build import (
     write_task,
 )
 from training.realct.evaluate import anatomy_checks, hd95_mm, mask_metrics, misplaced
-from training.realct.sources import centroid_ras, label_onto, load_scans, pelvis_part, spleen_free_parts
+from training.realct.sources import (
+    RANGE_END_GAPS_MM,
+    centroid_ras,
+    label_onto,
+    load_scans,
+    pelvis_part,
+    range_end_parts,
+    spleen_free_parts,
+)
 from training.realct.synth import group_map, group_means, rephase_real, synthesize
 from vnetseg import io as vio
 
@@ -197,6 +205,29 @@ def test_spleen_free_parts_lie_where_they_were_cut_and_hold_no_spleen(chest_scan
     assert np.array_equal(chest.array, chest_scan.image.array[:, :, first : first + chest.shape[2]])
     assert spleen_free_parts(scans["p2_dicom"]) == {}  # the 20-slice series has spleen in nearly every slice
     assert set(spleen_free_parts(scans["p1_ct"])) == {"below"}
+
+
+def test_range_end_parts_end_the_scan_range_at_each_gap_beyond_the_spleen(chest_scan, scans) -> None:
+    parts = range_end_parts(chest_scan)
+    k = np.flatnonzero(chest_scan.spleen.any(axis=(0, 1)))
+    step = chest_scan.image.affine[2, 2]  # 2.5 mm slices, superior is +k (RAS)
+    top_mm, bottom_mm = ((chest_scan.image.affine @ [0, 0, i, 1])[2] for i in (k.max(), k.min()))
+    for gap in RANGE_END_GAPS_MM:
+        chest = parts[f"chest {gap:g} mm"]  # begins ``gap`` or more beyond the spleen's top, runs to the neck
+        start = (chest.affine @ [0, 0, 0, 1])[2]
+        empty = np.ceil(gap / step)  # whole slices between the spleen's last slice and the part
+        assert start == pytest.approx(top_mm + (empty + 1) * step)
+        assert chest.shape[2] == chest_scan.image.shape[2] - round(np.linalg.solve(chest_scan.image.affine, chest.affine @ [0, 0, 0, 1])[2])
+        if f"below {gap:g} mm" in parts:  # ends ``gap`` under the spleen's bottom, begins at the CT's first slice
+            below = parts[f"below {gap:g} mm"]
+            end = (below.affine @ [0, 0, below.shape[2] - 1, 1])[2]
+            assert end == pytest.approx(bottom_mm - (empty + 1) * step)
+            assert np.array_equal(below.array, chest_scan.image.array[:, :, : below.shape[2]])
+            assert below.shape[2] * step >= 45.0  # parts shorter than 45 mm are left out
+    # P5's CT ends at the kidneys: 55 mm under the spleen at most, so its lower parts stop at 30 mm
+    assert {p for p in parts if p.startswith("below")} == {"below 10 mm", "below 30 mm"}
+    assert range_end_parts(scans["p2_dicom"]) == {}
+    assert set(range_end_parts(scans["p1_ct"])) == {f"below {g:g} mm" for g in RANGE_END_GAPS_MM}
 
 
 def test_away_views_of_a_chest_ct_hold_no_spleen(chest_scan) -> None:

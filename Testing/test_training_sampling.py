@@ -120,7 +120,7 @@ def test_two_views_are_windows_of_each_patch_at_their_offsets() -> None:
 
 def test_end_field_of_view_blanks_one_side_of_an_axial_plane() -> None:
     image = np.random.default_rng(0).random((1, 6, 5, 10)).astype(np.float32) + 1.0  # never the pad value
-    label = np.ones((6, 5, 10), np.int64)
+    label = np.full((6, 5, 10), 2, np.int64)  # another organ everywhere, none of the organ (1)
     # probability 0 draws nothing: the generator and the arrays are untouched
     rng = np.random.default_rng(7)
     before = image.copy()
@@ -133,7 +133,7 @@ def test_end_field_of_view_blanks_one_side_of_an_axial_plane() -> None:
         side = end_field_of_view(im, lab, np.random.default_rng(seed), -0.5, 1.0)
         gone = (im[0] == -0.5).all((0, 1))  # (Z,) slices that became "beyond the scan range"
         assert np.array_equal(gone, (lab == 0).all((0, 1)))  # image and labels blanked together
-        assert not np.any(im[0][..., ~gone] == -0.5) and np.all(lab[..., ~gone] == 1)  # the rest is kept
+        assert not np.any(im[0][..., ~gone] == -0.5) and np.all(lab[..., ~gone] == 2)  # the rest is kept
         kept = np.flatnonzero(~gone)
         assert 1 <= gone.sum() <= 9 and np.all(np.diff(kept) == 1)  # one plane, a slice at least on each side
         assert (side == "head") == bool(gone[-1]) and (side == "foot") == bool(gone[0])  # Z high is the head
@@ -142,24 +142,51 @@ def test_end_field_of_view_blanks_one_side_of_an_axial_plane() -> None:
     assert sides == {"head", "foot"} and len(cuts) >= 9  # both sides, planes all along the patch
 
 
+def test_end_field_of_view_cuts_through_the_organ_or_leaves_its_neighbourhood_without_it() -> None:
+    image = np.ones((1, 4, 4, 40), np.float32)
+    label = np.zeros((4, 4, 40), np.int64)
+    label[1:3, 1:3, 15:25] = 1  # the organ in slices 15-24
+    through = removed = 0
+    gaps = set()
+    for seed in range(400):
+        im, lab = image.copy(), label.copy()
+        side = end_field_of_view(im, lab, np.random.default_rng(seed), 0.0, 1.0)
+        kept = np.flatnonzero((im[0] == 1.0).all((0, 1)))  # the slices still in the scan range
+        organ = np.flatnonzero((lab == 1).any((0, 1)))
+        if side.endswith("(organ removed)"):  # what is left ends 0-10 slices beyond the organ and holds none
+            removed += 1
+            assert organ.size == 0
+            gap = 15 - kept.max() - 1 if side.startswith("head") else kept.min() - 25
+            assert 0 <= gap <= 10
+            assert kept.min() == 0 if side.startswith("head") else kept.max() == 39  # the patch's other end stays
+            gaps.add(int(gap))
+        else:  # the scan range ends inside the organ: part of it is left, labelled
+            through += 1
+            assert 0 < organ.size < 10 and set(organ) <= set(kept)
+            assert organ.min() == 15 or organ.max() == 24  # the part left is the organ's own end
+    assert 150 <= removed <= 250 and through == 400 - removed
+    assert gaps == set(range(11))
+
+
 def test_patches_with_a_field_of_view_end_match_the_same_patches_without_it() -> None:
     case = _case(3)
     aug = AugmentConfig(affine_prob=1.0, elastic_prob=0.0, noise_prob=1.0)
     plain = PatchDataset([case], (16, 16, 16), 40, fg_ratio=0.5, seed=5, augment=aug, pad_value=-0.25)
     ended = PatchDataset([case], (16, 16, 16), 40, fg_ratio=0.5, seed=5,
                          augment=AugmentConfig(**{**aug.__dict__, "fov_end_prob": 1.0}), pad_value=-0.25)
-    heads = 0
+    heads = ended_n = 0
     for i in range(40):
         a, b = plain[i], ended[i]
         gone = (b["image"][0] == -0.25).all(0).all(0).numpy() & ~(a["image"][0] == -0.25).all(0).all(0).numpy()
-        assert 1 <= gone.sum() <= 15  # each patch lost the slices beyond one plane ...
+        assert gone.sum() <= 15  # a patch loses the slices beyond one plane (none where the organ fills it) ...
+        ended_n += bool(gone.any())
         keep = torch.from_numpy(~gone)
         # ... and is the very same patch (same centre, same rotation, same noise) on the other side
         assert torch.equal(a["image"][..., keep], b["image"][..., keep])
         assert torch.equal(a["label"][..., keep], b["label"][..., keep])
         assert int(b["label"][..., ~keep].sum()) == 0
         heads += bool(gone[-1])
-    assert 5 <= heads <= 35
+    assert ended_n >= 30 and 5 <= heads <= ended_n - 5
 
 
 def test_fov_end_prob_is_checked_and_kept_in_the_config_file(tmp_path) -> None:

@@ -101,9 +101,11 @@ CONTEXT_PRE = Preprocessing(target_spacing=(1.5, 1.5, 2.0), hu_window=(-57.0, 16
 TRAIN_AUG = AugmentConfig(
     affine_prob=0.25, rotate_deg=(5.0, 5.0, 10.0), scale=0.1, elastic_prob=0.0, noise_prob=0.15, blur_prob=0.1
 )
-# The locator decides whether a spleen is in view: a third of its patches end at a random axial plane
-# (a CT's scan range ends anywhere). v2.0.0's locator, trained without it, learnt where P1's range ends
-# (inside the spleen): a lower abdomen ending under the spleen got its left kidney called spleen there.
+# The locator decides whether a spleen is in view: a third of its patches end at an axial plane (a CT's
+# scan range ends anywhere), half of those with the spleen cut away and the range ending 0-40 mm from it.
+# v2.0.0's locator, trained without it, learnt where P1's range ends (inside the spleen): a lower
+# abdomen ending under the spleen got its left kidney called spleen there. (Planes drawn uniformly
+# left the spleen cut by the range's end far more often than wholly removed, and made that worse.)
 LOCATOR_AUG = replace(TRAIN_AUG, fov_end_prob=0.3)
 
 

@@ -36,13 +36,13 @@ class AugmentConfig:
         noise_prob / noise_std: additive Gaussian noise (windowed units).
         blur_prob / blur_sigma: Gaussian blur sigma range in voxels.
         flip_lr: random left-right flips. Off by default: the spleen is on the patient's left.
-        fov_end_prob: probability that a patch's field of view ends at a random axial plane
-            inside it (:func:`training.sampling.end_field_of_view`): everything above it (or below
-            it) becomes what lies beyond a CT's scan range (the pad value, labels background). A
-            CT's scan range can end at any level, so where it ends must not tell the network
-            where the spleen is (a CT of the training set whose range ends inside the spleen
-            teaches exactly that; measured: a lower-abdomen CT ending 20 mm under the spleen got
-            its kidney called spleen at the top edge).
+        fov_end_prob: probability that a patch's field of view ends at an axial plane inside it
+            (:func:`training.sampling.end_field_of_view`): everything beyond it becomes what lies
+            beyond a CT's scan range (the pad value, labels background). On a patch with the organ
+            the plane goes through it half of the time and just beyond it (removing all of it) the
+            other half. A CT's scan range can end at any level, so where it ends must not tell the
+            network where the spleen is (measured: v2.0.0's locator called the kidney spleen at the
+            top edge of a lower abdomen ending 10-40 mm under the spleen).
     """
 
     affine_prob: float = 0.5

@@ -84,29 +84,56 @@ def crop(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], pad_valu
 
 
 def end_field_of_view(
-    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, pad_value: float, prob: float
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, pad_value: float, prob: float, organ: int = 1
 ) -> str | None:
-    """With probability ``prob``, end the patch's field of view at a random axial plane, in place.
+    """With probability ``prob``, end the patch's field of view at an axial plane, in place.
 
-    ``image`` (C, X, Y, Z) and ``label`` (X, Y, Z) are on the model grid (axis Z is head-foot).
-    A plane between two slices is drawn uniformly (at least one slice on each side); on one side,
-    drawn at random, the image becomes ``pad_value`` (what lies beyond a CT's scan range) and the
-    labels background (0). No draw is made when ``prob`` is 0 (runs without it stay as they were).
+    ``image`` (C, X, Y, Z) and ``label`` (X, Y, Z) are on the model grid (axis Z is head-foot, the
+    head at high Z). On one side of the plane the image becomes ``pad_value`` (what lies beyond a
+    CT's scan range) and the labels background (0). Where the plane goes:
+
+    - a patch without the organ: anywhere (at least one slice kept on each side);
+    - a patch with it, half of the time: through the organ (a scan range that ends inside it);
+    - the other half: just beyond the organ, 0-10 slices from it, on the side that removes it all,
+      so that what is left ends near where the organ was and holds none of it (a lower abdomen
+      that ends under the spleen, a chest that ends above it). Planes cut uniformly would almost
+      never leave that, and a network trained on them learns "the organ at the end of the range".
+
+    No draw is made when ``prob`` is 0 (runs without it stay as they were).
 
     Returns:
-        "head" or "foot" (the side that was removed, index Z high or low), or None.
+        "head" or "foot" (the side that was removed), with " (organ removed)" when it held all of
+        the organ, or None.
     """
     if prob <= 0 or rng.random() >= prob:
         return None
     n = image.shape[-1]
     if n < 2:
         return None
-    cut = int(rng.integers(1, n))
-    side = "head" if rng.random() < 0.5 else "foot"
+    z = np.flatnonzero((label == organ).any(axis=(0, 1)))
+    removed = ""
+    if z.size and rng.random() < 0.5:
+        options = []  # (side to remove, plane): the plane's side away from the kept part holds the organ
+        gap = int(rng.integers(0, 11))
+        if z.min() - gap >= 1:  # keep the foot side, below the organ
+            options.append(("head", int(z.min()) - gap))
+        if z.max() + 1 + gap <= n - 1:  # keep the head side, above it
+            options.append(("foot", int(z.max()) + 1 + gap))
+        if not options:
+            return None
+        side, cut = options[int(rng.integers(len(options)))]
+        removed = " (organ removed)"
+    else:
+        lo, hi = (int(z.min()) + 1, int(z.max()) + 1) if z.size else (1, n)  # through the organ, or anywhere
+        lo, hi = max(lo, 1), min(hi, n)
+        if hi <= lo:
+            return None
+        cut = int(rng.integers(lo, hi))
+        side = "head" if rng.random() < 0.5 else "foot"
     gone = np.s_[..., cut:] if side == "head" else np.s_[..., :cut]
     image[gone] = pad_value
     label[gone] = 0
-    return side
+    return side + removed
 
 
 def two_views(

@@ -70,6 +70,17 @@ def _free_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _ends_line(rows: list[dict[str, Any]], who: str) -> str:
+    """One sentence on the range-end parts (spleen-free CTs ending 10-80 mm beyond the spleen)."""
+    said = sum(1 for r in rows if r.get("found") is False)
+    worst = max(rows, key=lambda r: r["volume_ml"])
+    line = (f"{who} spleen-free CTs whose scan range ends 10-80 mm beyond the spleen (fast mode): {said} of "
+            f"{len(rows)} answered 'no spleen found in the field of view'")
+    if worst["volume_ml"] > 0:
+        line += f"; the largest volume returned was {worst['volume_ml']:g} mL ({worst['scan']}, {worst['part']})"
+    return line + "."
+
+
 def _agreement(rows: list[dict[str, Any]]) -> str:
     return "; ".join(
         f"{a['scan']} Dice {a['dice_fast_vs_full']:g}, volume {a['volume_diff_pct']:+g} %" for a in rows
@@ -148,6 +159,9 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         lines += _case_table(rows)
         lines += ["", "Fast vs full mode, held out: " + _agreement([a for v in lopo.values() for a in v["fast_vs_full"]]) + ".", ""]
         lines += _free_table([r for v in lopo.values() for r in v.get("spleen_free", [])])
+        ends = [r for v in lopo.values() for r in v.get("range_ends", [])]
+        if ends:
+            lines += ["", _ends_line(ends, "Held out,")]
         if card.get("leave_one_patient_out_not_run"):
             lines += ["", f"Not run for {', '.join(card['leave_one_patient_out_not_run'])} (the session's time ran out)."]
     else:
@@ -167,6 +181,8 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         *_free_table(shipped["spleen_free"]),
         "",
     ]
+    if shipped.get("range_ends"):
+        lines += [_ends_line(shipped["range_ends"], "The same CTs as"), "", *_free_table(shipped["range_ends"]), ""]
     if card.get("float16_vs_float32"):
         lines += [
             "Float16 weights (this file) vs the float32 weights they were rounded from, full mode: "
@@ -227,6 +243,9 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
             said = sum(1 for r in free if r.get("found") is False)
             lines += ["", (f"Held-out spleen-free parts (chest, lower abdomen, pelvis): {said} of {len(free)} runs "
                       f"answered 'no spleen found in the field of view'; the largest volume returned was {worst:g} mL.")]
+        ends = [r for v in lopo.values() for r in v.get("range_ends", [])]
+        if ends:
+            lines += ["", _ends_line(ends, "Held out,")]
     else:
         lines.append(f"{lopo}.")
     lines += [
@@ -249,6 +268,7 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         (f"Spleen-free parts of every CT: {sum(1 for r in free if r.get('found') is False)} of {len(free)} runs answered "
         f"'no spleen found in the field of view'; largest volume returned {max(r['volume_ml'] for r in free):g} mL."),
         "",
+        *([_ends_line(shipped["range_ends"], "The same CTs as"), ""] if shipped.get("range_ends") else []),
         ("Regenerate it from scratch (fixed seed, one CPU thread per run; needs `../shared/data/ct`; the script's "
         "docstring says how to run the stages side by side and how long each takes):"),
         "",

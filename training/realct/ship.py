@@ -27,7 +27,7 @@ from vnetseg.postprocess import dice
 from .build import read_pool_records
 from .card import MODEL_FILE, MODEL_NAME, render_markdown, render_readme_section, write_registry
 from .evaluate import evaluate_image, evaluate_scan
-from .sources import PATIENTS, load_scans, spleen_free_parts
+from .sources import PATIENTS, load_scans, range_end_parts, spleen_free_parts
 
 COMMAND = "python scripts/make_spleen_model.py --out runs/spleen_model"
 CORE = Path(vnetseg.__file__).parent
@@ -70,10 +70,12 @@ def score_all(
     """Fast- and full-mode results on every real CT (of ``patients``), their agreement, and spleen-free parts.
 
     The spleen-free parts are each CT's part above or below its spleen (:func:`spleen_free_parts`):
-    chest with the heart, lower abdomen, pelvis; the right answer there is "no spleen".
+    chest with the heart, lower abdomen, pelvis; the right answer there is "no spleen". The same
+    parts with the scan range ending 10-80 mm beyond the spleen (:func:`range_end_parts`, fast mode)
+    are "range_ends".
     """
     scans = [s for s in load_scans() if patients is None or s.patient in patients]
-    cases, agreement, free = [], [], []
+    cases, agreement, free, ends = [], [], [], []
     for scan in scans:
         by_mode = {}
         for mode in ("fast", "full"):
@@ -98,7 +100,12 @@ def score_all(
                        **evaluate_image(image, net, info, mode)}
                 free.append(row)
                 log(f"  spleen-free {scan.name} {part}: {json.dumps(row)}")
-    return {"cases": cases, "fast_vs_full": agreement, "spleen_free": free}
+        for part, image in range_end_parts(scan).items():  # fast mode: the whole-CT view is both modes' decision
+            row = {"scan": scan.name, "patient": scan.patient, "part": part, "slices": image.shape[2],
+                   **evaluate_image(image, net, info, "fast")}
+            ends.append(row)
+            log(f"  range end {scan.name} {part}: {row['volume_ml']} mL")
+    return {"cases": cases, "fast_vs_full": agreement, "spleen_free": free, "range_ends": ends}
 
 
 def precision_check(net32: VNet, net16: VNet, info: ModelInfo) -> list[dict[str, Any]]:

@@ -179,3 +179,24 @@ def spleen_free_parts(scan: Scan, gap_mm: float = 20.0, min_mm: float = 45.0) ->
         if hi - lo >= need:
             parts[name] = _crop_slices(scan, lo, hi)
     return parts
+
+
+# scan ranges that end this far beyond the spleen (the spleen-free parts above are 20 mm away):
+# a CT may end anywhere, and v2.0.0's locator called the kidney spleen at the top edge of a lower
+# abdomen ending 10-40 mm under the spleen
+RANGE_END_GAPS_MM = (10.0, 30.0, 40.0, 60.0, 80.0)
+
+
+def range_end_parts(scan: Scan, gaps_mm: tuple[float, ...] = RANGE_END_GAPS_MM, min_mm: float = 45.0) -> dict[str, vio.Image]:
+    """:func:`spleen_free_parts` whose scan range ends ``gap`` mm beyond the spleen, for each gap.
+
+    Returns:
+        "<part> <gap> mm" (e.g. "below 40 mm") -> CT part with its true affine.
+    """
+    out = {}
+    for gap in gaps_mm:
+        for part, image in spleen_free_parts(scan, gap_mm=gap, min_mm=min_mm).items():
+            if part != "whole":
+                out[f"{part} {gap:g} mm"] = image
+    return out
+
