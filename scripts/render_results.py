@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "VNetSegmentation")]
 
-from training.realct.sources import Scan, load_scans, spleen_free_parts
+from training.realct.sources import Scan, load_scans, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
 from vnetseg.inference import InferenceOptions, predict_volume
 from vnetseg.io import Image
@@ -34,6 +34,8 @@ SPLEEN_RGBA = np.array([157, 108, 162, 150]) / 255.0
 CASES = ("p1_ct", "p2_dicom", "p3_cptac", "p4_acrin", "p5_lidc")
 # spleen-free parts shown: the chest with the heart (P3, P5) and the lower abdomen and pelvis (P4)
 FREE = (("p3_cptac", "chest"), ("p5_lidc", "chest"), ("p4_acrin", "below"))
+# a lower abdomen whose scan range ends 30 mm under the spleen: v2.0.0 called its top edge spleen (37 mL)
+RANGE_ENDS = (("p1_ct", "below 30 mm"),)
 TITLES = {
     "p1_ct": "P1 native abdomen-pelvis",
     "p2_dicom": "P2 contrast abdomen (20 slices)",
@@ -72,6 +74,10 @@ def render(model: Path | None, dest: Path, mode_list: tuple[str, ...] = ("fast",
     ]
     items += [(f"{TITLES[n].split()[0]} {part} only (no spleen)", spleen_free_parts(scans[n])[part], None)
               for n, part in FREE]
+    for n, part in RANGE_ENDS:
+        where, gap = part.split(" ", 1)
+        title = f"{TITLES[n].split()[0]} {where}, range ending {gap} from the spleen (no spleen)"
+        items.append((title, range_end_parts(scans[n])[part], None))
     fig, axes = plt.subplots(len(items), 2 * len(mode_list), figsize=(4.2 * len(mode_list) * 2, 3.6 * len(items)))
     for r, (title, image, reference) in enumerate(items):
         for m, mode in enumerate(mode_list):

@@ -70,12 +70,12 @@ def _free_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _ends_line(rows: list[dict[str, Any]], who: str) -> str:
+def _ends_line(rows: list[dict[str, Any]], held_out: bool) -> str:
     """One sentence on the range-end parts (spleen-free CTs ending 10-80 mm beyond the spleen)."""
     said = sum(1 for r in rows if r.get("found") is False)
     worst = max(rows, key=lambda r: r["volume_ml"])
-    line = (f"{who} spleen-free CTs whose scan range ends 10-80 mm beyond the spleen (fast mode): {said} of "
-            f"{len(rows)} answered 'no spleen found in the field of view'")
+    line = (f"{'Held out, spleen-free' if held_out else 'Spleen-free'} CTs whose scan range ends 10-80 mm beyond "
+            f"the spleen (fast mode): {said} of {len(rows)} answered 'no spleen found in the field of view'")
     if worst["volume_ml"] > 0:
         line += f"; the largest volume returned was {worst['volume_ml']:g} mL ({worst['scan']}, {worst['part']})"
     return line + "."
@@ -161,7 +161,7 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         lines += _free_table([r for v in lopo.values() for r in v.get("spleen_free", [])])
         ends = [r for v in lopo.values() for r in v.get("range_ends", [])]
         if ends:
-            lines += ["", _ends_line(ends, "Held out,")]
+            lines += ["", _ends_line(ends, held_out=True)]
         if card.get("leave_one_patient_out_not_run"):
             lines += ["", f"Not run for {', '.join(card['leave_one_patient_out_not_run'])} (the session's time ran out)."]
     else:
@@ -182,7 +182,7 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         "",
     ]
     if shipped.get("range_ends"):
-        lines += [_ends_line(shipped["range_ends"], "The same CTs as"), "", *_free_table(shipped["range_ends"]), ""]
+        lines += [_ends_line(shipped["range_ends"], held_out=False), "", *_free_table(shipped["range_ends"]), ""]
     if card.get("float16_vs_float32"):
         lines += [
             "Float16 weights (this file) vs the float32 weights they were rounded from, full mode: "
@@ -245,7 +245,7 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
                       f"answered 'no spleen found in the field of view'; the largest volume returned was {worst:g} mL.")]
         ends = [r for v in lopo.values() for r in v.get("range_ends", [])]
         if ends:
-            lines += ["", _ends_line(ends, "Held out,")]
+            lines += ["", _ends_line(ends, held_out=True)]
     else:
         lines.append(f"{lopo}.")
     lines += [
@@ -268,7 +268,7 @@ def render_readme_section(card: dict[str, Any], sha256: str, size_bytes: int) ->
         (f"Spleen-free parts of every CT: {sum(1 for r in free if r.get('found') is False)} of {len(free)} runs answered "
         f"'no spleen found in the field of view'; largest volume returned {max(r['volume_ml'] for r in free):g} mL."),
         "",
-        *([_ends_line(shipped["range_ends"], "The same CTs as"), ""] if shipped.get("range_ends") else []),
+        *([_ends_line(shipped["range_ends"], held_out=False), ""] if shipped.get("range_ends") else []),
         ("Regenerate it from scratch (fixed seed, one CPU thread per run; needs `../shared/data/ct`; the script's "
         "docstring says how to run the stages side by side and how long each takes):"),
         "",

@@ -40,7 +40,7 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
-VERSION = "2.0.0"
+VERSION = "2.1.0"
 
 
 def fp16_roundtrip(net: VNet) -> VNet:
@@ -324,7 +324,10 @@ def build_card(
             "[-57, 164], in five stages: 64^3 patches, then 128 x 128 x 32 patches from those weights, then a "
             "short low-rate pass with more patches away from the spleen, then two with the spleen placed "
             "anywhere in the patch (the held-out pairs have every stage too, with a shorter first one). "
-            "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages. The last weights of each stage are used (no "
+            "The locator: 64 x 64 x 48 patches at 4 mm (256 x 256 x 192 mm), 40 % on the spleen, two stages; "
+            "a third of its patches end at an axial plane, as a CT's scan range does (half of those through the "
+            "spleen, half 0-40 mm beyond it with all of it removed), so that where a CT ends does not say where "
+            "the spleen is. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
             "spleen in view, and a part on the patient's right or with lung beneath it is never located"
