@@ -108,8 +108,6 @@ def end_field_of_view(
     if prob <= 0 or rng.random() >= prob:
         return None
     n = image.shape[-1]
-    if n < 2:
-        return None
     z = np.flatnonzero((label == organ).any(axis=(0, 1)))
     removed = ""
     if z.size and rng.random() < 0.5:
@@ -125,8 +123,7 @@ def end_field_of_view(
         removed = " (organ removed)"
     else:
         lo, hi = (int(z.min()) + 1, int(z.max()) + 1) if z.size else (1, n)  # through the organ, or anywhere
-        lo, hi = max(lo, 1), min(hi, n)
-        if hi <= lo:
+        if hi <= lo:  # a one-slice organ (or patch): no plane through it
             return None
         cut = int(rng.integers(lo, hi))
         side = "head" if rng.random() < 0.5 else "foot"
