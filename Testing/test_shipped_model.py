@@ -215,6 +215,30 @@ def test_fast_and_full_mode_agree_on_every_real_ct(fast_vs_full) -> None:
     assert all(d >= 0.999 and gap <= 0.001 for d, gap in fast_vs_full.values()), fast_vs_full
 
 
+def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(shipped, scans, predictions, ct_dir, tmp_path) -> None:
+    """P5 (contrast, spleen about 175 HU): without the trim (``--no-hu-trim``) the mask spills into 30 HU tissue beside it."""
+    from vnetseg.cli import main
+    from vnetseg.io import read_image
+
+    scan = scans["p5_lidc"]
+    trimmed = predictions[("p5_lidc", "fast")]
+    dest, report = tmp_path / "untrimmed.nii.gz", tmp_path / "report.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(ct_dir / "lidc_idri_0001_ct.nii.gz"), "-o", str(dest), "--mode", "fast", "--no-hu-trim",
+                 "--report", str(report), "--progress", "none"], out, err)
+    assert code == 0, err.getvalue()
+    raw_notes = json.loads(report.read_text())["cases"][0]["warnings"]
+    kept, before = trimmed.labelmap > 0, read_image(dest).array > 0
+    assert not (kept & ~before).any()  # the trim only removes
+    removed = before & ~kept
+    voxel_ml = scan.image.voxel_volume_ml
+    assert removed.sum() * voxel_ml > 10.0
+    assert np.median(scan.image.array[removed]) < 100.0 < np.median(scan.image.array[kept])
+    assert dice(kept, scan.spleen) > dice(before, scan.spleen) + 0.03
+    note = next(n for n in trimmed.notes if n.startswith("HU trim: "))
+    assert f"{removed.sum() * voxel_ml:.1f} mL" in note and not any(n.startswith("HU trim") for n in raw_notes)
+
+
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:
     """The agreement above is not fast mode quietly running full mode: on the long CTs its box
     leaves out most of the model grid. (example_ct_sm's 30 slices and 366 x 303 mm fit in one

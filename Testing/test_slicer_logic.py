@@ -95,7 +95,9 @@ def test_postprocessed_segment_and_seg_nrrd_round_trip(ct_dir, tiny_model_file, 
     pred, _ = reference_prediction(str(path), str(tiny_model_file), OVERLAP, True)
     mask = nodes.segmentMask(seg, result.segmentIDs[0], volume)
     assert np.array_equal(resample_nearest(pred.labelmap, pred.affine, mask.shape, ijk_to_ras(volume)), mask)
-    assert [w.message for w in result.warnings] == pred.report.warnings
+    # the panel lists the report's warnings and the run's notes (here the HU trim's), as the CLI does
+    assert [w.message for w in result.warnings] == pred.report.warnings + pred.notes
+    assert any(n.startswith("HU trim: ") for n in pred.notes)
 
     storage = slicer.vtkMRMLSegmentationStorageNode()
     env.scene.AddNode(storage)

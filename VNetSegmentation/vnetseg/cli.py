@@ -38,6 +38,7 @@ class PredictArgs:
     overlap: float = 0.25
     batch_size: int | None = None
     postprocess: bool = True
+    hu_trim: bool = True
     threshold: float = 0.5
     overwrite: bool = False
     report: str | None = None
@@ -231,7 +232,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             vio.check_writable_volume(prob, args.overwrite)
     options = InferenceOptions(
         args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode,
-        probability=args.probability_type if any(prob_paths) else None,
+        probability=args.probability_type if any(prob_paths) else None, hu_trim=args.hu_trim,
     )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
@@ -359,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast: locate the spleen at low resolution, then segment its box at full resolution; full: whole volume "
         "at full resolution; auto (default): fast on CPU when the model supports it, else full",
     )
-    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help="keep all components and holes")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="keep the network's raw mask: all components, holes, no HU trim")
+    p.add_argument("--no-hu-trim", dest="hu_trim", action="store_false",
+                   help="keep the network's boundary: do not remove mask voxels outside the spleen's own HU range "
+                   "(median +- 4 robust SD of its core); a dark lesion at the spleen's surface stays in the mask")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")

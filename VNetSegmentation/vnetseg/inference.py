@@ -22,7 +22,7 @@ from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
-from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components
+from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components, trim_to_organ_hu
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
 ProgressFn = Callable[[float, str], None]
@@ -264,13 +264,16 @@ class InferenceOptions:
         device: "auto", "cpu", "cuda", "cuda:N", "gpu" or "mps".
         overlap: sliding-window overlap fraction.
         batch_size: windows per forward pass; None chooses from free memory.
-        postprocess: keep the largest component and fill holes.
+        postprocess: keep the largest component (the located one), trim it to the organ's own HU
+            range (``hu_trim``) and fill holes.
         threshold: foreground probability above which a voxel is foreground (binary models).
         amp: mixed precision on CUDA.
         mode: "fast" (coarse pass, then full resolution on the organ's box), "full" (whole
             volume at full resolution) or "auto" (fast on CPU when the model supports it).
         probability: also return the spleen probability on the input grid: None (default: no
             map is made, no memory is spent on it), "float32" (0-1) or "uint8" (0-255).
+        hu_trim: with ``postprocess``, remove mask voxels outside the organ's own HU range
+            (:func:`vnetseg.postprocess.trim_to_organ_hu`); False keeps the network's boundary.
     """
 
     device: str = "auto"
@@ -281,6 +284,7 @@ class InferenceOptions:
     amp: bool = True
     mode: str = "auto"
     probability: str | None = None
+    hu_trim: bool = True
 
     def __post_init__(self) -> None:
         conf.check_probability_type(self.probability)
@@ -597,6 +601,13 @@ def predict_volume(
         keep, counts = select_located(raw, located, single=opts.postprocess)
         if raw.any() and not keep.any():
             notes.append("the full-resolution mask does not overlap the part the whole-CT view located")
+    if opts.postprocess and opts.hu_trim:
+        keep, trim = trim_to_organ_hu(keep, image.array, image.spacing)
+        if trim is not None and trim.removed * image.voxel_volume_ml >= 0.05:
+            notes.append(
+                f"HU trim: {trim.removed * image.voxel_volume_ml:.1f} mL outside the organ's own range "
+                f"({trim.low:.0f} to {trim.high:.0f} HU) removed from its surface"
+            )
     if opts.postprocess:
         keep = fill_holes(keep)
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary

@@ -86,6 +86,80 @@ def select_located(mask: np.ndarray, located: np.ndarray, single: bool = True) -
     return out, counts
 
 
+# The HU trim (:func:`trim_to_organ_hu`): a voxel stays in the mask when its value lies within
+# HU_TRIM_SD robust standard deviations of the organ's core (the mask eroded by HU_TRIM_CORE_MM).
+# Measured with the shipped model v2.1.0 on the real CTs (Dice without -> with it, fast mode): native
+# CTs P1 0.893 -> 0.895, P4 0.913 -> 0.919; contrast CTs, where the network's boundary spilled into
+# unenhanced tissue beside the spleen (diaphragm, stomach wall: about 30 HU next to a 175 HU
+# spleen), P2 0.904 -> 0.918, P5 0.909 -> 0.973, P3 (sharp kernel, wide spread) 0.924 -> 0.925.
+# Held out (leave-one-patient-out): P5 0.808 -> 0.893, P1 0.904 -> 0.909, P3 and P4 the same or
+# better. 3 SD cut more of the native CTs and of held-out P5's spleen, 5 SD left more of P5's spill.
+HU_TRIM_SD = 4.0
+HU_TRIM_CORE_MM = 3.0
+# below this many core voxels the organ's HU are not estimated and the mask is left as it is
+HU_TRIM_MIN_CORE = 200
+# the spread is at least this (HU): CT noise is never less, and a flat synthetic image keeps a band
+HU_TRIM_MIN_SD = 5.0
+
+
+@dataclass
+class HuTrim:
+    """What :func:`trim_to_organ_hu` did: the organ's HU band and the voxels it removed."""
+
+    low: float
+    high: float
+    removed: int
+
+
+def trim_to_organ_hu(
+    mask: np.ndarray, values: np.ndarray, spacing: Any, sd: float = HU_TRIM_SD, core_mm: float = HU_TRIM_CORE_MM
+) -> tuple[np.ndarray, HuTrim | None]:
+    """Remove mask voxels whose value lies outside the organ's own HU range, then keep the largest part.
+
+    The spleen is a homogeneous organ: on a contrast CT it is brighter than the unenhanced tissue
+    beside it, so a network boundary that spills into the diaphragm or the stomach wall shows as
+    mask voxels far darker than the organ. The organ's HU are measured on its core (``mask`` eroded
+    by ``core_mm`` along each axis): the median, and a spread from the interquartile range (robust
+    to vessels and lesions inside). Voxels more than ``sd`` spreads from the median are removed and
+    the largest 6-connected part is kept. Holes are not filled here: the caller's hole filling puts
+    back what the organ encloses (vessels at the hilum, a cyst inside), so only what lies at its
+    surface goes: a dark lesion at the organ's surface is cut off too (say so to the user).
+
+    Args:
+        mask: (I, J, K) bool mask on the input grid.
+        values: (I, J, K) the image (HU for CT) on the same grid.
+        spacing: voxel size (mm) along i, j, k.
+
+    Returns:
+        (the trimmed mask, what was done), or (``mask``, None) when the mask is empty or its core
+        has fewer than ``HU_TRIM_MIN_CORE`` voxels (too small to measure), or when nothing would be
+        left.
+    """
+    box = _bbox(mask)
+    if box is None:
+        return mask, None
+    part = mask[box].astype(bool, copy=False)
+    size = tuple(2 * max(1, int(round(core_mm / float(s)))) + 1 for s in spacing)
+    # a box-shaped erosion (separable); outside the mask's box counts as outside the organ
+    core = ndimage.minimum_filter(part.view(np.uint8), size=size, mode="constant", cval=0).astype(bool)
+    if int(np.count_nonzero(core)) < HU_TRIM_MIN_CORE:
+        return mask, None
+    hu = values[box]
+    inside = hu[core].astype(np.float32)
+    median = float(np.median(inside))
+    q1, q3 = np.percentile(inside, [25.0, 75.0])
+    spread = max(float(q3 - q1) / 1.349, HU_TRIM_MIN_SD)  # the IQR of a normal distribution is 1.349 SD
+    low, high = median - sd * spread, median + sd * spread
+    kept = part & (hu >= low) & (hu <= high)
+    labels, n = ndimage.label(kept, structure=_STRUCTURE)
+    if n == 0:
+        return mask, None
+    kept = labels == int(np.argmax(label_sizes(labels, n)[1:])) + 1
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = kept
+    return out, HuTrim(low, high, int(np.count_nonzero(part)) - int(np.count_nonzero(kept)))
+
+
 def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
     """Volumes (mL) of the 6-connected components of ``mask``, largest first."""
     return [s * voxel_ml for s in split_components(mask)[1]]

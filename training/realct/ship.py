@@ -40,7 +40,7 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
-VERSION = "2.1.0"
+VERSION = "2.2.0"
 
 
 def fp16_roundtrip(net: VNet) -> VNet:
@@ -330,7 +330,9 @@ def build_card(
             "the spleen is. The last weights of each stage are used (no "
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
-            "spleen in view, and a part on the patient's right or with lung beneath it is never located"
+            "spleen in view, and a part on the patient's right or with lung beneath it is never located; then "
+            "the mask is trimmed to the spleen's own HU range (median +- 4 robust SD of its core; v2.2.0, same "
+            "networks as v2.1.0) and its holes are filled"
         ),
         "training": {
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
