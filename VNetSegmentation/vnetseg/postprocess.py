@@ -139,7 +139,7 @@ def trim_to_organ_hu(
     if box is None:
         return mask, None
     part = mask[box].astype(bool, copy=False)
-    size = tuple(2 * max(1, int(round(core_mm / float(s)))) + 1 for s in spacing)
+    size = tuple(2 * max(1, round(core_mm / float(s))) + 1 for s in spacing)
     # a box-shaped erosion (separable); outside the mask's box counts as outside the organ
     core = ndimage.minimum_filter(part.view(np.uint8), size=size, mode="constant", cval=0).astype(bool)
     if int(np.count_nonzero(core)) < HU_TRIM_MIN_CORE:
