@@ -151,3 +151,15 @@ def test_hu_trim_band_has_a_floor_on_a_flat_image() -> None:
     out, done = trim_to_organ_hu(mask, hu, (1.0, 1.0, 1.0))
     assert done is not None and done.low == pytest.approx(120.0 - 4 * HU_TRIM_MIN_SD)
     assert out[5, 10, 10] and not out[24, 10, 10] and done.removed == 400
+
+
+def test_bounding_box_matches_scipy_on_random_masks() -> None:
+    from scipy import ndimage
+
+    from vnetseg.postprocess import _bbox
+
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        mask = rng.random(tuple(rng.integers(1, 12, 3))) < rng.choice([0.0, 0.01, 0.2])
+        found = ndimage.find_objects(mask.astype(np.uint8))
+        assert _bbox(mask) == (found[0] if found else None)
