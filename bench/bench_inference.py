@@ -58,6 +58,7 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.to_input_grid = tl.wrap(inf.to_input_grid, "resample back to input grid")
     inf.split_components = tl.wrap(inf.split_components, "postprocess (largest component, holes)")
     inf.fill_holes = tl.wrap(inf.fill_holes, "postprocess (largest component, holes)")
+    inf.trim_to_organ_hu = tl.wrap(inf.trim_to_organ_hu, "postprocess (HU trim)")
     inf.quality_report = tl.wrap(inf.quality_report, "quality report")
     vio.write_mask = tl.wrap(vio.write_mask, "write mask")
     inf.sliding_window = tl.wrap(inf.sliding_window, "sliding window")
