@@ -236,7 +236,10 @@ def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(shipped,
     assert np.median(scan.image.array[removed]) < 100.0 < np.median(scan.image.array[kept])
     assert dice(kept, scan.spleen) > dice(before, scan.spleen) + 0.03
     note = next(n for n in trimmed.notes if n.startswith("HU trim: "))
-    assert f"{removed.sum() * voxel_ml:.1f} mL" in note and not any(n.startswith("HU trim") for n in raw_notes)
+    # the note counts what the band took, before hole filling put back what the organ encloses
+    noted_ml = float(note.removeprefix("HU trim: ").split(" mL")[0])
+    assert removed.sum() * voxel_ml <= noted_ml <= removed.sum() * voxel_ml + 0.5
+    assert not any(n.startswith("HU trim") for n in raw_notes)
 
 
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:
