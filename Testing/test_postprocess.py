@@ -11,6 +11,7 @@ from vnetseg.postprocess import (
     components_ml,
     dice,
     fill_holes,
+    grow_native,
     largest_component,
     quality_report,
     trim_to_organ_hu,
@@ -163,3 +164,42 @@ def test_bounding_box_matches_scipy_on_random_masks() -> None:
         mask = rng.random(tuple(rng.integers(1, 12, 3))) < rng.choice([0.0, 0.01, 0.2])
         found = ndimage.find_objects(mask.astype(np.uint8))
         assert _bbox(mask) == (found[0] if found else None)
+
+
+def _native_scene(organ_hu: float):
+    """A ball 'spleen' whose inner part the network found (mask) and whose outer shell it gave
+    probability 0.3-0.5 only (candidates), beside a 200 HU 'bone' block that is also a candidate,
+    and a separate candidate blob that does not touch the organ."""
+    rng = np.random.default_rng(3)
+    shape = (60, 60, 40)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    r = np.linalg.norm(ijk - [30, 30, 20], axis=-1)
+    hu = rng.normal(-100.0, 10.0, shape).astype(np.float32)  # fat
+    organ = r <= 15
+    hu[organ] = rng.normal(organ_hu, 8.0, int(organ.sum()))
+    bone = (ijk[..., 0] >= 46) & (ijk[..., 0] < 52) & (np.abs(ijk[..., 1] - 30) < 6) & (np.abs(ijk[..., 2] - 20) < 6)
+    hu[bone] = 200.0
+    blob = np.linalg.norm(ijk - [8, 8, 8], axis=-1) <= 4
+    hu[blob] = organ_hu
+    mask = r <= 11
+    candidates = organ | bone | blob
+    return hu, mask, candidates, organ, bone, blob
+
+
+def test_native_growth_adds_the_organs_shell_only() -> None:
+    hu, mask, candidates, organ, bone, blob = _native_scene(45.0)
+    trimmed, band = trim_to_organ_hu(mask, hu, (1.0, 1.0, 1.0))
+    assert band is not None and band.native and 40 < band.median < 50
+    grown, added = grow_native(trimmed, candidates, hu, band)
+    assert grown[organ].mean() > 0.99  # the shell the network was unsure of
+    assert not grown[bone].any()  # a candidate, touching the organ, but 200 HU: out of its band
+    assert not grown[blob].any()  # in the band but not connected to the organ
+    assert added == int(grown.sum() - trimmed.sum()) and added > 0.5 * trimmed.sum()
+
+
+def test_no_growth_on_an_enhanced_organ() -> None:
+    hu, mask, candidates, *_ = _native_scene(150.0)
+    trimmed, band = trim_to_organ_hu(mask, hu, (1.0, 1.0, 1.0))
+    assert band is not None and not band.native
+    grown, added = grow_native(trimmed, candidates, hu, band)
+    assert added == 0 and grown is trimmed

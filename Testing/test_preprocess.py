@@ -95,3 +95,17 @@ def test_thresholded_way_back_equals_threshold_of_the_float_way_back(kind: str) 
     mask = to_input_grid(probs, grid, threshold=0.5, slab=4)
     assert mask.dtype == np.uint8 and mask.shape == shape
     np.testing.assert_array_equal(mask, to_input_grid(probs, grid) > 0.5)
+
+
+@pytest.mark.parametrize("kind", ["LPS", "oblique"])
+def test_levels_count_the_thresholds_of_the_float_way_back(kind: str) -> None:
+    shape, aff = (25, 21, 12), make_affine(kind, spacing=(0.9, 0.9, 2.5))
+    grid = make_grid_map(shape, aff, (1.5, 1.5, 2.0))
+    probs = np.random.default_rng(6).random(grid.model_shape).astype(np.float32)
+    counted = to_input_grid(probs, grid, levels=(0.3, 0.5), slab=4)
+    back = to_input_grid(probs, grid)
+    assert counted.dtype == np.uint8 and counted.shape == shape
+    np.testing.assert_array_equal(counted, (back > 0.3).astype(np.uint8) + (back > 0.5))
+    assert set(np.unique(counted)) == {0, 1, 2}
+    with pytest.raises(ValueError, match="one of threshold, quantize and levels"):
+        to_input_grid(probs, grid, threshold=0.5, levels=(0.3,))

@@ -242,6 +242,31 @@ def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(shipped,
     assert not any(n.startswith("HU trim") for n in raw_notes)
 
 
+def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(scans, predictions, ct_dir, tmp_path) -> None:
+    """P1 (native, spleen about 35 HU): without the growth (``--no-native-grow``) the mask misses a rim of spleen."""
+    from vnetseg.cli import main
+    from vnetseg.io import read_image
+
+    scan = scans["p1_ct"]
+    grown = predictions[("p1_ct", "fast")]
+    dest, report = tmp_path / "ungrown.nii.gz", tmp_path / "report.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(ct_dir / "example_ct.nii.gz"), "-o", str(dest), "--mode", "fast", "--no-native-grow",
+                 "--report", str(report), "--progress", "none"], out, err)
+    assert code == 0, err.getvalue()
+    notes = json.loads(report.read_text())["cases"][0]["warnings"]
+    kept, before = grown.labelmap > 0, read_image(dest).array > 0
+    assert not (before & ~kept).any()  # growth only adds
+    added = kept & ~before
+    assert added.sum() * scan.image.voxel_volume_ml > 10.0
+    # what it adds is spleen (the reference) far more than not, and it stays beside the spleen
+    assert (added & scan.spleen).sum() > 0.7 * added.sum()
+    assert misplaced(kept, scan)["misplaced_ml"] < 1.0
+    assert dice(kept, scan.spleen) > dice(before, scan.spleen) + 0.02
+    assert any(n.startswith("native CT (the organ's core") for n in grown.notes)
+    assert not any(n.startswith("native CT") for n in notes) and any(n.startswith("HU trim") for n in notes)
+
+
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:
     """The agreement above is not fast mode quietly running full mode: on the long CTs its box
     leaves out most of the model grid. (example_ct_sm's 30 slices and 366 x 303 mm fit in one

@@ -161,7 +161,8 @@ class PredictCommand:
         modelPath: model file.
         device: "auto", "cpu", "cuda" ...
         overlap: sliding-window overlap in [0, 1).
-        postprocess: keep the largest component, trim it to the organ's HU range and fill holes.
+        postprocess: keep the largest component, trim it to the organ's HU range (on native CT also grow
+            it into uncertain voxels in that range) and fill holes.
         reportPath: JSON report file, or None.
         sha256: expected SHA-256 of the model file, or None.
         mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).

@@ -22,7 +22,16 @@ from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
-from .postprocess import QualityReport, fill_holes, quality_report, select_located, split_components, trim_to_organ_hu
+from .postprocess import (
+    GROW_PROBABILITY,
+    QualityReport,
+    fill_holes,
+    grow_native,
+    quality_report,
+    select_located,
+    split_components,
+    trim_to_organ_hu,
+)
 from .preprocess import GridMap, make_grid_map, to_input_grid, to_model_grid, window_hu
 
 ProgressFn = Callable[[float, str], None]
@@ -265,7 +274,7 @@ class InferenceOptions:
         overlap: sliding-window overlap fraction.
         batch_size: windows per forward pass; None chooses from free memory.
         postprocess: keep the largest component (the located one), trim it to the organ's own HU
-            range (``hu_trim``) and fill holes.
+            range (``hu_trim``), grow it on native CT (``native_grow``) and fill holes.
         threshold: foreground probability above which a voxel is foreground (binary models).
         amp: mixed precision on CUDA.
         mode: "fast" (coarse pass, then full resolution on the organ's box), "full" (whole
@@ -274,6 +283,9 @@ class InferenceOptions:
             map is made, no memory is spent on it), "float32" (0-1) or "uint8" (0-255).
         hu_trim: with ``postprocess``, remove mask voxels outside the organ's own HU range
             (:func:`vnetseg.postprocess.trim_to_organ_hu`); False keeps the network's boundary.
+        native_grow: with ``postprocess`` and ``hu_trim``, on native CT (the organ's core under
+            ``postprocess.NATIVE_MAX_HU``) grow the mask into connected voxels of probability over
+            ``postprocess.GROW_PROBABILITY`` in its HU band (:func:`vnetseg.postprocess.grow_native`).
     """
 
     device: str = "auto"
@@ -285,6 +297,7 @@ class InferenceOptions:
     mode: str = "auto"
     probability: str | None = None
     hu_trim: bool = True
+    native_grow: bool = True
 
     def __post_init__(self) -> None:
         conf.check_probability_type(self.probability)
@@ -588,7 +601,14 @@ def predict_volume(
         raise Cancelled("cancelled by the user")
     if progress is not None:
         progress(0.9, "resampling to the input grid")
-    labelmap = _labels_on_input_grid(probs, region, info, opts.threshold)
+    growing = opts.postprocess and opts.hu_trim and opts.native_grow and len(info.labels) == 1
+    if growing and opts.threshold > GROW_PROBABILITY:
+        # one resampling gives both: 2 = over the threshold (the mask), 1 = only over GROW_PROBABILITY
+        levels = to_input_grid(probs[0], region, levels=(GROW_PROBABILITY, opts.threshold))
+        labelmap, candidates = (levels == 2).view(np.uint8) * np.uint8(info.label_values[0]), levels > 0
+        del levels
+    else:
+        labelmap, candidates = _labels_on_input_grid(probs, region, info, opts.threshold), None
     probability = conf.probability_on_input_grid(probs[0], region, opts.probability) if opts.probability else None
     raw = labelmap > 0
     focus = conf.crop_around(probs[0], region, raw, image.affine)  # a small copy, for the confidence
@@ -608,6 +628,14 @@ def predict_volume(
                 f"HU trim: {trim.removed * image.voxel_volume_ml:.1f} mL outside the organ's own range "
                 f"({trim.low:.0f} to {trim.high:.0f} HU) removed from its surface"
             )
+        if trim is not None and candidates is not None:
+            keep, added = grow_native(keep, candidates, image.array, trim)
+            if added * image.voxel_volume_ml >= 0.05:
+                notes.append(
+                    f"native CT (the organ's core {trim.median:.0f} HU): grown by {added * image.voxel_volume_ml:.1f} mL "
+                    f"into voxels of probability over {GROW_PROBABILITY:g} in its HU range"
+                )
+    del candidates
     if opts.postprocess:
         keep = fill_holes(keep)
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary

@@ -112,13 +112,32 @@ HU_TRIM_MIN_CORE = 200
 HU_TRIM_MIN_SD = 5.0
 
 
+# Native CT (:func:`grow_native`): measured, the network under-segments the spleen of an unenhanced
+# CT and over-segments an enhanced one (shipped v2.1.0, fast mode: P1 -16 %, P4 -9 % of the
+# reference's volume; held out P1 -12 %, P4 -50 %; against +18 % on contrast P2 and P5). An
+# unenhanced spleen is 35-55 HU and an enhanced one 80 HU or more (anatomy.TISSUE_HU), so a core
+# median under NATIVE_MAX_HU means native CT, where the mask is grown into the connected voxels the
+# network gives more than GROW_PROBABILITY that lie in the organ's HU band. Dice, without -> with
+# it: shipped P1 0.895 -> 0.926, P4 0.919 -> 0.920; held out P1 0.909 -> 0.930, P4 0.664 -> 0.775.
+# 0.2 grew held-out P4 further (0.826) but took shipped P4 past its reference (0.909, 4 mL away).
+NATIVE_MAX_HU = 65.0
+GROW_PROBABILITY = 0.3
+
+
 @dataclass
 class HuTrim:
-    """What :func:`trim_to_organ_hu` did: the organ's HU band and the voxels it removed."""
+    """What :func:`trim_to_organ_hu` did: the organ's HU band (around its core's median) and the
+    voxels it removed."""
 
     low: float
     high: float
     removed: int
+    median: float = 0.0
+
+    @property
+    def native(self) -> bool:
+        """The organ's core is unenhanced soft tissue (median under ``NATIVE_MAX_HU``)."""
+        return self.median < NATIVE_MAX_HU
 
 
 def trim_to_organ_hu(
@@ -167,7 +186,38 @@ def trim_to_organ_hu(
     kept = labels == int(np.argmax(label_sizes(labels, n)[1:])) + 1
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = kept
-    return out, HuTrim(low, high, int(np.count_nonzero(part)) - int(np.count_nonzero(kept)))
+    return out, HuTrim(low, high, int(np.count_nonzero(part)) - int(np.count_nonzero(kept)), median)
+
+
+def grow_native(mask: np.ndarray, candidates: np.ndarray, values: np.ndarray, band: HuTrim) -> tuple[np.ndarray, int]:
+    """On native CT, add the parts of ``candidates`` in the organ's HU band that touch ``mask``.
+
+    Args:
+        mask: (I, J, K) bool, the trimmed organ (:func:`trim_to_organ_hu`).
+        candidates: (I, J, K) bool, where the network's probability exceeds ``GROW_PROBABILITY``.
+        values: the image on the same grid; band: the organ's band from the trim.
+
+    Returns:
+        (the grown mask, voxels added); ``mask`` itself and 0 when the organ is enhanced
+        (``band.native`` False) or nothing touches it.
+    """
+    if not band.native:
+        return mask, 0
+    box = _bbox(candidates | mask)
+    if box is None:
+        return mask, 0
+    hu = values[box]
+    inside = mask[box]
+    near = (candidates[box] & (hu >= band.low) & (hu <= band.high)) | inside
+    labels, _ = ndimage.label(near, structure=_STRUCTURE)
+    touching = np.unique(labels[inside])
+    grown = np.isin(labels, touching[touching > 0])
+    added = int(np.count_nonzero(grown)) - int(np.count_nonzero(inside))
+    if added <= 0:
+        return mask, 0
+    out = mask.copy()
+    out[box] = grown
+    return out, added
 
 
 def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:

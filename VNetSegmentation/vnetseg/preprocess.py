@@ -115,6 +115,7 @@ def to_input_grid(
     threshold: float | None = None,
     slab: int = 16,
     quantize: bool = False,
+    levels: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Resample a model-grid array (or a crop described by ``grid``) back onto the input grid.
 
@@ -122,16 +123,19 @@ def to_input_grid(
     model voxels of ``values`` get ``fill``. With ``threshold``, each slab is thresholded as it is
     made and the result is a uint8 mask: no input-sized float array is ever allocated. With
     ``quantize`` (values in [0, 1], e.g. probabilities), each slab becomes ``round(255 * value)``
-    as uint8 the same way.
+    as uint8 the same way. With ``levels`` (ascending thresholds), each voxel gets the number of
+    levels its value exceeds, as uint8: several thresholds from one resampling.
 
     Returns:
         (I, J, K) array in the input's own voxel order: float32, uint8 (0/1) with ``threshold``, or
         uint8 (0-255) with ``quantize``.
     """
-    if threshold is not None and quantize:
-        raise ValueError("to_input_grid: give threshold or quantize, not both")
+    if sum(x is not None and x is not False for x in (threshold, quantize, levels)) > 1:
+        raise ValueError("to_input_grid: give one of threshold, quantize and levels")
     values = np.asarray(values, dtype=np.float32)
-    if threshold is not None:
+    if levels is not None:
+        out = np.full(grid.canonical_shape, sum(fill > t for t in levels), dtype=np.uint8)
+    elif threshold is not None:
         out = np.full(grid.canonical_shape, fill > threshold, dtype=np.uint8)
     elif quantize:
         out = np.full(grid.canonical_shape, round(255 * min(max(float(fill), 0.0), 1.0)), dtype=np.uint8)
@@ -157,7 +161,12 @@ def to_input_grid(
             output=np.float32,
             prefilter=False,
         )
-        if threshold is not None:
+        if levels is not None:
+            counted = np.zeros(part.shape, dtype=np.uint8)
+            for t in levels:
+                counted += part > t
+            part = counted
+        elif threshold is not None:
             part = part > threshold
         elif quantize:
             part = _to_uint8(part)
