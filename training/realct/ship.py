@@ -331,8 +331,9 @@ def build_card(
             "checkpoint selection). In both modes the full-resolution mask keeps only its component that "
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
             "spleen in view, and a part on the patient's right or with lung beneath it is never located; then "
-            "the mask is trimmed to the spleen's own HU range (median +- 4 robust SD of its core; v2.2.0, same "
-            "networks as v2.1.0) and its holes are filled"
+            "the mask is trimmed to the spleen's own HU range (median +- 4 robust SD of its core), on native CT "
+            "(core under 65 HU) grown into connected voxels of probability over 0.3 in that range (v2.2.0, "
+            "same networks as v2.1.0), and its holes are filled"
         ),
         "training": {
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
