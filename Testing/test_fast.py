@@ -327,3 +327,37 @@ def test_fast_region_falls_back_to_its_own_box_when_full_modes_windows_would_cos
     assert run is not None and len(run) == 4 == len(_windows((64, 64, 128), (64,) * 3, 0.25)) + 1
     assert all(a <= s and t <= b for a, s, t, b in zip(box.start, big.start, big.stop, box.stop))
     assert region.model_shape == box.shape and all(0 <= w[2] <= box.shape[2] - 64 for w in run)
+
+
+@pytest.mark.parametrize("kind", ["LPS", "RAS", "oblique"])
+def test_located_part_on_the_input_grid_equals_the_whole_grid_resampling(kind: str) -> None:
+    """Resampling only the located part's box gives the whole coarse grid's answer, except on
+    voxels whose centre lies exactly half-way between two coarse voxels (a tie either answer fits)."""
+    from vnetseg.inference import _located_on_input_grid
+    from vnetseg.preprocess import to_input_grid
+
+    rng = np.random.default_rng(7)
+    for _ in range(15):
+        shape = tuple(int(x) for x in rng.integers(20, 60, 3))
+        aff = make_affine(kind, spacing=tuple(float(s) for s in rng.uniform(0.6, 3.0, 3)))
+        coarse = make_grid_map(shape, aff, (4.0, 4.0, 4.0))
+        mask = np.zeros(coarse.model_shape, bool)
+        lo = rng.integers(0, np.maximum(np.array(coarse.model_shape) - 2, 1))
+        hi = lo + rng.integers(1, 6, 3)
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+        whole = to_input_grid(mask.astype(np.float32), coarse, order=0, threshold=0.5) > 0
+        boxed = _located_on_input_grid(mask, coarse)
+        assert boxed.shape == shape and boxed.any()
+        # canonical axes: where is each input voxel's centre in coarse voxels, and is it a tie?
+        ties = np.zeros(coarse.canonical_shape, bool)
+        for axis in range(3):
+            c = (np.arange(coarse.canonical_shape[axis]) - coarse.offset[axis]) / coarse.scale[axis]
+            tie = np.abs(c - np.floor(c) - 0.5) < 1e-6
+            ties |= np.expand_dims(tie, tuple(a for a in range(3) if a != axis))
+        import nibabel as nib
+
+        from vnetseg.preprocess import _canonical_ornt_inverse
+
+        ties = nib.orientations.apply_orientation(ties, _canonical_ornt_inverse(coarse.ornt))
+        assert not ((whole != boxed) & ~ties).any()
+    assert _located_on_input_grid(np.zeros((4, 4, 4), bool), coarse).shape == shape
