@@ -152,3 +152,16 @@ def test_read_info_without_building(tmp_path: Path) -> None:
     save_model(tmp_path / "m.pt", _model(), _info())
     info, state = read_model_info(tmp_path / "m.pt")
     assert info.card["fold"] == 0 and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_post_processing_calibration_travels_with_the_weights(tmp_path: Path) -> None:
+    """A file may declare post-processing measured for its weights (the native-CT growth); one
+    without it, like every file written before it existed, declares none."""
+    from dataclasses import replace
+
+    net = _model()
+    save_model(tmp_path / "plain.pt", net, _info())
+    assert load_model(tmp_path / "plain.pt")[1].postprocessing == {}
+    save_model(tmp_path / "grow.pt", net, replace(_info(), postprocessing={"native_grow_probability": 0.3}))
+    assert load_model(tmp_path / "grow.pt")[1].postprocessing == {"native_grow_probability": 0.3}
+    assert '"postprocessing"' not in _info().to_json()  # older readers see exactly what they did

@@ -241,10 +241,18 @@ def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(shipped,
     assert not any(n.startswith("HU trim") for n in raw_notes)
 
 
-def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(scans, predictions, ct_dir, tmp_path) -> None:
-    """P1 (native, spleen about 35 HU): without the growth (``--no-native-grow``) the mask misses a rim of spleen."""
+def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(shipped, scans, predictions, ct_dir, tmp_path) -> None:
+    """P1 (native, spleen about 35 HU): without the growth (``--no-native-grow``) the mask misses a rim of spleen.
+
+    The growth is the shipped file's own calibration (``ModelInfo.postprocessing``): the same
+    weights without that declaration give the ungrown mask."""
+    from dataclasses import replace
+
     from vnetseg.cli import main
     from vnetseg.io import read_image
+
+    _, net, info = shipped
+    assert info.postprocessing == {"native_grow_probability": 0.3}
 
     scan = scans["p1_ct"]
     grown = predictions[("p1_ct", "fast")]
@@ -264,6 +272,8 @@ def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(scans, 
     assert dice(kept, scan.spleen) > dice(before, scan.spleen) + 0.02
     assert any(n.startswith("native CT (the organ's core") for n in grown.notes)
     assert not any(n.startswith("native CT") for n in notes) and any(n.startswith("HU trim") for n in notes)
+    undeclared = predict_volume(scan.image, net, replace(info, postprocessing={}), InferenceOptions(device="cpu", mode="fast"))
+    assert np.array_equal(undeclared.labelmap > 0, before)
 
 
 def test_fast_mode_segments_less_than_the_whole_volume(shipped, scans, predictions) -> None:

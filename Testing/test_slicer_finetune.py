@@ -53,14 +53,14 @@ def test_a_corrected_case_exported_then_improved_on_scores_better_and_the_new_mo
     base_sha = file_sha256(shipped.path)
     before = segment_mask(logic, ct, shipped.path)
     seen: list[tuple[str, int, float]] = []
-    settings = FinetuneSettings(steps=10, locatorSteps=5, patchSize=(96, 96, 32), device="cpu")
+    settings = FinetuneSettings(steps=30, locatorSteps=5, patchSize=(96, 96, 32), device="cpu")
     outcome = logic.improveModel(folder, shipped.path, "spleen-improved", settings,
                                  progress=lambda run: seen.append((run.phase, run.step, run.loss)), timeout=300)
 
     assert outcome.installed and not outcome.worse and outcome.onTrainingCases and outcome.resumedAt == 0
     assert "TRAINING cases" in outcome.table and "Installed 'spleen-improved'" in outcome.message
     main_steps = [(s, loss) for phase, s, loss in seen if phase == "main"]
-    assert main_steps[-1][0] == 10 and all(math.isfinite(loss) for _, loss in main_steps)
+    assert main_steps[-1][0] == 30 and all(math.isfinite(loss) for _, loss in main_steps)
     assert any(phase == "locator" for phase, _, _ in seen)
     entry = outcome.model
     assert entry.name == "spleen-improved" and entry.path == logic.models.folder / "spleen-improved.pt"
@@ -68,14 +68,16 @@ def test_a_corrected_case_exported_then_improved_on_scores_better_and_the_new_mo
     assert not (folder / WORK_FOLDER / "spleen-improved" / "spleen-improved.pt").exists()  # moved, not copied twice
     card = logic.models.readInfo(entry).card
     assert card["base_model"]["sha256"] == base_sha and card["base_model"]["name"] == shipped_name(shipped)
-    assert card["data"]["train_cases"] == ["patient7"] and card["fine_tune"]["steps"] == 10
+    assert card["data"]["train_cases"] == ["patient7"] and card["fine_tune"]["steps"] == 30
     assert file_sha256(shipped.path) == base_sha  # the base model is never modified
     text = logic.modelCardText(entry)  # what the panel shows for the new model
     assert f"Fine-tuned from: {shipped_name(shipped)}" in text and base_sha[:16] in text
     assert "1 training cases: not an independent test" in text
 
     after = segment_mask(logic, ct, entry)  # the installed model, segmenting in Slicer as a user would
-    # measured: shipped v1.1.0 0.892 -> 0.93; v2.0.0 (already closer on this case) 0.894 -> 0.901
+    # measured: shipped v1.1.0 0.892 -> 0.93; v2.0.0 (already closer on this case) 0.894 -> 0.901 (10 steps);
+    # v2.2.0, whose native-CT growth already brings it to 0.923, is beaten after 30 steps (0.934; 0.918
+    # after 10, and the guard then refuses to install it)
     assert dice_score(after, spleen) > dice_score(before, spleen) + 0.005
     assert outcome.scores["new"][0]["dice"] == pytest.approx(dice_score(after, spleen), abs=1e-6)
 

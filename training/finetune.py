@@ -327,6 +327,9 @@ def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn |
     for part in (net, locator[0] if locator else None):
         if part is not None:
             round_like(part.cpu(), info.weights_dtype)
+    # no ``postprocessing``: a calibration measured for the base weights (the shipped model's native-CT
+    # growth) does not hold for new ones (on a corrected native case it grew the mask 10 % past the
+    # reference), so the fine-tuned network's mask is its own
     new_info = ModelInfo(info.config, info.preprocessing, info.labels, {})
     new_info.locator = locator
     emit({"event": "progress", "fraction": 0.9, "phase": "score", "message": "scoring the new model"})

@@ -100,6 +100,9 @@ class ModelInfo:
     labels: tuple[Label, ...] = SPLEEN_LABELS
     card: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # post-processing calibrated for these weights, e.g. {"native_grow_probability": 0.3}
+    # (:func:`vnetseg.postprocess.grow_native`); files without it (older ones too) get none
+    postprocessing: dict[str, float] = field(default_factory=dict)
     sha256: str = ""  # of the file it was read from, when read from a file
     weights_dtype: str = "float32"
     # a small network carried in the same file that finds the organ at low resolution (fast mode);
@@ -113,6 +116,7 @@ class ModelInfo:
                 "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.preprocessing).items()},
                 "labels": [{**asdict(lab), "color": list(lab.color)} for lab in self.labels],
                 "card": self.card,
+                **({"postprocessing": self.postprocessing} if self.postprocessing else {}),
             },
             sort_keys=True,
         )
@@ -129,6 +133,7 @@ class ModelInfo:
             preprocessing=Preprocessing(**data["preprocessing"]),
             labels=labels,
             card=dict(data.get("card", {})),
+            postprocessing={str(k): float(v) for k, v in dict(data.get("postprocessing", {})).items()},
         )
 
     @property

@@ -23,7 +23,6 @@ from .checkpoint import ModelInfo, load_model
 from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
 from .postprocess import (
-    GROW_PROBABILITY,
     QualityReport,
     fill_holes,
     grow_native,
@@ -283,9 +282,11 @@ class InferenceOptions:
             map is made, no memory is spent on it), "float32" (0-1) or "uint8" (0-255).
         hu_trim: with ``postprocess``, remove mask voxels outside the organ's own HU range
             (:func:`vnetseg.postprocess.trim_to_organ_hu`); False keeps the network's boundary.
-        native_grow: with ``postprocess`` and ``hu_trim``, on native CT (the organ's core under
-            ``postprocess.NATIVE_MAX_HU``) grow the mask into connected voxels of probability over
-            ``postprocess.GROW_PROBABILITY`` in its HU band (:func:`vnetseg.postprocess.grow_native`).
+        native_grow: with ``postprocess`` and ``hu_trim``, and when the model file declares it
+            (``ModelInfo.postprocessing["native_grow_probability"]``: a calibration of those weights,
+            the shipped model's is ``postprocess.GROW_PROBABILITY``), on native CT (the organ's core
+            under ``postprocess.NATIVE_MAX_HU``) grow the mask into connected voxels over that
+            probability in its HU band (:func:`vnetseg.postprocess.grow_native`).
     """
 
     device: str = "auto"
@@ -601,10 +602,11 @@ def predict_volume(
         raise Cancelled("cancelled by the user")
     if progress is not None:
         progress(0.9, "resampling to the input grid")
+    grow_p = info.postprocessing.get("native_grow_probability", 0.0)
     growing = opts.postprocess and opts.hu_trim and opts.native_grow and len(info.labels) == 1
-    if growing and opts.threshold > GROW_PROBABILITY:
-        # one resampling gives both: 2 = over the threshold (the mask), 1 = only over GROW_PROBABILITY
-        levels = to_input_grid(probs[0], region, levels=(GROW_PROBABILITY, opts.threshold))
+    if growing and 0.0 < grow_p < opts.threshold:
+        # one resampling gives both: 2 = over the threshold (the mask), 1 = only over grow_p
+        levels = to_input_grid(probs[0], region, levels=(grow_p, opts.threshold))
         labelmap, candidates = (levels == 2).view(np.uint8) * np.uint8(info.label_values[0]), levels > 0
         del levels
     else:
@@ -633,7 +635,7 @@ def predict_volume(
             if added * image.voxel_volume_ml >= 0.05:
                 notes.append(
                     f"native CT (the organ's core {trim.median:.0f} HU): grown by {added * image.voxel_volume_ml:.1f} mL "
-                    f"into voxels of probability over {GROW_PROBABILITY:g} in its HU range"
+                    f"into voxels of probability over {grow_p:g} in its HU range"
                 )
     del candidates
     if opts.postprocess:

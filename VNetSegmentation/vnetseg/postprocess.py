@@ -117,7 +117,9 @@ HU_TRIM_MIN_SD = 5.0
 # reference's volume; held out P1 -12 %, P4 -50 %; against +18 % on contrast P2 and P5). An
 # unenhanced spleen is 35-55 HU and an enhanced one 80 HU or more (anatomy.TISSUE_HU), so a core
 # median under NATIVE_MAX_HU means native CT, where the mask is grown into the connected voxels the
-# network gives more than GROW_PROBABILITY that lie in the organ's HU band. Dice, without -> with
+# network gives more than GROW_PROBABILITY that lie in the organ's HU band. It is a calibration of
+# the shipped networks, so their model file declares it (ModelInfo.postprocessing); a fine-tuned or
+# newly trained network has its own bias and gets no growth unless its file says so. Dice, without -> with
 # it: shipped P1 0.895 -> 0.926, P4 0.919 -> 0.920; held out P1 0.909 -> 0.930, P4 0.664 -> 0.775.
 # 0.2 grew held-out P4 further (0.826) but took shipped P4 past its reference (0.909, 4 mL away).
 NATIVE_MAX_HU = 65.0

@@ -22,7 +22,7 @@ import torch
 import vnetseg
 from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
 from vnetseg.model import VNet
-from vnetseg.postprocess import dice
+from vnetseg.postprocess import GROW_PROBABILITY, dice
 
 from .build import read_pool_records
 from .card import MODEL_FILE, MODEL_NAME, render_markdown, render_readme_section, write_registry
@@ -41,6 +41,8 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
 VERSION = "2.2.0"
+# the native-CT growth measured for this recipe's networks (vnetseg.postprocess.grow_native)
+SHIPPED_POSTPROCESSING = {"native_grow_probability": GROW_PROBABILITY}
 
 
 def fp16_roundtrip(net: VNet) -> VNet:
@@ -54,14 +56,16 @@ def bundle_in_memory(main: Path, locator: Path) -> tuple[VNet, ModelInfo]:
     """Main network + locator as the shipped file holds them (float16 weights, inference window), in memory."""
     net, info = load_model(main)
     loc_net, loc_info = load_model(locator)
-    info = _with_patch(info, INFERENCE_PATCH)
+    info = _with_patch(info, INFERENCE_PATCH, postprocessing=SHIPPED_POSTPROCESSING)
     info.locator = (fp16_roundtrip(loc_net), _with_patch(loc_info, INFERENCE_PATCH))
     return fp16_roundtrip(net), info
 
 
-def _with_patch(info: ModelInfo, patch: tuple[int, int, int], card: dict[str, Any] | None = None) -> ModelInfo:
+def _with_patch(
+    info: ModelInfo, patch: tuple[int, int, int], card: dict[str, Any] | None = None, postprocessing: dict[str, float] | None = None
+) -> ModelInfo:
     pre = Preprocessing(**{**info.preprocessing.__dict__, "patch_size": patch})
-    return ModelInfo(info.config, pre, info.labels, card if card is not None else {})
+    return ModelInfo(info.config, pre, info.labels, card if card is not None else {}, postprocessing=postprocessing or {})
 
 
 def score_all(
@@ -197,7 +201,7 @@ def write_outputs(
         "train_minutes": [_train_minutes(out / "runs" / "final_locator" / "fold_0"), _train_minutes(loc_dir)],
     }
     loc_info = _with_patch(loc_info, INFERENCE_PATCH, loc_card)
-    info = _with_patch(main_info, INFERENCE_PATCH)
+    info = _with_patch(main_info, INFERENCE_PATCH, postprocessing=SHIPPED_POSTPROCESSING)
     info.locator = (loc_net, loc_info)
     results = cached_scores(out, main_net, info, log)
     lopo = {h: json.loads((out / f"lopo_{h}.json").read_text()) for h in PATIENTS if (out / f"lopo_{h}.json").is_file()}
