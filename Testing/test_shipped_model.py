@@ -214,20 +214,25 @@ def test_fast_and_full_mode_agree_on_every_real_ct(fast_vs_full) -> None:
     assert all(d >= 0.999 and gap <= 0.001 for d, gap in fast_vs_full.values()), fast_vs_full
 
 
-def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(shipped, scans, predictions, ct_dir, tmp_path) -> None:
-    """P5 (contrast, spleen about 175 HU): without the trim (``--no-hu-trim``) the mask spills into 30 HU tissue beside it."""
+def _cli_fast(ct_file, flag: str, tmp_path) -> tuple[np.ndarray, list[str]]:
+    """``vnetseg predict`` in fast mode with one extra flag: (the written mask, the report's notes)."""
     from vnetseg.cli import main
     from vnetseg.io import read_image
 
+    dest, report = tmp_path / "mask.nii.gz", tmp_path / "report.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(ct_file), "-o", str(dest), "--mode", "fast", flag, "--report", str(report),
+                 "--progress", "none"], out, err)
+    assert code == 0, err.getvalue()
+    return read_image(dest).array > 0, json.loads(report.read_text())["cases"][0]["warnings"]
+
+
+def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(scans, predictions, ct_dir, tmp_path) -> None:
+    """P5 (contrast, spleen about 175 HU): without the trim (``--no-hu-trim``) the mask spills into 30 HU tissue beside it."""
     scan = scans["p5_lidc"]
     trimmed = predictions[("p5_lidc", "fast")]
-    dest, report = tmp_path / "untrimmed.nii.gz", tmp_path / "report.json"
-    out, err = io.StringIO(), io.StringIO()
-    code = main(["predict", str(ct_dir / "lidc_idri_0001_ct.nii.gz"), "-o", str(dest), "--mode", "fast", "--no-hu-trim",
-                 "--report", str(report), "--progress", "none"], out, err)
-    assert code == 0, err.getvalue()
-    raw_notes = json.loads(report.read_text())["cases"][0]["warnings"]
-    kept, before = trimmed.labelmap > 0, read_image(dest).array > 0
+    before, raw_notes = _cli_fast(ct_dir / "lidc_idri_0001_ct.nii.gz", "--no-hu-trim", tmp_path)
+    kept = trimmed.labelmap > 0
     assert not (kept & ~before).any()  # the trim only removes
     removed = before & ~kept
     voxel_ml = scan.image.voxel_volume_ml
@@ -248,21 +253,12 @@ def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(shipped
     weights without that declaration give the ungrown mask."""
     from dataclasses import replace
 
-    from vnetseg.cli import main
-    from vnetseg.io import read_image
-
     _, net, info = shipped
     assert info.postprocessing == {"native_grow_probability": 0.3}
-
     scan = scans["p1_ct"]
     grown = predictions[("p1_ct", "fast")]
-    dest, report = tmp_path / "ungrown.nii.gz", tmp_path / "report.json"
-    out, err = io.StringIO(), io.StringIO()
-    code = main(["predict", str(ct_dir / "example_ct.nii.gz"), "-o", str(dest), "--mode", "fast", "--no-native-grow",
-                 "--report", str(report), "--progress", "none"], out, err)
-    assert code == 0, err.getvalue()
-    notes = json.loads(report.read_text())["cases"][0]["warnings"]
-    kept, before = grown.labelmap > 0, read_image(dest).array > 0
+    before, notes = _cli_fast(ct_dir / "example_ct.nii.gz", "--no-native-grow", tmp_path)
+    kept = grown.labelmap > 0
     assert not (before & ~kept).any()  # growth only adds
     added = kept & ~before
     assert added.sum() * scan.image.voxel_volume_ml > 10.0
