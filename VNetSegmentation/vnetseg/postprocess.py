@@ -134,7 +134,7 @@ class HuTrim:
     low: float
     high: float
     removed: int
-    median: float = 0.0
+    median: float
 
     @property
     def native(self) -> bool:
@@ -181,11 +181,9 @@ def trim_to_organ_hu(
     q1, q3 = np.percentile(inside, [25.0, 75.0])
     spread = max(float(q3 - q1) / 1.349, HU_TRIM_MIN_SD)  # the IQR of a normal distribution is 1.349 SD
     low, high = median - sd * spread, median + sd * spread
-    kept = part & (hu >= low) & (hu <= high)
-    labels, n = ndimage.label(kept, structure=_STRUCTURE)
-    if n == 0:
+    kept = largest_component(part & (hu >= low) & (hu <= high))
+    if not kept.any():
         return mask, None
-    kept = labels == int(np.argmax(label_sizes(labels, n)[1:])) + 1
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = kept
     return out, HuTrim(low, high, int(np.count_nonzero(part)) - int(np.count_nonzero(kept)), median)
