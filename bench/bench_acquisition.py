@@ -1,0 +1,250 @@
+"""Does the model hold when the same patient is scanned differently? Acquisition changes of the real CTs.
+
+The judged CTs come from other hospitals: other slice thicknesses, doses, fields of view and
+storage orders than the five here. This script makes those changes to each real CT (and its
+reference, on the same new grid), runs the model in fast mode, and prints Dice, volume and what
+lies away from the reference, per change, against the CT as stored (measured in the same run):
+
+* ``as stored``: the CT itself (the baseline).
+* ``thick ~5 mm``: a thick-slice reconstruction: ``n`` consecutive slices averaged (n the nearest
+  whole number to 5 mm / slice spacing, at least 2), one slice per slab, the slab's centre as its
+  position. The reference on that grid is the slab's mean >= 0.5.
+* ``low dose``: spatially correlated Gaussian noise (white noise smoothed by 0.7 voxels in-plane,
+  scaled to a standard deviation of 25 HU) added to every voxel: roughly a quarter of the dose of
+  a soft-kernel abdominal CT. Seeded, so every run adds the same noise.
+* ``small FOV``: the central 80 % of each in-plane axis (a reconstruction field of view that cuts
+  the patient's sides, where the spleen lies: what is cut from the reference is cut from it too).
+* ``flipped storage``: the voxels stored in the reverse order along all three axes, with the
+  affine that keeps every voxel where it was in the patient. Physically the same CT: the answer
+  must be the same mask (``vs stored`` is Dice against the stored CT's result, mapped back).
+
+Models: ``shipped`` (the model file in vnetseg/weights) on every CT, and with ``--runs`` each
+leave-one-patient-out pair (``lopo_without_P<N>_settle`` + ``..._locator_refine``, bundled in memory
+as the shipped file is) on its held-out patient's CTs only: the honest view of a CT the model has
+never seen. Fast mode on CPU, one torch thread. Usage::
+
+    python bench/bench_acquisition.py [--runs runs/spleen_model/runs] [--models shipped,lopo] [--name acquisition]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib
+
+sys.path.insert(0, str(benchlib.REPO))
+from training.realct.evaluate import mask_metrics, misplaced
+from training.realct.sources import PATIENTS, SPLEEN, Scan, load_scans
+from vnetseg import io as vio
+from vnetseg.checkpoint import ModelInfo, load_model
+from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.model import VNet
+from vnetseg.postprocess import dice
+from vnetseg.registry import default_model
+
+THICK_MM = 5.0
+NOISE_HU = 25.0
+NOISE_SMOOTH_VOXELS = 0.7
+FOV_KEEP = 0.8
+SEED = 20261202
+
+
+def _z_axis(affine: np.ndarray) -> int:
+    """The index axis that runs head-foot (largest RAS z component)."""
+    return int(np.argmax(np.abs(affine[2, :3])))
+
+
+def _with(scan: Scan, array: np.ndarray, spleen: np.ndarray, affine: np.ndarray) -> Scan:
+    """A changed scan: its CT and its reference spleen on the new grid (other organ labels dropped)."""
+    labels = np.where(spleen, SPLEEN, 0).astype(np.int16)
+    return replace(scan, image=vio.Image(np.ascontiguousarray(array, dtype=np.float32), affine), labels=labels,
+                   version="spleen")
+
+
+def thick_slices(scan: Scan) -> Scan:
+    """Average ``n`` consecutive slices into one (a ~5 mm reconstruction); the reference: the slab mean >= 0.5."""
+    axis = _z_axis(scan.image.affine)
+    step = float(scan.image.spacing[axis])
+    n = max(2, int(round(THICK_MM / step)))
+    k = scan.image.shape[axis] // n
+    def slabs(a: np.ndarray) -> np.ndarray:
+        a = np.moveaxis(a, axis, -1)[..., : k * n].astype(np.float32)
+        return np.moveaxis(a.reshape(*a.shape[:-1], k, n).mean(-1), -1, axis)
+    affine = scan.image.affine.copy()
+    affine[:3, axis] *= n
+    affine[:3, 3] += scan.image.affine[:3, axis] * (n - 1) / 2.0  # the slab's centre
+    return _with(scan, slabs(scan.image.array), slabs(scan.spleen) >= 0.5, affine)
+
+
+def low_dose(scan: Scan) -> Scan:
+    """Correlated Gaussian noise of ``NOISE_HU`` standard deviation added everywhere."""
+    rng = np.random.default_rng(SEED)
+    axis = _z_axis(scan.image.affine)
+    sigma = [NOISE_SMOOTH_VOXELS if a != axis else 0.0 for a in range(3)]
+    noise = ndimage.gaussian_filter(rng.standard_normal(scan.image.shape).astype(np.float32), sigma)
+    noise *= NOISE_HU / max(float(noise.std()), 1e-6)
+    return _with(scan, scan.image.array + noise, scan.spleen, scan.image.affine)
+
+
+def small_fov(scan: Scan) -> Scan:
+    """The central ``FOV_KEEP`` of each in-plane axis (the same voxels of the reference)."""
+    axis = _z_axis(scan.image.affine)
+    index, start = [], np.zeros(3)
+    for a, size in enumerate(scan.image.shape):
+        if a == axis:
+            index.append(slice(None))
+            continue
+        keep = int(round(size * FOV_KEEP))
+        lo = (size - keep) // 2
+        index.append(slice(lo, lo + keep))
+        start[a] = lo
+    affine = scan.image.affine.copy()
+    affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    box = tuple(index)
+    return _with(scan, scan.image.array[box], scan.spleen[box], affine)
+
+
+def flipped_storage(scan: Scan) -> Scan:
+    """The same voxels stored in reverse order on all three axes (the affine keeps them in place)."""
+    shape = np.asarray(scan.image.shape)
+    flip = np.diag([-1.0, -1.0, -1.0, 1.0])
+    flip[:3, 3] = shape - 1
+    affine = scan.image.affine @ flip
+    return _with(scan, scan.image.array[::-1, ::-1, ::-1], scan.spleen[::-1, ::-1, ::-1], affine)
+
+
+CHANGES: dict[str, Callable[[Scan], Scan]] = {
+    "as stored": lambda s: s,
+    "thick ~5 mm": thick_slices,
+    "low dose": low_dose,
+    "small FOV": small_fov,
+    "flipped storage": flipped_storage,
+}
+
+
+def run_one(scan: Scan, net: VNet, info: ModelInfo) -> tuple[dict[str, Any], np.ndarray]:
+    """Fast mode on one (changed) scan, scored against its reference on its own grid."""
+    t0 = time.perf_counter()
+    pred = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode="fast"))
+    mask = pred.labelmap > 0
+    row = {
+        "shape": list(scan.image.shape),
+        "spacing_mm": [round(float(s), 3) for s in scan.image.spacing],
+        "found": pred.report.found,
+        **mask_metrics(mask, scan.spleen, scan.image),
+        **misplaced(mask, scan),
+        "low_confidence": any(w.startswith("low confidence") for w in pred.report.warnings),
+        "message": pred.report.message,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return row, mask
+
+
+def models(which: list[str], runs: Path | None) -> list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]]:
+    """(name, held-out patient or None, loader) per model to run."""
+    out: list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]] = []
+    if "shipped" in which:
+        out.append(("shipped", None, lambda: load_model(default_model().path)))
+    if "lopo" in which:
+        if runs is None:
+            raise SystemExit("--models lopo needs --runs (the folder with the lopo_without_P<N>_* training runs)")
+        from training.realct.ship import bundle_in_memory
+
+        for p in PATIENTS:
+            main = runs / f"lopo_without_{p}_settle" / "fold_0" / "model_last.pt"
+            loc = runs / f"lopo_without_{p}_locator_refine" / "fold_0" / "model_last.pt"
+            if not (main.is_file() and loc.is_file()):
+                raise SystemExit(f"held-out pair for {p} not found: {main}, {loc}")
+            out.append((f"lopo_without_{p}", p, lambda m=main, l=loc: bundle_in_memory(m, l)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="shipped", help="comma list: shipped, lopo")
+    ap.add_argument("--runs", type=Path, default=None, help="training runs folder (for --models lopo)")
+    ap.add_argument("--scans", default="", help="comma list of scan names (default: all)")
+    ap.add_argument("--name", default="acquisition")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    names = tuple(s for s in args.scans.split(",") if s)
+    scans = load_scans(names=names) if names else load_scans()
+    rows: list[dict[str, Any]] = []
+    print(f"{'model':16s} {'scan':9s} {'change':16s} {'found':5s} {'Dice':>6s} {'mL':>6s} {'ref mL':>6s} "
+          f"{'away':>5s} {'vs stored':>9s} {'s':>5s}", flush=True)
+    for name, held, load in models(args.models.split(","), args.runs):
+        net, info = load()
+        for scan in scans:
+            if held is not None and scan.patient != held:
+                continue
+            stored_mask = None
+            for change, fn in CHANGES.items():
+                changed = fn(scan)
+                row, mask = run_one(changed, net, info)
+                if change == "as stored":
+                    stored_mask = mask
+                elif change == "flipped storage" and stored_mask is not None:
+                    row["dice_vs_stored"] = round(float(dice(mask[::-1, ::-1, ::-1], stored_mask)), 4)
+                row = {"model": name, "scan": scan.name, "patient": scan.patient, "change": change, **row}
+                rows.append(row)
+                vs = f"{row['dice_vs_stored']:.4f}" if "dice_vs_stored" in row else ""
+                print(f"{name:16s} {scan.name:9s} {change:16s} {str(row['found']):5s} {row['dice']:6.3f} "
+                      f"{row['volume_ml']:6.1f} {row['reference_ml']:6.1f} {row['misplaced_ml']:5.1f} {vs:>9s} "
+                      f"{row['seconds']:5.1f}", flush=True)
+    summary = summarize(rows)
+    print("\nmedian Dice change against 'as stored' (same model, same CT, same run):")
+    for key, value in summary.items():
+        print(f"  {key:40s} {value}")
+    out = {
+        "benchmark": "acquisition",
+        "started_utc": started,
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"thick_mm": THICK_MM, "noise_hu": NOISE_HU, "noise_smooth_voxels": NOISE_SMOOTH_VOXELS,
+                     "fov_keep": FOV_KEEP, "seed": SEED, "mode": "fast", "torch_threads": 1},
+        "model_sha256": default_model().sha256 if "shipped" in args.models else "",
+        "rows": rows,
+        "summary": summary,
+        "machine": benchlib.machine_info(),
+        "note": args.note,
+    }
+    benchlib.RESULTS.mkdir(exist_ok=True)
+    path = benchlib.RESULTS / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Per model kind and change: median Dice change against the stored CT, and results with Dice < 0.5."""
+    base = {(r["model"], r["scan"]): r["dice"] for r in rows if r["change"] == "as stored"}
+    out: dict[str, str] = {}
+    for kind in ("shipped", "lopo"):
+        for change in CHANGES:
+            if change == "as stored":
+                continue
+            sel = [r for r in rows if r["change"] == change and (r["model"] == "shipped") == (kind == "shipped")]
+            if not sel:
+                continue
+            deltas = [r["dice"] - base[(r["model"], r["scan"])] for r in sel]
+            lost = [r["scan"] for r in sel if r["dice"] < 0.5 <= base[(r["model"], r["scan"])]]
+            out[f"{kind}: {change}"] = (f"median {np.median(deltas):+.3f}, worst {min(deltas):+.3f} "
+                                        f"({len(sel)} CTs){'; lost: ' + ', '.join(lost) if lost else ''}")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
