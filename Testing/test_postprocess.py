@@ -10,6 +10,7 @@ from vnetseg.postprocess import (
     clean_mask,
     components_ml,
     dice,
+    drop_thin_appendages,
     fill_holes,
     grow_native,
     largest_component,
@@ -203,3 +204,41 @@ def test_no_growth_on_an_enhanced_organ() -> None:
     assert band is not None and not band.native
     grown, added = grow_native(trimmed, candidates, hu, band)
     assert added == 0 and grown is trimmed
+
+
+def _appendage_scene(spacing):
+    """In mm on a grid of ``spacing``: an ellipsoid 'spleen' (semi-axes 40, 25, 30 mm); a plate 6 mm
+    thick and 30 x 30 mm wide 20 mm beside it (a kidney's rim), joined to it by a 4 x 4 mm bridge;
+    and a thick lobe (a 14 mm ball) joined by a 12 mm neck on the other side."""
+    shape = tuple(int(round(e / s)) for e, s in zip((200.0, 100.0, 90.0), spacing))
+    x, y, z = (np.arange(n) * s for n, s in zip(shape, spacing))
+    x, y, z = np.meshgrid(x, y, z, indexing="ij")
+    spleen = ((x - 90) / 40) ** 2 + ((y - 50) / 25) ** 2 + ((z - 45) / 30) ** 2 <= 1
+    plate = (x >= 150) & (x < 156) & (np.abs(y - 50) <= 15) & (np.abs(z - 45) <= 15)
+    bridge = (x >= 125) & (x < 150) & (np.abs(y - 50) <= 2) & (np.abs(z - 45) <= 2) & ~spleen
+    lobe = (np.sqrt((x - 30) ** 2 + (y - 50) ** 2 + (z - 45) ** 2) <= 14) & ~spleen
+    neck = (x >= 40) & (x < 56) & (np.abs(y - 50) <= 6) & (np.abs(z - 45) <= 6) & ~spleen & ~lobe
+    return spleen, plate, bridge, lobe, neck
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 0.7, 3.0)])
+def test_appendage_cut_removes_a_thin_attached_plate_and_keeps_the_organ_and_its_thick_lobe(spacing) -> None:
+    spleen, plate, bridge, lobe, neck = _appendage_scene(spacing)
+    mask = spleen | plate | bridge | lobe | neck
+    out, removed = drop_thin_appendages(mask, spacing)
+    assert removed == int(mask.sum() - out.sum()) > 0
+    assert out[spleen].all()  # the organ is whole, its rim and poles too
+    assert out[lobe].all() and out[neck].all()  # a thick lobe on a thick neck is the organ's own
+    assert not out[plate].any()  # 6 mm thick, 20 mm from the organ's surface: cut off
+    # of the bridge, only what lies within 10 mm of the body stays (the body ends 5 mm inside the
+    # organ's tip at x = 130 mm; half a 1.5 mm sample of slack for the coarse reach)
+    kept_x = np.argwhere(out & bridge)[:, 0] * spacing[0]
+    assert kept_x.size and kept_x.max() <= 125 + 10 + 0.75
+    assert not (out & ~mask).any()  # it only removes
+
+
+def test_appendage_cut_leaves_a_compact_organ_a_thin_mask_and_an_empty_one_alone() -> None:
+    spleen, plate, *_ = _appendage_scene((1.0, 1.0, 1.0))
+    for mask in (spleen, plate, np.zeros_like(spleen)):  # whole organ; nowhere 10 mm thick (no body); empty
+        out, removed = drop_thin_appendages(mask, (1.0, 1.0, 1.0))
+        assert out is mask and removed == 0

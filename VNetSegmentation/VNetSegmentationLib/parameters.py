@@ -29,7 +29,7 @@ class VNetSegmentationParameters:
         device: "auto", "gpu" or "cpu".
         overlap: sliding-window overlap fraction in [0, 0.9].
         postprocess: keep the largest component, trim it to the organ's HU range (on native CT also grow
-            it into uncertain voxels in that range) and fill holes.
+            it into uncertain voxels in that range), cut off thin appendages and fill holes.
         mode: "auto", "fast" or "full" (how the core covers the volume; see SegmentationOptions).
         resultSummary: the last run's result text (volume, time, device, warnings).
         probabilityMap: also add the "Spleen probability" volume, shown over the CT (off by default).

@@ -162,7 +162,7 @@ class PredictCommand:
         device: "auto", "cpu", "cuda" ...
         overlap: sliding-window overlap in [0, 1).
         postprocess: keep the largest component, trim it to the organ's HU range (on native CT also grow
-            it into uncertain voxels in that range) and fill holes.
+            it into uncertain voxels in that range), cut off thin appendages and fill holes.
         reportPath: JSON report file, or None.
         sha256: expected SHA-256 of the model file, or None.
         mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).

@@ -33,7 +33,7 @@ class SegmentationOptions:
         device: "auto" (GPU when there is one), "gpu", "cpu", or a torch name ("cuda:1", "mps").
         overlap: sliding-window overlap fraction in [0, 1).
         postprocess: keep the largest component, trim it to the organ's HU range (on native CT also grow
-            it into uncertain voxels in that range) and fill holes.
+            it into uncertain voxels in that range), cut off thin appendages and fill holes.
         mode: "auto" (fast on CPU when the model supports it), "fast" (find the spleen at low
             resolution, then segment its box at full resolution) or "full" (whole volume).
         probabilityMap: also add the network's spleen probability as a scalar volume

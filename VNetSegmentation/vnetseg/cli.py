@@ -40,6 +40,7 @@ class PredictArgs:
     postprocess: bool = True
     hu_trim: bool = True
     native_grow: bool = True
+    appendages: bool = True
     threshold: float = 0.5
     overwrite: bool = False
     report: str | None = None
@@ -234,7 +235,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
     options = InferenceOptions(
         args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode,
         probability=args.probability_type if any(prob_paths) else None, hu_trim=args.hu_trim,
-        native_grow=args.native_grow,
+        native_grow=args.native_grow, appendages=args.appendages,
     )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         "at full resolution; auto (default): fast on CPU when the model supports it, else full",
     )
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
-                   help="keep the network's raw mask: all components, holes, no HU trim")
+                   help="keep the network's raw mask: all components, holes, no HU trim, no appendage cut")
     p.add_argument("--no-hu-trim", dest="hu_trim", action="store_false",
                    help="keep the network's boundary: do not remove mask voxels outside the spleen's own HU range "
                    "(median +- 4 robust SD of its core); a dark lesion at the spleen's surface stays in the mask; "
@@ -371,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native-grow", dest="native_grow", action="store_false",
                    help="on native (unenhanced) CT, do not grow the mask into connected voxels of probability over 0.3 "
                    "in the spleen's HU range (the network under-segments the spleen of native CT)")
+    p.add_argument("--no-appendage-cut", dest="appendages", action="store_false",
+                   help="keep parts of the mask that lie more than 10 mm from the spleen's thick body (its interior "
+                   "over 5 mm from its surface); by default such thin pieces, e.g. a kidney's rim joined to the spleen "
+                   "through a thin bridge, are cut off")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")

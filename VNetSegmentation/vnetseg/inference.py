@@ -23,7 +23,9 @@ from .checkpoint import ModelInfo, load_model
 from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
 from .model import VNet, VNetConfig
 from .postprocess import (
+    APPENDAGE_REACH_MM,
     QualityReport,
+    drop_thin_appendages,
     fill_holes,
     grow_native,
     quality_report,
@@ -287,6 +289,9 @@ class InferenceOptions:
             the shipped model's is ``postprocess.GROW_PROBABILITY``), on native CT (the organ's core
             under ``postprocess.NATIVE_MAX_HU``) grow the mask into connected voxels over that
             probability in its HU band (:func:`vnetseg.postprocess.grow_native`).
+        appendages: with ``postprocess``, cut off the parts of the mask that lie more than
+            ``postprocess.APPENDAGE_REACH_MM`` from the organ's thick body (a neighbour's rim joined
+            through a thin bridge: :func:`vnetseg.postprocess.drop_thin_appendages`).
     """
 
     device: str = "auto"
@@ -299,6 +304,7 @@ class InferenceOptions:
     probability: str | None = None
     hu_trim: bool = True
     native_grow: bool = True
+    appendages: bool = True
 
     def __post_init__(self) -> None:
         conf.check_probability_type(self.probability)
@@ -638,6 +644,13 @@ def predict_volume(
                     f"into voxels of probability over {grow_p:g} in its HU range"
                 )
     del candidates
+    if opts.postprocess and opts.appendages:
+        keep, cut = drop_thin_appendages(keep, image.spacing)
+        if cut * image.voxel_volume_ml >= 0.05:
+            notes.append(
+                f"thin appendage: {cut * image.voxel_volume_ml:.1f} mL more than {APPENDAGE_REACH_MM:g} mm from "
+                "the organ's thick body cut off"
+            )
     if opts.postprocess:
         keep = fill_holes(keep)
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary

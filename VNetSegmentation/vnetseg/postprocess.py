@@ -125,6 +125,16 @@ HU_TRIM_MIN_SD = 5.0
 NATIVE_MAX_HU = 65.0
 GROW_PROBABILITY = 0.3
 
+# Thin appendages (:func:`drop_thin_appendages`): the organ's body is its interior more than
+# APPENDAGE_RADIUS_MM from its surface, and what lies more than APPENDAGE_REACH_MM from that body
+# is cut off. An adult spleen is 30-50 mm thick, so its body is most of it; a neighbour's rim joined
+# through a thin bridge is not part of it.
+APPENDAGE_RADIUS_MM = 5.0
+APPENDAGE_REACH_MM = 10.0
+# the reach is measured on a grid of about this spacing (mm): on the benchmark CT's spleen (0.8 x 0.8
+# x 2.5 mm) the step takes 0.16 s with both distances on the full grid, 0.12 s so
+APPENDAGE_GRID_MM = 1.5
+
 
 @dataclass
 class HuTrim:
@@ -218,6 +228,48 @@ def grow_native(mask: np.ndarray, candidates: np.ndarray, values: np.ndarray, ba
     out = mask.copy()
     out[box] = grown
     return out, added
+
+
+def drop_thin_appendages(
+    mask: np.ndarray, spacing: Any, radius_mm: float = APPENDAGE_RADIUS_MM, reach_mm: float = APPENDAGE_REACH_MM
+) -> tuple[np.ndarray, int]:
+    """Remove the parts of ``mask`` that lie far from the organ's thick body (a neighbour attached by a thin neck).
+
+    The organ's body is the largest part of the mask's interior: the voxels more than ``radius_mm``
+    from its surface (an isotropic erosion in mm, so slice spacing does not matter). The organ is
+    what lies within ``reach_mm`` of that body; the rest of the mask is a thin piece that reaches
+    away from it, such as the rim of the neighbouring kidney joined to the spleen through a bridge.
+    Corners and rims of the organ itself lie within ``reach_mm`` of its body when ``reach_mm`` is at
+    least ``radius_mm`` (then an organ thicker than ``2 * radius_mm`` everywhere is kept whole).
+
+    The reach is measured on the body sampled at about ``APPENDAGE_GRID_MM`` (every k-th voxel,
+    from the middle of each run of k), which keeps this step cheap; the body and the cut are on the
+    full grid.
+
+    Returns:
+        (the mask without those parts, voxels removed); ``mask`` itself and 0 when it is empty or
+        has no body (nowhere thicker than ``2 * radius_mm``).
+    """
+    box = _bbox(mask)
+    if box is None:
+        return mask, 0
+    part = np.pad(mask[box].astype(bool, copy=False), 1)  # outside the mask's box is outside the organ
+    body = largest_component(ndimage.distance_transform_edt(part, sampling=[float(s) for s in spacing]) > radius_mm)
+    if not body.any():
+        return mask, 0
+    # the reach is measured on a coarser grid (every k-th voxel, from the middle of each run of k)
+    step = [max(1, round(APPENDAGE_GRID_MM / float(s))) for s in spacing]
+    sampled = body[tuple(slice(k // 2, None, k) for k in step)]
+    near = ndimage.distance_transform_edt(~sampled, sampling=[float(s) * k for s, k in zip(spacing, step)]) <= reach_mm
+    for axis, k in enumerate(step):  # back to the full grid: voxel i belongs to sample i // k
+        near = np.repeat(near, k, axis=axis).take(np.arange(part.shape[axis]).clip(max=near.shape[axis] * k - 1), axis=axis)
+    kept = largest_component(part & near)
+    removed = int(np.count_nonzero(part)) - int(np.count_nonzero(kept))
+    if removed <= 0:
+        return mask, 0
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = kept[1:-1, 1:-1, 1:-1]
+    return out, removed
 
 
 def components_ml(mask: np.ndarray, voxel_ml: float) -> list[float]:
