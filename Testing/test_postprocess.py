@@ -210,7 +210,7 @@ def _appendage_scene(spacing):
     """In mm on a grid of ``spacing``: an ellipsoid 'spleen' (semi-axes 40, 25, 30 mm); a plate 6 mm
     thick and 30 x 30 mm wide 20 mm beside it (a kidney's rim), joined to it by a 4 x 4 mm bridge;
     and a thick lobe (a 14 mm ball) joined by a 12 mm neck on the other side."""
-    shape = tuple(int(round(e / s)) for e, s in zip((200.0, 100.0, 90.0), spacing))
+    shape = tuple(round(e / s) for e, s in zip((200.0, 100.0, 90.0), spacing))
     x, y, z = (np.arange(n) * s for n, s in zip(shape, spacing))
     x, y, z = np.meshgrid(x, y, z, indexing="ij")
     spleen = ((x - 90) / 40) ** 2 + ((y - 50) / 25) ** 2 + ((z - 45) / 30) ** 2 <= 1

@@ -77,7 +77,7 @@ def thick_slices(scan: Scan) -> Scan:
     """Average ``n`` consecutive slices into one (a ~5 mm reconstruction); the reference: the slab mean >= 0.5."""
     axis = _z_axis(scan.image.affine)
     step = float(scan.image.spacing[axis])
-    n = max(2, int(round(THICK_MM / step)))
+    n = max(2, round(THICK_MM / step))
     k = scan.image.shape[axis] // n
     def slabs(a: np.ndarray) -> np.ndarray:
         a = np.moveaxis(a, axis, -1)[..., : k * n].astype(np.float32)
@@ -106,7 +106,7 @@ def small_fov(scan: Scan) -> Scan:
         if a == axis:
             index.append(slice(None))
             continue
-        keep = int(round(size * FOV_KEEP))
+        keep = round(size * FOV_KEEP)
         lo = (size - keep) // 2
         index.append(slice(lo, lo + keep))
         start[a] = lo
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"model": name, "scan": scan.name, "patient": scan.patient, "change": change, **row}
                 rows.append(row)
                 vs = f"{row['dice_vs_stored']:.4f}" if "dice_vs_stored" in row else ""
-                print(f"{name:16s} {scan.name:9s} {change:16s} {str(row['found']):5s} {row['dice']:6.3f} "
+                print(f"{name:16s} {scan.name:9s} {change:16s} {row['found']!s:5s} {row['dice']:6.3f} "
                       f"{row['volume_ml']:6.1f} {row['reference_ml']:6.1f} {row['misplaced_ml']:5.1f} {vs:>9s} "
                       f"{row['seconds']:5.1f}", flush=True)
     summary = summarize(rows)
