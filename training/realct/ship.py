@@ -40,7 +40,7 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
-VERSION = "2.2.0"
+VERSION = "2.3.0"
 # the native-CT growth measured for this recipe's networks (vnetseg.postprocess.grow_native)
 SHIPPED_POSTPROCESSING = {"native_grow_probability": GROW_PROBABILITY}
 
@@ -336,8 +336,9 @@ def build_card(
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
             "spleen in view, and a part on the patient's right or with lung beneath it is never located; then "
             "the mask is trimmed to the spleen's own HU range (median +- 4 robust SD of its core), on native CT "
-            "(core under 65 HU) grown into connected voxels of probability over 0.3 in that range (v2.2.0, "
-            "same networks as v2.1.0), and its holes are filled"
+            "(core under 65 HU) grown into connected voxels of probability over 0.3 in that range (v2.2.0), "
+            "thin pieces more than 10 mm from the spleen's thick body (its interior over 5 mm from its surface) "
+            "cut off (v2.3.0, still the networks of v2.1.0), and its holes are filled"
         ),
         "training": {
             "main_steps": f"{budget['final'] * 20} with 64^3 patches, then {budget['context'] * 20} with "
