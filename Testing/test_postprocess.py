@@ -242,3 +242,13 @@ def test_appendage_cut_leaves_a_compact_organ_a_thin_mask_and_an_empty_one_alone
     for mask in (spleen, plate, np.zeros_like(spleen)):  # whole organ; nowhere 10 mm thick (no body); empty
         out, removed = drop_thin_appendages(mask, (1.0, 1.0, 1.0))
         assert out is mask and removed == 0
+
+
+def test_appendage_cut_does_not_depend_on_the_storage_order() -> None:
+    """The same mask stored in reverse along every axis (as another scanner may store a CT) is cut the same way."""
+    spacing = (0.7, 0.7, 3.0)
+    spleen, plate, bridge, lobe, neck = _appendage_scene(spacing)
+    mask = spleen | plate | bridge | lobe | neck
+    out, removed = drop_thin_appendages(mask, spacing)
+    flipped, removed_flipped = drop_thin_appendages(np.ascontiguousarray(mask[::-1, ::-1, ::-1]), spacing)
+    assert removed_flipped == removed and np.array_equal(flipped[::-1, ::-1, ::-1], out)
