@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['volume_ml']:6.1f} {row['reference_ml']:6.1f} {row['misplaced_ml']:5.1f} {vs:>9s} "
                       f"{row['seconds']:5.1f}", flush=True)
     summary = summarize(rows)
-    print("\nmedian Dice change against 'as stored' (same model, same CT, same run):")
+    print("\nDice change against 'as stored' (same model, same CT, same run):")
     for key, value in summary.items():
         print(f"  {key:40s} {value}")
     out = {
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Per model kind and change: median Dice change against the stored CT, and results with Dice < 0.5."""
+    """Per model kind and change: median and worst Dice change against the stored CT, over the CTs
+    found as stored (a CT the model misses as stored has no change to measure), and any lost."""
     base = {(r["model"], r["scan"]): r["dice"] for r in rows if r["change"] == "as stored"}
     out: dict[str, str] = {}
     for kind in ("shipped", "lopo"):
@@ -237,12 +238,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, str]:
             if change == "as stored":
                 continue
             sel = [r for r in rows if r["change"] == change and (r["model"] == "shipped") == (kind == "shipped")]
+            missed = sorted({r["scan"] for r in sel if base[(r["model"], r["scan"])] == 0.0})
+            sel = [r for r in sel if base[(r["model"], r["scan"])] > 0.0]
             if not sel:
                 continue
             deltas = [r["dice"] - base[(r["model"], r["scan"])] for r in sel]
             lost = [r["scan"] for r in sel if r["dice"] < 0.5 <= base[(r["model"], r["scan"])]]
-            out[f"{kind}: {change}"] = (f"median {np.median(deltas):+.3f}, worst {min(deltas):+.3f} "
-                                        f"({len(sel)} CTs){'; lost: ' + ', '.join(lost) if lost else ''}")
+            out[f"{kind}: {change}"] = (
+                f"median {np.median(deltas):+.3f}, worst {min(deltas):+.3f} ({len(sel)} CTs"
+                f"{'; not found as stored: ' + ', '.join(missed) if missed else ''})"
+                f"{'; lost: ' + ', '.join(lost) if lost else ''}"
+            )
     return out
 
 

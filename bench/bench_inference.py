@@ -59,6 +59,8 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.split_components = tl.wrap(inf.split_components, "postprocess (largest component, holes)")
     inf.fill_holes = tl.wrap(inf.fill_holes, "postprocess (largest component, holes)")
     inf.trim_to_organ_hu = tl.wrap(inf.trim_to_organ_hu, "postprocess (HU trim)")
+    inf.grow_native = tl.wrap(inf.grow_native, "postprocess (native growth)")
+    inf.drop_thin_appendages = tl.wrap(inf.drop_thin_appendages, "postprocess (appendage cut)")
     inf.quality_report = tl.wrap(inf.quality_report, "quality report")
     vio.write_mask = tl.wrap(vio.write_mask, "write mask")
     inf.sliding_window = tl.wrap(inf.sliding_window, "sliding window")
@@ -84,7 +86,9 @@ def _instrument(tl: benchlib.Timeline, net_time: dict[str, Any]) -> None:
     inf.softmax_foreground = timed_predictor
 
 
-def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None, mode: str | None = None) -> dict[str, Any]:
+def child_ours(
+    ct: str, model: str, out: str, overlap: float, batch: int | None, mode: str | None = None, appendages: bool = True
+) -> dict[str, Any]:
     import vnetseg.inference as inf
 
     net_time: dict[str, Any] = {"seconds": 0.0, "windows": 0, "batch_sizes": set()}
@@ -93,7 +97,7 @@ def child_ours(ct: str, model: str, out: str, overlap: float, batch: int | None,
     mode = mode or os.environ.get("VNETSEG_BENCH_MODE", "auto")
     kind = os.environ.get("VNETSEG_BENCH_PROBABILITY", "none")  # issue 14: also write the probability map
     options = inf.InferenceOptions(device="cpu", overlap=overlap, batch_size=batch, mode=mode,
-                                   probability=None if kind == "none" else kind)
+                                   probability=None if kind == "none" else kind, appendages=appendages)
     prob_path = None if kind == "none" else out.replace(".nii.gz", "_probability.nii.gz")
     result = inf.predict_file(ct, out, model, options, overwrite=True, probability_path=prob_path)
     res = tl.finish()
@@ -187,11 +191,17 @@ def child_ours_fast(ct: str, model: str, out: str, overlap: float, batch: int | 
     return child_ours(ct, model, out, overlap, batch, mode="fast")
 
 
+def child_ours_fast_nocut(ct: str, model: str, out: str, overlap: float, batch: int | None) -> dict[str, Any]:
+    """``ours_fast`` without the appendage cut (``appendages=False``): v2.2.0's post-processing, for its cost."""
+    return child_ours(ct, model, out, overlap, batch, mode="fast", appendages=False)
+
+
 CHILDREN = {
     "monai": child_monai,
     "ours": child_ours,
     "ours_full": child_ours_full,
     "ours_fast": child_ours_fast,
+    "ours_fast_nocut": child_ours_fast_nocut,
     "ours_lowmem": child_ours_lowmem,
     "cli": child_cli,
 }
@@ -276,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", type=int, nargs=3, default=None, metavar=("I", "J", "K"), help="default 512 512 120")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="default 0.8 0.8 2.5")
     ap.add_argument("--quick", action="store_true", help=f"small CT {QUICK_SHAPE} at {QUICK_SPACING} mm, 1 repeat")
-    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_full, ours_fast, ours_lowmem (prototype memory fixes), cli")
+    ap.add_argument("--methods", default="monai,ours", help="comma list of monai, ours, ours_full, ours_fast, ours_fast_nocut (fast without the appendage cut), ours_lowmem (prototype memory fixes), cli")
     ap.add_argument("--name", help="results/<name>.json (default inference_<preset>[_quick])")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the generated CT and model files")
     ap.add_argument("--mode", default="auto", choices=["auto", "full", "fast"],
