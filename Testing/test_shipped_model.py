@@ -227,14 +227,20 @@ def _cli_fast(ct_file, flag: str, tmp_path) -> tuple[np.ndarray, list[str]]:
     return read_image(dest).array > 0, json.loads(report.read_text())["cases"][0]["warnings"]
 
 
+def _step_removes(name: str, file: str, flag: str, scans, predictions, ct_dir, tmp_path):
+    """The shipped fast-mode result on scan ``name`` against the CLI's with ``flag`` (one step turned
+    off), for a step that only removes: (scan, result, kept mask, removed voxels, mask without the step, its notes)."""
+    scan, result = scans[name], predictions[(name, "fast")]
+    before, raw_notes = _cli_fast(ct_dir / file, flag, tmp_path)
+    kept = result.labelmap > 0
+    assert not (kept & ~before).any()  # the step only removes
+    return scan, result, kept, before & ~kept, before, raw_notes
+
+
 def test_hu_trim_removes_the_unenhanced_tissue_beside_a_contrast_spleen(scans, predictions, ct_dir, tmp_path) -> None:
     """P5 (contrast, spleen about 175 HU): without the trim (``--no-hu-trim``) the mask spills into 30 HU tissue beside it."""
-    scan = scans["p5_lidc"]
-    trimmed = predictions[("p5_lidc", "fast")]
-    before, raw_notes = _cli_fast(ct_dir / "lidc_idri_0001_ct.nii.gz", "--no-hu-trim", tmp_path)
-    kept = trimmed.labelmap > 0
-    assert not (kept & ~before).any()  # the trim only removes
-    removed = before & ~kept
+    scan, trimmed, kept, removed, before, raw_notes = _step_removes(
+        "p5_lidc", "lidc_idri_0001_ct.nii.gz", "--no-hu-trim", scans, predictions, ct_dir, tmp_path)
     voxel_ml = scan.image.voxel_volume_ml
     assert removed.sum() * voxel_ml > 10.0
     assert np.median(scan.image.array[removed]) < 100.0 < np.median(scan.image.array[kept])
@@ -276,12 +282,8 @@ def test_native_ct_growth_adds_the_spleens_rim_the_network_was_unsure_of(shipped
 def test_appendage_cut_removes_what_reached_away_from_the_spleen(scans, predictions, ct_dir, tmp_path) -> None:
     """P2 (contrast, 40 mm series): without the cut (``--no-appendage-cut``) the mask holds thin pieces
     more than 10 mm from the spleen's thick body, none of them spleen."""
-    scan = scans["p2_dicom"]
-    cut = predictions[("p2_dicom", "fast")]
-    before, raw_notes = _cli_fast(ct_dir / "example_ct_dicom", "--no-appendage-cut", tmp_path)
-    kept = cut.labelmap > 0
-    assert not (kept & ~before).any()  # the cut only removes
-    removed = before & ~kept
+    scan, cut, kept, removed, before, raw_notes = _step_removes(
+        "p2_dicom", "example_ct_dicom", "--no-appendage-cut", scans, predictions, ct_dir, tmp_path)
     voxel_ml = scan.image.voxel_volume_ml
     assert removed.sum() * voxel_ml > 3.0
     assert (removed & scan.spleen).sum() < 0.05 * removed.sum()  # what went was not spleen
