@@ -236,8 +236,9 @@ def drop_thin_appendages(
     from its surface (an isotropic erosion in mm, so slice spacing does not matter). The organ is
     what lies within ``reach_mm`` of that body; the rest of the mask is a thin piece that reaches
     away from it, such as the rim of the neighbouring kidney joined to the spleen through a bridge.
-    Corners and rims of the organ itself lie within ``reach_mm`` of its body when ``reach_mm`` is at
-    least ``radius_mm`` (then an organ thicker than ``2 * radius_mm`` everywhere is kept whole).
+    The organ's own rims and corners lie within ``reach_mm`` of its body when ``reach_mm`` is at
+    least sqrt(3) * ``radius_mm`` (a box's corner lies that far from the box eroded by ``radius_mm``),
+    so with the defaults (10 and 5 mm) an organ thicker than ``2 * radius_mm`` everywhere is kept whole.
 
     Both distances are exact Euclidean distances on the input grid, so the answer does not depend on
     the order in which the CT's voxels are stored (a coarser grid for the reach was 0.04 s faster
