@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
-from training.realct.evaluate import mask_metrics, misplaced
+from training.realct.evaluate import evaluate_scan
 from training.realct.sources import PATIENTS, SPLEEN, Scan, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
-from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.confidence import LOW_CONFIDENCE
 from vnetseg.model import VNet
 from vnetseg.postprocess import dice
 from vnetseg.registry import default_model
@@ -135,20 +135,11 @@ CHANGES: dict[str, Callable[[Scan], Scan]] = {
 
 
 def run_one(scan: Scan, net: VNet, info: ModelInfo) -> tuple[dict[str, Any], np.ndarray]:
-    """Fast mode on one (changed) scan, scored against its reference on its own grid."""
-    t0 = time.perf_counter()
-    pred = predict_volume(scan.image, net, info, InferenceOptions(device="cpu", mode="fast"))
-    mask = pred.labelmap > 0
-    row = {
-        "shape": list(scan.image.shape),
-        "spacing_mm": [round(float(s), 3) for s in scan.image.spacing],
-        "found": pred.report.found,
-        **mask_metrics(mask, scan.spleen, scan.image),
-        **misplaced(mask, scan),
-        "low_confidence": any(w.startswith("low confidence") for w in pred.report.warnings),
-        "message": pred.report.message,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    """Fast mode on one (changed) scan, scored against its reference on its own grid (training.realct.evaluate)."""
+    row = evaluate_scan(scan, net, info, mode="fast")
+    mask = row.pop("_mask")
+    row.update(shape=list(scan.image.shape), spacing_mm=[round(float(s), 3) for s in scan.image.spacing],
+               low_confidence=any(w.startswith(LOW_CONFIDENCE) for w in row["warnings"]))
     return row, mask
 
 
