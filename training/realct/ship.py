@@ -22,7 +22,7 @@ import torch
 import vnetseg
 from vnetseg.checkpoint import ModelInfo, Preprocessing, load_model, save_model
 from vnetseg.model import VNet
-from vnetseg.postprocess import GROW_PROBABILITY, dice
+from vnetseg.postprocess import APPENDAGE_RADIUS_MM, APPENDAGE_REACH_MM, GROW_PROBABILITY, NATIVE_MAX_HU, dice
 
 from .build import read_pool_records
 from .card import MODEL_FILE, MODEL_NAME, render_markdown, render_readme_section, write_registry
@@ -336,8 +336,9 @@ def build_card(
             "overlaps the part the locator located (grown by 12 mm) most; a located part under 10 mL means no "
             "spleen in view, and a part on the patient's right or with lung beneath it is never located; then "
             "the mask is trimmed to the spleen's own HU range (median +- 4 robust SD of its core), on native CT "
-            "(core under 65 HU) grown into connected voxels of probability over 0.3 in that range (v2.2.0), "
-            "thin pieces more than 10 mm from the spleen's thick body (its interior over 5 mm from its surface) "
+            f"(core under {NATIVE_MAX_HU:g} HU) grown into connected voxels of probability over {GROW_PROBABILITY:g} in "
+            f"that range (v2.2.0), thin pieces more than {APPENDAGE_REACH_MM:g} mm from the spleen's thick body (its "
+            f"interior over {APPENDAGE_RADIUS_MM:g} mm from its surface) "
             "cut off (v2.3.0, still the networks of v2.1.0), and its holes are filled"
         ),
         "training": {
