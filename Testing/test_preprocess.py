@@ -109,3 +109,22 @@ def test_levels_count_the_thresholds_of_the_float_way_back(kind: str) -> None:
     assert set(np.unique(counted)) == {0, 1, 2}
     with pytest.raises(ValueError, match="one of threshold, quantize and levels"):
         to_input_grid(probs, grid, threshold=0.5, levels=(0.3,))
+
+
+@pytest.mark.parametrize("kind", ["LPS", "oblique"])
+def test_way_back_is_the_same_on_any_number_of_threads(kind: str) -> None:
+    """The slabs of the way back run on several threads: each thread's slabs are the one-thread answer, bit for bit."""
+    shape, aff = (31, 27, 40), make_affine(kind, spacing=(0.9, 0.9, 2.5))
+    grid = make_grid_map(shape, aff, (1.5, 1.5, 2.0))
+    probs = np.random.default_rng(7).random(grid.model_shape).astype(np.float32)
+    for how in ({}, {"threshold": 0.5}, {"levels": (0.3, 0.5)}, {"quantize": True}):
+        one = to_input_grid(probs, grid, slab=4, threads=1, **how)
+        for threads in (2, 5):
+            np.testing.assert_array_equal(to_input_grid(probs, grid, slab=4, threads=threads, **how), one)
+    # and slab by slab it is what one scipy call over the whole grid gives (LPS: the canonical grid flipped back)
+    if kind == "LPS":
+        from scipy import ndimage
+
+        whole = ndimage.affine_transform(probs, 1.0 / grid.scale, offset=-grid.offset / grid.scale,
+                                         output_shape=grid.canonical_shape, order=1, mode="nearest", prefilter=False)
+        np.testing.assert_allclose(to_input_grid(probs, grid, threads=3), whole[::-1, ::-1, :], atol=1e-6)

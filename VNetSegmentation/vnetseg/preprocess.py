@@ -9,6 +9,8 @@ included).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -16,6 +18,19 @@ import numpy as np
 from scipy import ndimage
 
 _IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+# resampling back to the input grid runs its slabs on at most this many threads (each holds one
+# float32 slab of the input grid's width: about 15 MB for a 512 x 512 CT)
+MAX_RESAMPLE_THREADS = 8
+
+
+def resample_threads() -> int:
+    """Threads for resampling: the CPUs this process may run on, at most ``MAX_RESAMPLE_THREADS``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_RESAMPLE_THREADS))
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,7 @@ def to_input_grid(
     slab: int = 16,
     quantize: bool = False,
     levels: tuple[float, ...] | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Resample a model-grid array (or a crop described by ``grid``) back onto the input grid.
 
@@ -124,7 +140,8 @@ def to_input_grid(
     made and the result is a uint8 mask: no input-sized float array is ever allocated. With
     ``quantize`` (values in [0, 1], e.g. probabilities), each slab becomes ``round(255 * value)``
     as uint8 the same way. With ``levels`` (ascending thresholds), each voxel gets the number of
-    levels its value exceeds, as uint8: several thresholds from one resampling.
+    levels its value exceeds, as uint8: several thresholds from one resampling. The slabs run on
+    ``threads`` threads (default :func:`resample_threads`); the result is the same for any number.
 
     Returns:
         (I, J, K) array in the input's own voxel order: float32, uint8 (0/1) with ``threshold``, or
@@ -148,7 +165,8 @@ def to_input_grid(
         hit = np.nonzero((centre >= -0.5) & (centre < values.shape[axis] - 0.5))[0]
         inside.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0))
     (i0, i1), (j0, j1), (k0, k1) = inside
-    for s0 in range(k0, k1, slab):
+
+    def one_slab(s0: int) -> None:
         s1 = min(s0 + slab, k1)
         start = np.array([i0, j0, s0], dtype=float)
         part = ndimage.affine_transform(
@@ -171,6 +189,17 @@ def to_input_grid(
         elif quantize:
             part = _to_uint8(part)
         out[i0:i1, j0:j1, s0:s1] = part
+
+    # each slab is the same computation whichever thread runs it: the result does not depend on the
+    # number of threads (scipy.ndimage releases the GIL while it interpolates)
+    slabs = list(range(k0, k1, slab))
+    workers = min(threads or resample_threads(), len(slabs))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one_slab, slabs))
+    else:
+        for s0 in slabs:
+            one_slab(s0)
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
 
 
