@@ -17,6 +17,7 @@ from vnetseg.io import (
     SegmentSpec,
     affine_from_sitk,
     array_affine_to_sitk,
+    fortran_layout,
     read_image,
     write_mask,
     write_nifti,
@@ -243,3 +244,39 @@ def test_cli_outputs_and_report_honour_the_umask_in_a_real_process(ct_dir: Path,
         assert proc.returncode == 0, proc.stderr
         for f in (out / "masks" / "example_ct_sm_spleen.seg.nrrd", out / "report.json"):
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize("case", ["box", "edges", "empty", "float_nan", "fortran", "view"])
+def test_fortran_layout_keeps_every_value(case: str) -> None:
+    """Writers get the array in Fortran order; copying only the non-zero box must keep every voxel."""
+    rng = np.random.default_rng(11)
+    arr = np.zeros((23, 17, 9), dtype=np.uint8)
+    if case == "box":
+        arr[5:9, 3:12, 2:4] = rng.integers(0, 3, (4, 9, 2))
+    elif case == "edges":  # non-zero voxels on opposite corners: the box is the whole grid
+        arr[0, 0, 0] = arr[-1, -1, -1] = arr[0, -1, 4] = 1
+    elif case == "float_nan":
+        arr = np.zeros((23, 17, 9), dtype=np.float32)
+        arr[3, 4, 5], arr[10, 2, 8] = np.nan, -0.25
+    elif case == "fortran":
+        arr = np.asfortranarray(rng.integers(0, 2, arr.shape).astype(np.uint8))
+    elif case == "view":  # a reversed, strided view, as reorientation gives
+        arr = rng.integers(0, 2, (46, 17, 9)).astype(np.uint8)[::-2, ::-1]
+    out = fortran_layout(arr)
+    assert out.flags.f_contiguous and out.shape == arr.shape and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)  # NaN == NaN here
+    if case == "fortran":
+        assert out is arr  # already in order: no copy
+
+
+def test_c_ordered_mask_written_as_nifti_reads_back_voxel_for_voxel(tmp_path: Path) -> None:
+    """A C-ordered mask (as the pipeline makes it) goes through the box copy on its way to the file."""
+    mask = np.zeros((40, 30, 12), dtype=np.uint8)
+    mask[7:19, 4:25, 3:10] = np.random.default_rng(2).integers(0, 2, (12, 21, 7))
+    affine = make_affine("LPS", spacing=(0.8, 0.8, 2.5))
+    path = write_nifti(tmp_path / "m.nii.gz", mask, affine)
+    back = nib.load(str(path))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), mask)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    img = array_affine_to_sitk(mask, affine)  # SimpleITK's (K, J, I) buffer from the same box copy
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), mask)
