@@ -19,9 +19,11 @@ from scipy import ndimage
 
 _IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
-# resampling back to the input grid runs its slabs on at most this many threads (each holds one
-# float32 slab of the input grid's width: about 15 MB for a 512 x 512 CT)
+# resampling runs on at most this many threads (scipy.ndimage releases the GIL while it
+# interpolates); on the way back each holds one float32 slab of the input grid: ~15 MB for 512 x 512
 MAX_RESAMPLE_THREADS = 8
+# resampling onto the model grid works in blocks of this many planes of its first axis
+MODEL_GRID_ROWS = 16
 
 
 def resample_threads() -> int:
@@ -107,19 +109,44 @@ def _canonical_ornt_inverse(ornt: np.ndarray) -> np.ndarray:
     return nib.orientations.ornt_transform(_IDENTITY_ORNT, ornt)
 
 
-def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1) -> np.ndarray:
-    """Resample an (I, J, K) input array (any numeric type) onto the model grid as float32 (trilinear)."""
+def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1, threads: int | None = None) -> np.ndarray:
+    """Resample an (I, J, K) input array (any numeric type) onto the model grid as float32 (trilinear).
+
+    Blocks of ``MODEL_GRID_ROWS`` planes along the first model axis run on ``threads`` threads
+    (default :func:`resample_threads`). The blocks are the same whatever the number of threads,
+    so the result does not depend on it.
+    """
     canonical = nib.orientations.apply_orientation(array, grid.ornt)  # a view: flips and transposes
-    return ndimage.affine_transform(
-        canonical,
-        grid.scale,
-        offset=grid.offset,
-        output_shape=grid.model_shape,
-        order=order,
-        mode="nearest",
-        output=np.float32,
-        prefilter=False,
-    )
+    out = np.empty(grid.model_shape, dtype=np.float32)
+
+    def block(a: int) -> None:
+        b = min(a + MODEL_GRID_ROWS, grid.model_shape[0])
+        offset = grid.offset.copy()
+        offset[0] += grid.scale[0] * a
+        ndimage.affine_transform(
+            canonical,
+            grid.scale,
+            offset=offset,
+            output_shape=(b - a, *grid.model_shape[1:]),
+            order=order,
+            mode="nearest",
+            output=out[a:b],
+            prefilter=False,
+        )
+
+    _run_threaded(block, list(range(0, grid.model_shape[0], MODEL_GRID_ROWS)), threads)
+    return out
+
+
+def _run_threaded(work, items: list[int], threads: int | None) -> None:
+    """``work(item)`` for every item, on up to ``threads`` threads (default :func:`resample_threads`)."""
+    workers = min(threads or resample_threads(), len(items))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, items))
+    else:
+        for item in items:
+            work(item)
 
 
 def to_input_grid(
@@ -192,14 +219,7 @@ def to_input_grid(
 
     # each slab is the same computation whichever thread runs it: the result does not depend on the
     # number of threads (scipy.ndimage releases the GIL while it interpolates)
-    slabs = list(range(k0, k1, slab))
-    workers = min(threads or resample_threads(), len(slabs))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one_slab, slabs))
-    else:
-        for s0 in slabs:
-            one_slab(s0)
+    _run_threaded(one_slab, list(range(k0, k1, slab)), threads)
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
 
 
