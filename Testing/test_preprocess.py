@@ -147,3 +147,26 @@ def test_model_grid_is_the_same_on_any_number_of_threads(kind: str) -> None:
     whole = ndimage.affine_transform(canonical, grid.scale, offset=grid.offset, output_shape=grid.model_shape,
                                      order=1, mode="nearest", output=np.float32, prefilter=False)
     np.testing.assert_allclose(one, whole, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["inside", "at the edge", "nowhere"])
+@pytest.mark.parametrize("kind", ["LPS", "oblique"])
+def test_way_back_of_a_small_organ_resamples_only_its_box_and_loses_nothing(kind: str, where: str) -> None:
+    """Thresholds and levels resample only the box of the model voxels over the lowest one (plus one
+    voxel): the answer must be the threshold of the whole float way back, voxel for voxel."""
+    shape, aff = (60, 52, 30), make_affine(kind, spacing=(0.8, 0.8, 2.5))
+    grid = make_grid_map(shape, aff, (1.5, 1.5, 2.0))
+    rng = np.random.default_rng(9)
+    probs = (0.25 * rng.random(grid.model_shape)).astype(np.float32)  # under every threshold here
+    if where != "nowhere":
+        at = (slice(9, 17), slice(6, 13), slice(14, 20)) if where == "inside" else (slice(0, 6), slice(0, 5), slice(-4, None))
+        blob = probs[at]
+        blob[...] = rng.random(blob.shape)
+        blob.flat[::7] = 0.5  # exactly at the threshold, and just around it
+        blob.flat[1::7] = np.nextafter(np.float32(0.5), np.float32(1.0))
+    back = to_input_grid(probs, grid)
+    mask = to_input_grid(probs, grid, threshold=0.5)
+    np.testing.assert_array_equal(mask, (back > 0.5).astype(np.uint8))
+    counted = to_input_grid(probs, grid, levels=(0.3, 0.5))
+    np.testing.assert_array_equal(counted, (back > 0.3).astype(np.uint8) + (back > 0.5))
+    assert mask.any() == (where != "nowhere")

@@ -185,6 +185,18 @@ def to_input_grid(
         out = np.full(grid.canonical_shape, round(255 * min(max(float(fill), 0.0), 1.0)), dtype=np.uint8)
     else:
         out = np.full(grid.canonical_shape, fill, dtype=np.float32)
+    lowest = threshold if threshold is not None else min(levels) if levels else None
+    if lowest is not None and fill <= lowest - _MARGIN:
+        # an input voxel's value is a weighted mean of its model neighbours', so only the box of the
+        # model voxels over the lowest threshold (and one more voxel around it, all under it) can give
+        # an input voxel over it: resample that box alone (a mask is small beside its region)
+        box = _box_over(values, lowest - _MARGIN)
+        if box is None:
+            return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
+        start = [max(a - 1, 0) for a in box[0]]
+        stop = [min(b + 1, n) for b, n in zip(box[1], values.shape)]
+        values = values[tuple(slice(a, b) for a, b in zip(start, stop))]
+        grid = grid.crop(tuple(start), tuple(stop))  # type: ignore[arg-type]
     inv_scale = 1.0 / grid.scale
     inside = []  # per canonical axis: the input index range covered by the model voxels
     for axis in range(3):
@@ -221,6 +233,24 @@ def to_input_grid(
     # number of threads (scipy.ndimage releases the GIL while it interpolates)
     _run_threaded(one_slab, list(range(k0, k1, slab)), threads)
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
+
+
+# how far under the lowest threshold a model voxel may be and still count for the box resampled back:
+# far more than float32's rounding of a weighted mean near 0.5 (6e-8), so the box loses no voxel
+_MARGIN = 1e-4
+
+
+def _box_over(values: np.ndarray, level: float) -> tuple[list[int], list[int]] | None:
+    """(start, stop) of the box of ``values > level`` (3-D), None when no value is over it."""
+    over = values > level
+    start, stop = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(over.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        start.append(int(hit[0]))
+        stop.append(int(hit[-1]) + 1)
+    return start, stop
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
