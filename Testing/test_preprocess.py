@@ -121,6 +121,9 @@ def test_way_back_is_the_same_on_any_number_of_threads(kind: str) -> None:
         one = to_input_grid(probs, grid, slab=4, threads=1, **how)
         for threads in (2, 5):
             np.testing.assert_array_equal(to_input_grid(probs, grid, slab=4, threads=threads, **how), one)
+    back = to_input_grid(probs, grid)  # the float way back: the others are its threshold, levels, 0-255 steps
+    quantized = to_input_grid(probs, grid, quantize=True, threads=2)
+    np.testing.assert_array_equal(quantized, np.rint(np.clip(back * np.float32(255), 0, 255)).astype(np.uint8))
     # and slab by slab it is what one scipy call over the whole grid gives (LPS: the canonical grid flipped back)
     if kind == "LPS":
         from scipy import ndimage

@@ -10,6 +10,7 @@ included).
 from __future__ import annotations
 
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -138,9 +139,13 @@ def to_model_grid(array: np.ndarray, grid: GridMap, order: int = 1, threads: int
     return out
 
 
+def _workers(threads: int | None, items: int) -> int:
+    return max(1, min(threads or resample_threads(), items))
+
+
 def _run_threaded(work, items: list[int], threads: int | None) -> None:
     """``work(item)`` for every item, on up to ``threads`` threads (default :func:`resample_threads`)."""
-    workers = min(threads or resample_threads(), len(items))
+    workers = _workers(threads, len(items))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(work, items))
@@ -205,33 +210,50 @@ def to_input_grid(
         inside.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0))
     (i0, i1), (j0, j1), (k0, k1) = inside
 
+    slabs = list(range(k0, k1, slab))
+    plane = (i1 - i0) * (j1 - j0)
+    # each worker's float32 slab (and a boolean one for levels) is allocated here, in the calling
+    # thread: buffers allocated in the workers stay in their malloc arenas when freed and would
+    # raise the process's resident memory (by ~100 MB on a 512 x 512 x 600 CT)
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(_workers(threads, len(slabs))):
+        free.put((np.empty(plane * slab, np.float32), np.empty(plane * slab if levels else 0, np.bool_)))
+
     def one_slab(s0: int) -> None:
         s1 = min(s0 + slab, k1)
-        start = np.array([i0, j0, s0], dtype=float)
-        part = ndimage.affine_transform(
-            values,
-            inv_scale,
-            offset=(start - grid.offset) * inv_scale,
-            output_shape=(i1 - i0, j1 - j0, s1 - s0),
-            order=order,
-            mode="nearest",
-            output=np.float32,
-            prefilter=False,
-        )
-        if levels is not None:
-            counted = np.zeros(part.shape, dtype=np.uint8)
-            for t in levels:
-                counted += part > t
-            part = counted
-        elif threshold is not None:
-            part = part > threshold
-        elif quantize:
-            part = _to_uint8(part)
-        out[i0:i1, j0:j1, s0:s1] = part
+        shape = (i1 - i0, j1 - j0, s1 - s0)
+        buffer, flags = free.get()
+        try:
+            part = buffer[: plane * (s1 - s0)].reshape(shape)
+            start = np.array([i0, j0, s0], dtype=float)
+            ndimage.affine_transform(
+                values,
+                inv_scale,
+                offset=(start - grid.offset) * inv_scale,
+                output_shape=shape,
+                order=order,
+                mode="nearest",
+                output=part,
+                prefilter=False,
+            )
+            dest = out[i0:i1, j0:j1, s0:s1]
+            if levels is not None:
+                np.greater(part, levels[0], out=dest.view(np.bool_))
+                over = flags[: part.size].reshape(shape)
+                for t in levels[1:]:
+                    dest += np.greater(part, t, out=over)
+            elif threshold is not None:
+                np.greater(part, threshold, out=dest.view(np.bool_))
+            elif quantize:
+                dest[...] = _scaled_to_255(part)
+            else:
+                dest[...] = part
+        finally:
+            free.put((buffer, flags))
 
     # each slab is the same computation whichever thread runs it: the result does not depend on the
     # number of threads (scipy.ndimage releases the GIL while it interpolates)
-    _run_threaded(one_slab, list(range(k0, k1, slab)), threads)
+    _run_threaded(one_slab, slabs, threads)
     return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
 
 
@@ -253,11 +275,11 @@ def _box_over(values: np.ndarray, level: float) -> tuple[list[int], list[int]] |
     return start, stop
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """[0, 1] -> round(255 * value) as uint8 (clipped), in place on float32 input."""
-    scaled = np.multiply(values, 255.0, dtype=np.float32)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.rint(scaled, out=scaled).astype(np.uint8)
+def _scaled_to_255(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> round(255 * value), clipped, in place in float32 ``values`` (exact integers 0-255)."""
+    np.multiply(values, 255.0, out=values)
+    np.clip(values, 0.0, 255.0, out=values)
+    return np.rint(values, out=values)
 
 
 def window_hu(array: np.ndarray, hu_window: tuple[float, float], scale: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
