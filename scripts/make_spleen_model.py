@@ -331,7 +331,30 @@ def stage_lopo(out: Path, only: str | None = None, organ: bool = False) -> None:
         }
         # the multi-organ experiment keeps its own record: the card's is the shipped recipe's
         (out / f"lopo_{held}{'_organ' if organ else ''}.json").write_text(json.dumps(result, indent=1))
+        if not organ:
+            _save_held_out(out / f"heldout_{held}.pt", net, info, held, result)
         log(f"lopo {held} done: {[(c['scan'], c['mode'], c['dice']) for c in scores['cases']]}")
+
+
+def _save_held_out(path: Path, net, info, held: str, result: dict) -> None:
+    """The held-out pair as one model file, as the shipped file holds its networks (float16), so that
+    its record can be run again without retraining (``Testing/test_heldout.py`` runs the committed
+    ones, ``training/realct/heldout/``, on their patient's CTs). Evidence only: not a model to use."""
+    from vnetseg.checkpoint import save_model
+
+    info.card = {
+        "name": f"spleen_ct_light_without_{held}",
+        "role": "held-out evidence: trained without this patient; not for use (the shipped model is better)",
+        "held_out": held,
+        "trained_on": result["trained_on"],
+        "steps": result["steps"],
+        "train_minutes": result["train_minutes"],
+        "cases": result["cases"],
+        "command": f"python scripts/make_spleen_model.py --out runs/spleen_model --stage lopo --held {held}",
+    }
+    loc_net, loc_info = info.locator
+    sha = save_model(path, net, info, half=True, locator=(loc_net, loc_info))
+    log(f"held-out pair for {held}: {path} (sha256 {sha})")
 
 
 def _steps(model_path: Path) -> int:
