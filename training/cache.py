@@ -71,8 +71,10 @@ def preprocess_case(case: Case, labels: dict[int, str], pre: Preprocessing) -> t
     """
     image, label = load_case(case, labels)
     grid = make_grid_map(image.shape, image.affine, pre.target_spacing)
-    img = window_hu(to_model_grid(image.array, grid, order=1), pre.hu_window, pre.scale)
-    lab = to_model_grid(label, grid, order=0).astype(np.uint8)
+    # one scipy call each (blocks=False): the cached subjects stay bit for bit what earlier versions of
+    # a recipe trained on, so a regenerated model is the same model
+    img = window_hu(to_model_grid(image.array, grid, order=1, blocks=False), pre.hu_window, pre.scale)
+    lab = to_model_grid(label, grid, order=0, blocks=False).astype(np.uint8)
     return img, lab
 
 
