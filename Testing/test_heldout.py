@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from conftest import REPO
 
 from training.realct.evaluate import evaluate_image, evaluate_scan
 from training.realct.sources import CONTRAST, load_scans, range_end_parts, spleen_free_parts
-from vnetseg.checkpoint import file_sha256, load_model
+from vnetseg.checkpoint import load_model
 from vnetseg.registry import default_model
 
 HELD_DIR = REPO / "training" / "realct" / "heldout"
@@ -43,9 +42,8 @@ def test_manifest_lists_every_file_with_its_digest_and_what_it_was_trained_on() 
     assert MANIFEST, "no held-out pair in training/realct/heldout/heldout.json"
     files = {p.name for p in HELD_DIR.glob("*.pt")}
     assert files == {e["file"] for e in MANIFEST.values()}
-    for patient, entry in MANIFEST.items():
-        assert file_sha256(HELD_DIR / entry["file"]) == entry["sha256"]
-        _, info = _pair(patient)
+    for patient in MANIFEST:
+        _, info = _pair(patient)  # refuses a file whose SHA-256 is not the manifest's
         assert info.card["held_out"] == patient and patient not in info.card["trained_on"]
         assert info.locator is not None and info.weights_dtype == "float16"
 
@@ -80,4 +78,3 @@ def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_and_rang
     assert parts
     volumes = {name: evaluate_image(image, net, info, "fast")["volume_ml"] for name, image in parts.items()}
     assert all(v < FREE_ML for v in volumes.values()), volumes
-    assert np.isfinite(list(volumes.values())).all()

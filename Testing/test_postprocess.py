@@ -158,13 +158,13 @@ def test_hu_trim_band_has_a_floor_on_a_flat_image() -> None:
 def test_bounding_box_matches_scipy_on_random_masks() -> None:
     from scipy import ndimage
 
-    from vnetseg.postprocess import _bbox
+    from vnetseg.boxes import nonzero_box
 
     rng = np.random.default_rng(2)
     for _ in range(300):
         mask = rng.random(tuple(rng.integers(1, 12, 3))) < rng.choice([0.0, 0.01, 0.2])
         found = ndimage.find_objects(mask.astype(np.uint8))
-        assert _bbox(mask) == (found[0] if found else None)
+        assert nonzero_box(mask) == (found[0] if found else None)
 
 
 def _native_scene(organ_hu: float):

@@ -352,8 +352,7 @@ def _save_held_out(path: Path, net, info, held: str, result: dict) -> None:
         "cases": result["cases"],
         "command": f"python scripts/make_spleen_model.py --out runs/spleen_model --stage lopo --held {held}",
     }
-    loc_net, loc_info = info.locator
-    sha = save_model(path, net, info, half=True, locator=(loc_net, loc_info))
+    sha = save_model(path, net, info, half=True, locator=info.locator)
     log(f"held-out pair for {held}: {path} (sha256 {sha})")
 
 

@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from .boxes import nonzero_box
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -103,12 +105,9 @@ def fortran_layout(array: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.flags.f_contiguous:
         return arr
     out = np.zeros(arr.shape, dtype=arr.dtype, order="F")
-    rows = arr.any(axis=2)
-    i, j = np.flatnonzero(rows.any(axis=1)), np.flatnonzero(rows.any(axis=0))
-    if i.size:
-        part = arr[i[0]: i[-1] + 1, j[0]: j[-1] + 1]
-        k = np.flatnonzero(part.any(axis=(0, 1)))
-        out[i[0]: i[-1] + 1, j[0]: j[-1] + 1, k[0]: k[-1] + 1] = part[:, :, k[0]: k[-1] + 1]
+    box = nonzero_box(arr)
+    if box is not None:
+        out[box] = arr[box]
     return out
 
 

@@ -18,6 +18,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .boxes import nonzero_box
+
 _IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 # resampling runs on at most this many threads (scipy.ndimage releases the GIL while it
@@ -125,11 +127,12 @@ def to_model_grid(
     canonical = nib.orientations.apply_orientation(array, grid.ornt)  # a view: flips and transposes
     out = np.empty(grid.model_shape, dtype=np.float32)
 
+    step = MODEL_GRID_ROWS if blocks else grid.model_shape[0]
+
     def block(a: int) -> None:
-        b = min(a + MODEL_GRID_ROWS, grid.model_shape[0]) if blocks else grid.model_shape[0]
+        b = min(a + step, grid.model_shape[0])
         offset = grid.offset.copy()
-        if a:
-            offset[0] += grid.scale[0] * a
+        offset[0] += grid.scale[0] * a  # + 0.0 for the first block: one call's own offset
         ndimage.affine_transform(
             canonical,
             grid.scale,
@@ -141,7 +144,6 @@ def to_model_grid(
             prefilter=False,
         )
 
-    step = MODEL_GRID_ROWS if blocks else grid.model_shape[0]
     _run_threaded(block, list(range(0, grid.model_shape[0], step)), threads)
     return out
 
@@ -202,11 +204,11 @@ def to_input_grid(
         # an input voxel's value is a weighted mean of its model neighbours', so only the box of the
         # model voxels over the lowest threshold (and one more voxel around it, all under it) can give
         # an input voxel over it: resample that box alone (a mask is small beside its region)
-        box = _box_over(values, lowest - _MARGIN)
+        box = nonzero_box(values > lowest - _MARGIN)
         if box is None:
             return nib.orientations.apply_orientation(out, _canonical_ornt_inverse(grid.ornt))
-        start = [max(a - 1, 0) for a in box[0]]
-        stop = [min(b + 1, n) for b, n in zip(box[1], values.shape)]
+        start = [max(b.start - 1, 0) for b in box]
+        stop = [min(b.stop + 1, n) for b, n in zip(box, values.shape)]
         values = values[tuple(slice(a, b) for a, b in zip(start, stop))]
         grid = grid.crop(tuple(start), tuple(stop))  # type: ignore[arg-type]
     inv_scale = 1.0 / grid.scale
@@ -267,19 +269,6 @@ def to_input_grid(
 # how far under the lowest threshold a model voxel may be and still count for the box resampled back:
 # far more than float32's rounding of a weighted mean near 0.5 (6e-8), so the box loses no voxel
 _MARGIN = 1e-4
-
-
-def _box_over(values: np.ndarray, level: float) -> tuple[list[int], list[int]] | None:
-    """(start, stop) of the box of ``values > level`` (3-D), None when no value is over it."""
-    over = values > level
-    start, stop = [], []
-    for axis in range(3):
-        hit = np.flatnonzero(over.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        start.append(int(hit[0]))
-        stop.append(int(hit[-1]) + 1)
-    return start, stop
 
 
 def _scaled_to_255(values: np.ndarray) -> np.ndarray:
