@@ -9,7 +9,15 @@ from torch.utils.data import DataLoader
 
 from training.cache import CachedCase
 from training.config import AugmentConfig
-from training.sampling import PatchDataset, build_augmentation, crop, crop_margin, end_field_of_view, two_views
+from training.sampling import (
+    PatchDataset,
+    build_augmentation,
+    crop,
+    crop_margin,
+    end_field_of_view,
+    thin_slab,
+    two_views,
+)
 
 
 def _case(seed: int = 0) -> CachedCase:
@@ -202,3 +210,48 @@ def test_fov_end_prob_is_checked_and_kept_in_the_config_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="fov_end_prob"):
         load_config(tmp_path / "config.json", {"augment.fov_end_prob": -0.1})
     assert AugmentConfig().fov_end_prob == 0.0  # off unless asked for: older runs are unchanged
+
+
+def test_thin_slab_keeps_one_run_of_slices_through_the_organ() -> None:
+    image = np.random.default_rng(1).random((1, 4, 4, 48)).astype(np.float32) + 1.0  # never the pad value
+    label = np.zeros((4, 4, 48), np.int64)
+    label[1:3, 1:3, 20:30] = 1  # the organ in slices 20-29
+    rng = np.random.default_rng(3)
+    before = image.copy()
+    assert thin_slab(image, label, rng, 0.0, 0.0, (6, 20)) is None  # probability 0 draws nothing
+    assert rng.random() == np.random.default_rng(3).random()
+    np.testing.assert_array_equal(image, before)
+    thick = set()
+    for seed in range(300):
+        im, lab = image.copy(), label.copy()
+        first, stop = thin_slab(im, lab, np.random.default_rng(seed), -0.5, 1.0, (6, 20))
+        kept = np.flatnonzero(~(im[0] == -0.5).all((0, 1)))
+        assert kept.tolist() == list(range(first, stop))  # one run of slices, both ends cut
+        assert 1 <= first and stop <= 47 and 6 <= stop - first <= 20
+        np.testing.assert_array_equal(im[..., first:stop], image[..., first:stop])  # kept as it was
+        organ = np.flatnonzero((lab == 1).any((0, 1)))
+        assert organ.size and set(organ) <= set(kept) and set(organ) == set(kept) & set(range(20, 30))
+        assert not lab[..., :first].any() and not lab[..., stop:].any()
+        thick.add(stop - first)
+    assert thick == set(range(6, 21))
+    # without the organ the slab lies anywhere; a patch thinner than the slab keeps all but its end slices
+    empty = np.zeros_like(label)
+    firsts = {thin_slab(image.copy(), empty.copy(), np.random.default_rng(s), 0.0, 1.0, (6, 6))[0] for s in range(300)}
+    assert min(firsts) == 1 and max(firsts) == 41
+    assert thin_slab(image[..., :5].copy(), empty[..., :5].copy(), np.random.default_rng(0), 0.0, 1.0, (6, 20)) == (1, 4)
+
+
+def test_slab_patches_replace_the_field_of_view_end_and_are_checked() -> None:
+    case = _case(3)
+    aug = AugmentConfig(affine_prob=0.0, elastic_prob=0.0, noise_prob=0.0, fov_end_prob=1.0, slab_prob=1.0,
+                        slab_slices=(4, 6))
+    data = PatchDataset([case], (16, 16, 16), 20, fg_ratio=1.0, seed=5, augment=aug, pad_value=-0.25)
+    for i in range(20):
+        kept = np.flatnonzero(~(data[i]["image"][0] == -0.25).all(0).all(0).numpy())
+        assert 4 <= kept.size <= 6 and kept.min() >= 1 and kept.max() <= 14  # a slab, not one plane's end
+        assert int(data[i]["label"].sum()) > 0  # through the organ
+    with pytest.raises(ValueError, match="slab_prob"):
+        AugmentConfig(slab_prob=-0.1)
+    with pytest.raises(ValueError, match="slab_slices"):
+        AugmentConfig(slab_slices=(5, 3))
+    assert AugmentConfig().slab_prob == 0.0  # off unless asked for

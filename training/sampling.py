@@ -133,6 +133,47 @@ def end_field_of_view(
     return side + removed
 
 
+def thin_slab(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    pad_value: float,
+    prob: float,
+    slices: tuple[int, int],
+    organ: int = 1,
+) -> tuple[int, int] | None:
+    """With probability ``prob``, make the patch's field of view a thin axial slab, in place.
+
+    ``image`` (C, X, Y, Z) and ``label`` (X, Y, Z) as in :func:`end_field_of_view`. The slab is
+    ``slices`` (min, max, inclusive) slices thick (never more than the patch less one slice on each
+    side); outside it the image becomes ``pad_value`` and the labels background. On a patch with the
+    organ the slab holds at least one of its slices (a few slices of the upper abdomen, through the
+    spleen); without it, it lies anywhere. No draw is made when ``prob`` is 0.
+
+    Returns:
+        (first, stop) slices kept, or None.
+    """
+    if prob <= 0 or rng.random() >= prob:
+        return None
+    n = image.shape[-1]
+    if n < 3:
+        return None
+    thick = int(rng.integers(min(slices[0], n - 2), min(slices[1], n - 2) + 1))
+    z = np.flatnonzero((label == organ).any(axis=(0, 1)))
+    if z.size:  # a slice of the organ, then where in the slab it falls
+        anchor = int(rng.integers(int(z.min()), int(z.max()) + 1))
+        first = anchor - int(rng.integers(thick))
+    else:
+        first = int(rng.integers(1, n - thick))
+    first = min(max(first, 1), n - 1 - thick)
+    stop = first + thick
+    image[..., :first] = pad_value
+    image[..., stop:] = pad_value
+    label[..., :first] = 0
+    label[..., stop:] = 0
+    return first, stop
+
+
 def two_views(
     image: torch.Tensor, label: torch.Tensor, patch: tuple[int, int, int], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,6 +281,10 @@ class PatchDataset(Dataset):
         else:
             image_t = torch.from_numpy(image.astype(np.float32))
             label_t = torch.from_numpy(label[0].astype(np.int64))
-        if self.aug_cfg is not None and self.aug_cfg.fov_end_prob > 0:
+        slab = None
+        if self.aug_cfg is not None and self.aug_cfg.slab_prob > 0:  # a slab has both ends cut already
+            slab = thin_slab(image_t.numpy(), label_t.numpy(), rng, self.pad_value, self.aug_cfg.slab_prob,
+                             self.aug_cfg.slab_slices)
+        if slab is None and self.aug_cfg is not None and self.aug_cfg.fov_end_prob > 0:
             end_field_of_view(image_t.numpy(), label_t.numpy(), rng, self.pad_value, self.aug_cfg.fov_end_prob)
         return {"image": image_t, "label": label_t}
