@@ -234,6 +234,12 @@ def test_thin_slab_keeps_one_run_of_slices_through_the_organ() -> None:
         assert not lab[..., :first].any() and not lab[..., stop:].any()
         thick.add(stop - first)
     assert thick == set(range(6, 21))
+    edge = np.zeros_like(label)
+    edge[1:3, 1:3, :2] = 1  # an organ in the first two slices only: the slab keeps slice 1, its part
+    for seed in range(50):
+        lab = edge.copy()
+        first, _ = thin_slab(image.copy(), lab, np.random.default_rng(seed), 0.0, 1.0, (6, 20))
+        assert first == 1 and np.flatnonzero((lab == 1).any((0, 1))).tolist() == [1]
     # without the organ the slab lies anywhere; a patch thinner than the slab keeps all but its end slices
     empty = np.zeros_like(label)
     firsts = {thin_slab(image.copy(), empty.copy(), np.random.default_rng(s), 0.0, 1.0, (6, 6))[0] for s in range(300)}

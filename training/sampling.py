@@ -148,7 +148,7 @@ def thin_slab(
     ``slices`` (min, max, inclusive) slices thick (never more than the patch less one slice on each
     side); outside it the image becomes ``pad_value`` and the labels background. On a patch with the
     organ the slab holds at least one of its slices (a few slices of the upper abdomen, through the
-    spleen); without it, it lies anywhere. No draw is made when ``prob`` is 0.
+    spleen); without it, or with the organ only in the patch's end slices, it lies anywhere. No draw is made when ``prob`` is 0.
 
     Returns:
         (first, stop) slices kept, or None.
@@ -160,8 +160,9 @@ def thin_slab(
         return None
     thick = int(rng.integers(min(slices[0], n - 2), min(slices[1], n - 2) + 1))
     z = np.flatnonzero((label == organ).any(axis=(0, 1)))
-    if z.size:  # a slice of the organ, then where in the slab it falls
-        anchor = int(rng.integers(int(z.min()), int(z.max()) + 1))
+    z = z[(z >= 1) & (z <= n - 2)]  # a slab never keeps the patch's end slices
+    if z.size:  # one of the organ's slices, then where in the slab it falls (kept by the clamp below)
+        anchor = int(z[int(rng.integers(z.size))])
         first = anchor - int(rng.integers(thick))
     else:
         first = int(rng.integers(1, n - thick))
