@@ -261,3 +261,41 @@ def test_slab_patches_replace_the_field_of_view_end_and_are_checked() -> None:
     with pytest.raises(ValueError, match="slab_slices"):
         AugmentConfig(slab_slices=(5, 3))
     assert AugmentConfig().slab_prob == 0.0  # off unless asked for
+
+
+def test_thin_slab_away_lies_beside_the_organ_and_holds_none_of_it() -> None:
+    image = np.random.default_rng(2).random((1, 4, 4, 48)).astype(np.float32) + 1.0
+    label = np.zeros((4, 4, 48), np.int64)
+    label[1:3, 1:3, 20:30] = 1  # the organ in slices 20-29
+    sides, through = set(), 0
+    for seed in range(400):
+        im, lab = image.copy(), label.copy()
+        first, stop = thin_slab(im, lab, np.random.default_rng(seed), -0.5, 1.0, (6, 8), away=0.5)
+        kept = np.flatnonzero(~(im[0] == -0.5).all((0, 1)))
+        assert kept.tolist() == list(range(first, stop)) and 6 <= stop - first <= 8
+        if lab.any():  # through the organ, as without ``away``
+            through += 1
+            assert first < 30 and stop > 20
+            continue
+        # beside it: 0-10 slices below or above, none of it kept, the image there untouched
+        assert stop <= 20 or first >= 30
+        gap = 20 - stop if stop <= 20 else first - 30
+        assert 0 <= gap <= 10
+        sides.add("below" if stop <= 20 else "above")
+        np.testing.assert_array_equal(im[..., first:stop], image[..., first:stop])
+    assert sides == {"below", "above"} and 150 < through < 250  # about half of the slabs
+    # no room beside the organ (it fills the patch but its end slices): the slab goes through it
+    full = np.zeros_like(label)
+    full[1:3, 1:3, 2:46] = 1
+    for seed in range(50):
+        lab = full.copy()
+        thin_slab(image.copy(), lab, np.random.default_rng(seed), 0.0, 1.0, (6, 8), away=1.0)
+        assert lab.any()
+    # ``away`` 0 makes no extra draw: the slabs are those of a run without it
+    for seed in range(20):
+        a = thin_slab(image.copy(), label.copy(), np.random.default_rng(seed), 0.0, 1.0, (6, 20))
+        b = thin_slab(image.copy(), label.copy(), np.random.default_rng(seed), 0.0, 1.0, (6, 20), away=0.0)
+        assert a == b
+    with pytest.raises(ValueError, match="slab_away"):
+        AugmentConfig(slab_away=1.5)
+    assert AugmentConfig().slab_away == 0.0

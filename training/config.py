@@ -49,6 +49,8 @@ class AugmentConfig:
             slices of the upper abdomen (P2 is a 40 mm slab): measured, a locator that never saw
             one found nothing on it (held out, P2's mean spleen probability was 0.002).
         slab_slices: (min, max) thickness of the slab, in slices of the model grid.
+        slab_away: on a patch with the organ, the share of slabs placed just beside it (holding
+            none of it) instead of through it (``thin_slab``'s ``away``).
     """
 
     affine_prob: float = 0.5
@@ -69,9 +71,10 @@ class AugmentConfig:
     fov_end_prob: float = 0.0
     slab_prob: float = 0.0
     slab_slices: tuple[int, int] = (8, 20)
+    slab_away: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fov_end_prob", "slab_prob"):
+        for name in ("fov_end_prob", "slab_prob", "slab_away"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"config augment.{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.slab_slices

@@ -141,6 +141,7 @@ def thin_slab(
     prob: float,
     slices: tuple[int, int],
     organ: int = 1,
+    away: float = 0.0,
 ) -> tuple[int, int] | None:
     """With probability ``prob``, make the patch's field of view a thin axial slab, in place.
 
@@ -149,6 +150,12 @@ def thin_slab(
     side); outside it the image becomes ``pad_value`` and the labels background. On a patch with the
     organ the slab holds at least one of its slices (a few slices of the upper abdomen, through the
     spleen); without it, or with the organ only in the patch's end slices, it lies anywhere. No draw is made when ``prob`` is 0.
+
+    ``away``: on a patch with the organ, the share of slabs that lie just beside it instead, 0-10
+    slices above or below it and holding none of it (a thin slab of the kidney under the spleen or of
+    the heart above it), where the patch has room for one; otherwise the slab goes through the organ.
+    Slabs that always hold the organ when it is near teach a network "a thin slab there is spleen".
+    No extra draw is made when ``away`` is 0 (runs without it stay as they were).
 
     Returns:
         (first, stop) slices kept, or None.
@@ -161,6 +168,22 @@ def thin_slab(
     thick = int(rng.integers(min(slices[0], n - 2), min(slices[1], n - 2) + 1))
     z = np.flatnonzero((label == organ).any(axis=(0, 1)))
     z = z[(z >= 1) & (z <= n - 2)]  # a slab never keeps the patch's end slices
+    if z.size and away > 0 and rng.random() < away:
+        gap = int(rng.integers(0, 11))
+        zall = np.flatnonzero((label == organ).any(axis=(0, 1)))
+        options = []  # first slice of a slab wholly below the organ, or wholly above it
+        if int(zall.min()) - gap - thick >= 1:
+            options.append(int(zall.min()) - gap - thick)
+        if int(zall.max()) + 1 + gap + thick <= n - 1:
+            options.append(int(zall.max()) + 1 + gap)
+        if options:
+            first = options[int(rng.integers(len(options)))]
+            stop = first + thick
+            image[..., :first] = pad_value
+            image[..., stop:] = pad_value
+            label[..., :first] = 0
+            label[..., stop:] = 0
+            return first, stop
     if z.size:  # one of the organ's slices, then where in the slab it falls (kept by the clamp below)
         anchor = int(z[int(rng.integers(z.size))])
         first = anchor - int(rng.integers(thick))
@@ -285,7 +308,7 @@ class PatchDataset(Dataset):
         slab = None
         if self.aug_cfg is not None and self.aug_cfg.slab_prob > 0:  # a slab has both ends cut already
             slab = thin_slab(image_t.numpy(), label_t.numpy(), rng, self.pad_value, self.aug_cfg.slab_prob,
-                             self.aug_cfg.slab_slices)
+                             self.aug_cfg.slab_slices, away=self.aug_cfg.slab_away)
         if slab is None and self.aug_cfg is not None and self.aug_cfg.fov_end_prob > 0:
             end_field_of_view(image_t.numpy(), label_t.numpy(), rng, self.pad_value, self.aug_cfg.fov_end_prob)
         return {"image": image_t, "label": label_t}
