@@ -103,6 +103,7 @@ def render_markdown(card: dict[str, Any], sha256: str, size_bytes: int) -> str:
         "",
         "**Limits.** " + "; ".join(card["limits"]) + ".",
         "",
+        *([f"**Changes.** {'; '.join(card['changes'])}.", ""] if card.get("changes") else []),
         "## What it is",
         "",
         f"- Task: {card['task']}.",

@@ -40,7 +40,7 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
-VERSION = "2.3.0"
+VERSION = "2.3.1"
 # the native-CT growth measured for this recipe's networks (vnetseg.postprocess.grow_native)
 SHIPPED_POSTPROCESSING = {"native_grow_probability": GROW_PROBABILITY}
 
@@ -381,3 +381,71 @@ def build_card(
             "python": platform.python_version(),
         },
     }
+
+
+HELD_OUT_DIR = Path(__file__).parent / "heldout"
+
+
+def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Path = HELD_OUT_DIR) -> dict[str, Any]:
+    """The card's leave-one-patient-out record of ``patient``, made again from its committed pair.
+
+    The pair (``heldout/heldout_P.pt``, its SHA-256 checked against ``heldout.json``) is scored as the
+    ``lopo`` stage scores a pair it has just trained (:func:`score_all` on the patient's CTs, parts and
+    range ends), so the record is the one the regeneration command writes, without an hour of training.
+
+    Raises:
+        ValueError: when the pair's masks are no longer the ones saved in its own file (the inference
+            changed since it was scored): a card must not mix records of two inferences.
+    """
+    entry = json.loads((folder / "heldout.json").read_text())[patient]
+    net, info = load_model(folder / entry["file"], sha256=entry["sha256"])
+    scores = score_all(net, info, log=log, patients=(patient,))
+    saved = {(c["scan"], c["mode"]): c for c in info.card["cases"]}
+    for case in scores["cases"]:
+        old = saved[(case["scan"], case["mode"])]
+        if abs(case["dice"] - old["dice"]) > 1e-4 or abs(case["volume_ml"] - old["volume_ml"]) > 0.05:
+            raise ValueError(
+                f"held-out pair {entry['file']} now gives {case['scan']} {case['mode']} Dice {case['dice']} "
+                f"({case['volume_ml']} mL) against {old['dice']} ({old['volume_ml']} mL) saved in the file: "
+                "the inference changed since it was scored; retrain the pair (--stage lopo) instead"
+            )
+    return {"trained_on": info.card["trained_on"], "steps": info.card["steps"],
+            "train_minutes": info.card["train_minutes"], **scores}
+
+
+def rewrite_card(
+    weights_dir: Path, records: dict[str, dict[str, Any]], version: str, change: str, out: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Write the shipped file again with the same networks and ``records`` as its held-out records.
+
+    Only the card changes (``version``, the date, ``changes`` gains ``change``); every weight is
+    checked bit for bit against the file it replaces. Returns the new file's SHA-256; registry.json
+    and MODEL_CARD.md are written again (and ``out/README_SECTION.md`` when ``out`` is given).
+    """
+    path = weights_dir / MODEL_FILE
+    registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
+    net, info = load_model(path, sha256=registry["sha256"])
+    assert info.locator is not None
+    before = {**net.state_dict(), **{f"loc.{k}": v for k, v in info.locator[0].state_dict().items()}}
+    card = dict(info.card)
+    lopo = {**card["leave_one_patient_out"], **records}
+    card["leave_one_patient_out"] = {p: lopo[p] for p in PATIENTS if p in lopo}
+    card["leave_one_patient_out_not_run"] = [p for p in PATIENTS if p not in lopo]
+    card["changes"] = [*card.get("changes", []), f"v{version}: {change}"]
+    card["version"] = version
+    card["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    info.card = card
+    sha = save_model(path, net, info, half=True, locator=info.locator)
+    net2, info2 = load_model(path, sha256=sha)
+    after = {**net2.state_dict(), **{f"loc.{k}": v for k, v in info2.locator[0].state_dict().items()}}
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if changed or set(before) != set(after):
+        raise RuntimeError(f"rewriting the card changed weights: {changed[:5]}")
+    write_registry(weights_dir, sha, card)
+    size = path.stat().st_size
+    (weights_dir / "MODEL_CARD.md").write_text(render_markdown(card, sha, size))
+    if out is not None:
+        (out / "README_SECTION.md").write_text(render_readme_section(card, sha, size))
+    log(f"wrote {path} ({size / 1e6:.2f} MB, sha256 {sha}): same weights, card v{version}")
+    return sha
