@@ -9,7 +9,14 @@ from test_inference import ThresholdNet
 from test_io import make_affine
 
 from vnetseg.checkpoint import Label, ModelInfo, Preprocessing, describe
-from vnetseg.fast import box_from_coarse_mask, locate, single_window_patch
+from vnetseg.fast import (
+    RELIABLE_VIEW_MM,
+    box_from_coarse_mask,
+    head_foot_extent_mm,
+    locate,
+    single_window_patch,
+    thin_view_warning,
+)
 from vnetseg.inference import InferenceOptions, choose_mode, predict_volume
 from vnetseg.io import Image
 from vnetseg.model import VNetConfig
@@ -361,3 +368,41 @@ def test_located_part_on_the_input_grid_equals_the_whole_grid_resampling(kind: s
         ties = nib.orientations.apply_orientation(ties, _canonical_ornt_inverse(coarse.ornt))
         assert not ((whole != boxed) & ~ties).any()
     assert _located_on_input_grid(np.zeros((4, 4, 4), bool), coarse).shape == shape
+
+
+def test_head_foot_extent_is_the_field_of_views_reach_along_s_in_any_orientation() -> None:
+    for kind in ("LPS", "RAS"):  # axial: slices x slice spacing, whatever the in-plane axes' signs
+        assert head_foot_extent_mm((200, 180, 80), make_affine(kind, spacing=(0.8, 0.8, 2.5))) == pytest.approx(200.0)
+    stored = np.eye(4)
+    stored[:3, :3] = [[0.0, 0.7, 0.0], [0.0, 0.0, -0.7], [-3.0, 0.0, 0.0]]  # the head-foot axis stored first, feet first
+    assert head_foot_extent_mm((10, 500, 400), stored) == pytest.approx(30.0)
+    tilt = np.radians(20.0)  # a gantry tilt: slices 2 mm apart along a direction 20 degrees from S
+    tilted = np.eye(4)
+    tilted[:3, :3] = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]]) * [1.0, 1.0, 2.0]
+    corners = np.array([[i, j, k] for i in (0, 64) for j in (0, 100) for k in (0, 30)], float) @ tilted[:3, :3].T
+    assert head_foot_extent_mm((64, 100, 30), tilted) == pytest.approx(np.ptp(corners[:, 2]))
+
+
+def test_thin_view_warning_below_the_measured_reach() -> None:
+    assert thin_view_warning(RELIABLE_VIEW_MM) is None and thin_view_warning(300.0) is None
+    text = thin_view_warning(40.0)
+    assert text is not None and "covers only 40 mm head to foot" in text and "'no spleen' is not a reliable answer" in text
+    assert "'no liver'" in thin_view_warning(60.0, "liver")
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_no_spleen_on_a_thin_ct_comes_with_the_thin_view_warning(mode: str) -> None:
+    """The heart alone in 30 slices (75 mm): still "no spleen", with the warning that it may be wrong."""
+    ct, _spleen, heart = _two_organs()
+    hu = np.where(heart, 160.0, -50.0).astype(np.float32)
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ np.array([0.0, 0.0, 40.0]) + ct.affine[:3, 3]  # slices 40-69, true position
+    thin = Image(np.ascontiguousarray(hu[:, :, 40:70]), affine)
+    assert head_foot_extent_mm(thin.shape, thin.affine) == pytest.approx(75.0)
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BandNet(), loc_info)
+    res = predict_volume(thin, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not res.labelmap.any() and not res.report.found
+    assert res.report.message.startswith("no spleen found in the field of view")
+    assert res.report.warnings == [thin_view_warning(75.0)]

@@ -22,6 +22,7 @@ from conftest import REPO
 from training.realct.evaluate import evaluate_image, evaluate_scan
 from training.realct.sources import CONTRAST, load_scans, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
+from vnetseg.fast import RELIABLE_VIEW_MM, head_foot_extent_mm
 from vnetseg.registry import default_model
 
 HELD_DIR = REPO / "training" / "realct" / "heldout"
@@ -121,8 +122,13 @@ def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_and_rang
         parts.update({f"{scan.name} {k}": v for k, v in spleen_free_parts(scan).items()})
         parts.update({f"{scan.name} {k}": v for k, v in range_end_parts(scan).items()})
     assert parts
-    volumes = {name: evaluate_image(image, net, info, "fast")["volume_ml"] for name, image in parts.items()}
+    rows = {name: evaluate_image(image, net, info, "fast") for name, image in parts.items()}
+    volumes = {name: row["volume_ml"] for name, row in rows.items()}
     assert all(v < FREE_ML for v in volumes.values()), volumes
+    # "no spleen" carries the thin-view warning exactly on the parts that reach less than 96 mm head to foot
+    for name, image in parts.items():
+        thin = head_foot_extent_mm(image.shape, image.affine) < RELIABLE_VIEW_MM
+        assert any("covers only" in w for w in rows[name]["warnings"]) == (thin and not rows[name]["found"]), name
 
 
 def test_card_rewrite_keeps_every_weight_and_records_the_change(tmp_path) -> None:
@@ -182,3 +188,21 @@ def test_held_out_record_is_the_cards_and_refuses_a_pair_scored_with_another_inf
     (tmp_path / "heldout.json").write_text(json.dumps({"P2": {**MANIFEST["P2"], "sha256": sha}}))
     with pytest.raises(ValueError, match="inference changed"):
         held_out_record("P2", log=lambda m: None, folder=tmp_path)
+
+
+def test_held_out_p2_says_no_spleen_on_its_40_mm_series_and_warns_that_this_may_be_wrong(ct_dir, tmp_path,
+                                                                                           capsys) -> None:
+    """The known miss (P2's held-out locator sees nothing on 20 slices) is not a confident "no spleen":
+    the CLI line, the JSON report and exit status 0 say it, with the thin-view warning."""
+    from test_cli import run
+
+    report = tmp_path / "report.json"
+    code, out, err = run(["predict", ct_dir / "example_ct_dicom", "-o", tmp_path / "p2.nii.gz", "--model",
+                          HELD_DIR / MANIFEST["P2"]["file"], "--report", report, "--device", "cpu"], capsys)
+    assert code == 0, err
+    case = json.loads(report.read_text())["cases"][0]
+    assert case["spleen_found"] is False and case["volume_ml"] == 0
+    assert case["message"].startswith("no spleen found in the field of view")
+    (thin,) = [w for w in case["warnings"] if "covers only" in w]
+    assert "covers only 40 mm head to foot" in thin
+    assert f"  warning: {thin}" in out.splitlines()

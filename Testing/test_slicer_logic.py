@@ -280,5 +280,8 @@ def test_no_spleen_in_view_leaves_the_scene_as_it_was_and_says_so(ct_dir, blind_
         assert result.background == background
         first = result.summary().splitlines()[0]
         assert first.startswith("No spleen found in the field of view") and "nothing was added" in first
+        # example_ct_sm reaches 90 mm head to foot: too little for "no spleen" to be sure, and the panel says so
+        assert [w.code for w in result.warnings].count("thinView") == 1
+        assert "Warning: the CT covers only 90 mm head to foot" in result.summary()
         assert env.node_ids() == ids_before  # no new node
         assert np.array_equal(nodes.segmentMask(output, "Spleen", volume), mine)  # the user's segment is kept

@@ -203,6 +203,7 @@ def hostAvailableBytes() -> int:
 # ------------------------------------------------------------------------------ after a run
 _WARNING_CODES = (
     ("low confidence", "lowConfidence"),  # vnetseg.confidence.LOW_CONFIDENCE (issue 14); first: its numbers may contain "no "
+    ("covers only", "thinView"),  # vnetseg.fast.thin_view_warning: "no spleen" on a CT too thin to be sure
     ("no ", "empty"),
     ("implausible", "implausibleVolume"),
     ("edge", "touchesEdge"),

@@ -238,7 +238,8 @@ class VNetSegmentationLogic:
         del image
         if not prediction.report.found:
             return None, self._noSpleen(prediction.report.message, started, prediction.device,
-                                        prediction.notes, warnings, entry.name, background=False)
+                                        prediction.report.warnings + prediction.notes, warnings, entry.name,
+                                        background=False)
         node, result = self._output(
             volumeNode,
             prediction.labelmap,

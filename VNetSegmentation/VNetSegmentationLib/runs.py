@@ -119,7 +119,7 @@ class SegmentationResult:
                 f"{first}: nothing was added to the scene.",
                 f"Time: {self.seconds:.1f} s on {self.device}",
                 f"Model: {self.modelName}",
-            ] + [f"Note: {w.message}" for w in self.warnings])
+            ] + [f"{'Warning' if w.code == 'thinView' else 'Note'}: {w.message}" for w in self.warnings])
         lines = [
             f"Spleen volume: {self.volumeMl:.1f} mL",
             f"Time: {self.seconds:.1f} s on {self.device}",

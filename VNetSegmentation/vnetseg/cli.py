@@ -283,7 +283,8 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
             progress.emit("done", **res.__dict__)
         elif not res.spleen_found:
             out.write(f"{case.name}: {res.message} (empty mask), {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
-            out.writelines(f"  note: {w}\n" for w in res.warnings)
+            out.writelines(f"  warning: {w}\n" for w in pred.report.warnings)  # e.g. too thin a CT to be sure
+            out.writelines(f"  note: {w}\n" for w in pred.notes)
         else:
             out.write(f"{case.name}: spleen {res.volume_ml:.1f} mL, {res.seconds:.1f} s on {res.device} ({res.mode}) -> {dest}\n")
             if res.series and (many or args.series):

@@ -20,7 +20,18 @@ import torch
 from . import confidence as conf
 from . import io as vio
 from .checkpoint import ModelInfo, load_model
-from .fast import BODY_MARGIN_MM, BodyView, Box, Location, box_from_coarse_mask, grown, locate, single_window_patch
+from .fast import (
+    BODY_MARGIN_MM,
+    BodyView,
+    Box,
+    Location,
+    box_from_coarse_mask,
+    grown,
+    head_foot_extent_mm,
+    locate,
+    single_window_patch,
+    thin_view_warning,
+)
 from .model import VNet, VNetConfig
 from .postprocess import (
     APPENDAGE_REACH_MM,
@@ -484,8 +495,12 @@ def _organ_channel(loc_info: ModelInfo, info: ModelInfo) -> int:
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
     """The first-class "no spleen in view" answer: an empty mask on the input grid, said plainly."""
     labelmap = np.zeros(image.shape, dtype=np.uint8)
-    report = quality_report(labelmap, labelmap, 1.0, info.labels[0].name.lower(), raw_components=[])
+    organ = info.labels[0].name.lower()
+    report = quality_report(labelmap, labelmap, 1.0, organ, raw_components=[])
     report.message = location.reason
+    thin = thin_view_warning(head_foot_extent_mm(image.shape, image.affine), organ)
+    if thin is not None:  # too little of the body in view for "none" to be sure
+        report.warnings.append(thin)
     if location.candidates_ml:
         shown = ", ".join(f"{v:g}" for v in location.candidates_ml[:3])
         more = f" and {len(location.candidates_ml) - 3} smaller" if len(location.candidates_ml) > 3 else ""
