@@ -356,9 +356,11 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         p.resultSummary = result.summary()
         if not result.found:  # "no spleen in view" is an answer: the scene was left as it was
-            self.ui.statusLabel.text = _("No spleen found in the field of view ({seconds:.1f} s).").format(
-                seconds=result.seconds
-            )
+            if any(w.code == "thinView" for w in result.warnings):  # too thin a CT for "none" to be sure
+                text = _("No spleen found ({seconds:.1f} s), but the CT is too thin for that to be sure: see the warning.")
+            else:
+                text = _("No spleen found in the field of view ({seconds:.1f} s).")
+            self.ui.statusLabel.text = text.format(seconds=result.seconds)
             return
         p.outputSegmentation = node
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=result.seconds)
