@@ -168,6 +168,7 @@ def thin_slab(
     thick = int(rng.integers(min(slices[0], n - 2), min(slices[1], n - 2) + 1))
     z = np.flatnonzero((label == organ).any(axis=(0, 1)))
     z = z[(z >= 1) & (z <= n - 2)]  # a slab never keeps the patch's end slices
+    first = None
     if z.size and away > 0 and rng.random() < away:
         gap = int(rng.integers(0, 11))
         zall = np.flatnonzero((label == organ).any(axis=(0, 1)))
@@ -178,18 +179,12 @@ def thin_slab(
             options.append(int(zall.max()) + 1 + gap)
         if options:
             first = options[int(rng.integers(len(options)))]
-            stop = first + thick
-            image[..., :first] = pad_value
-            image[..., stop:] = pad_value
-            label[..., :first] = 0
-            label[..., stop:] = 0
-            return first, stop
-    if z.size:  # one of the organ's slices, then where in the slab it falls (kept by the clamp below)
+    if first is None and z.size:  # one of the organ's slices, then where in the slab it falls (kept by the clamp below)
         anchor = int(z[int(rng.integers(z.size))])
         first = anchor - int(rng.integers(thick))
-    else:
+    elif first is None:
         first = int(rng.integers(1, n - thick))
-    first = min(max(first, 1), n - 1 - thick)
+    first = min(max(first, 1), n - 1 - thick)  # a slab beside the organ is inside already
     stop = first + thick
     image[..., :first] = pad_value
     image[..., stop:] = pad_value
