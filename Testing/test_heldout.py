@@ -153,7 +153,7 @@ def test_card_rewrite_keeps_every_weight_and_records_the_change(tmp_path) -> Non
     assert card1["leave_one_patient_out"]["P5"]["train_minutes"] == 12345.6
     for p in ("P1", "P2", "P3", "P4"):
         assert card1["leave_one_patient_out"][p] == card0["leave_one_patient_out"][p]
-    assert card1["shipped_model_on_real_ct"] == card0["shipped_model_on_real_ct"]
+    assert card1["shipped_model_on_real_ct"] == card0["shipped_model_on_real_ct"]  # unless given
     for a, b in ((net0, net1), (info0.locator[0], info1.locator[0])):
         s0, s1 = a.state_dict(), b.state_dict()
         assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
@@ -161,6 +161,14 @@ def test_card_rewrite_keeps_every_weight_and_records_the_change(tmp_path) -> Non
     text = (weights / "MODEL_CARD.md").read_text()
     assert text.startswith("# Model card: spleen-ct-light v9.9.9") and "a test's change" in text and sha in text
     assert "12345.6" not in (entry.path.parent / "MODEL_CARD.md").read_text()  # the shipped folder is untouched
+    # with ``shipped``, the shipped model's own results are replaced too (its note is kept)
+    shipped = {**{k: v for k, v in card0["shipped_model_on_real_ct"].items() if k != "note"}, "cases": []}
+    sha2 = rewrite_card(weights, {}, "9.9.9", "shipped results", log=lambda m: None, shipped=shipped)
+    card2 = load_model(weights / registry["file"], sha256=sha2)[1].card
+    assert card2["shipped_model_on_real_ct"]["cases"] == []
+    assert card2["shipped_model_on_real_ct"]["note"] == card0["shipped_model_on_real_ct"]["note"]
+    assert card2["leave_one_patient_out"] == card1["leave_one_patient_out"]
+    assert card2["changes"] == [*card0.get("changes", []), "v9.9.9: shipped results"]  # once per version
     # a file that is not the one its registry names is refused, not rewritten
     reg = json.loads((weights / "registry.json").read_text())
     reg["models"]["spleen-ct-light"]["sha256"] = "0" * 64

@@ -37,8 +37,8 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
 6. ``card`` (not part of ``all``): the shipped file written again with the same networks and its card's
    held-out records made again from the committed pairs in ``training/realct/heldout/`` (scored as
    ``lopo`` scores a pair it has trained; each record in ``OUT/lopo_P.json``), for ``--held P`` or all
-   five. v2.3.1 is v2.3.0 with this: its P1 and P5 records had come from pairs of an earlier state of
-   the recipe. About 3 minutes for the five.
+   five, and its own results on every real CT, part and range end scored again with today's inference. v2.3.1 is v2.3.0 with this: its P1 and P5 records had come from pairs of an earlier state of
+   the recipe. About 5 minutes.
 7. ``--organ-locator`` with ``lopo`` or ``final`` (not shipped): the locator trained multi-organ on
    the organ maps with partial labels; held-out records in ``lopo_P_organ.json`` (README: "A
    multi-organ locator: measured, not shipped").
@@ -418,7 +418,7 @@ def stage_trials(out: Path, only: str | None = None) -> None:
 
 def stage_card(out: Path, weights_dir: Path, only: str | None = None) -> None:
     """The shipped file's card with its held-out records made again from the committed pairs (same weights)."""
-    from training.realct.ship import VERSION, held_out_record, rewrite_card
+    from training.realct.ship import VERSION, held_out_record, rescore_shipped, rewrite_card
 
     records = {}
     for held in PATIENTS:
@@ -427,10 +427,13 @@ def stage_card(out: Path, weights_dir: Path, only: str | None = None) -> None:
         log(f"held-out record of {held} from training/realct/heldout/heldout_{held}.pt")
         records[held] = held_out_record(held, log=lambda m: log("  " + m))
         (out / f"lopo_{held}.json").write_text(json.dumps(records[held], indent=1))
+    log("the shipped networks on every real CT, part and range end")
+    shipped = rescore_shipped(weights_dir, log=lambda m: log("  " + m))
     rewrite_card(weights_dir, records, VERSION,
                  f"the held-out records of {', '.join(records)} made again from the committed pairs "
-                 "(training/realct/heldout/, the recipe's lopo stage); the same networks and inference",
-                 out=out, log=log)
+                 "(training/realct/heldout/, the recipe's lopo stage), and the shipped model's own results "
+                 "with today's inference (its warnings); the same networks",
+                 out=out, log=log, shipped=shipped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -413,15 +413,24 @@ def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Pa
             "train_minutes": info.card["train_minutes"], **scores}
 
 
+def rescore_shipped(weights_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The shipped file's own results (:func:`score_all` on every real CT, part and range end) with today's inference."""
+    registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
+    net, info = load_model(weights_dir / MODEL_FILE, sha256=registry["sha256"])
+    return score_all(net, info, log)
+
+
 def rewrite_card(
     weights_dir: Path, records: dict[str, dict[str, Any]], version: str, change: str, out: Path | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, shipped: dict[str, Any] | None = None,
 ) -> str:
     """Write the shipped file again with the same networks and ``records`` as its held-out records.
 
-    Only the card changes (``version``, the date, ``changes`` gains ``change``); every weight is
-    checked bit for bit against the file it replaces. Returns the new file's SHA-256; registry.json
-    and MODEL_CARD.md are written again (and ``out/README_SECTION.md`` when ``out`` is given).
+    Only the card changes (``version``, the date, ``changes`` gains ``change`` in place of an earlier
+    entry for the same version, and with ``shipped``
+    the shipped model's own results, from :func:`rescore_shipped`); every weight is checked bit for
+    bit against the file it replaces. Returns the new file's SHA-256; registry.json and MODEL_CARD.md
+    are written again (and ``out/README_SECTION.md`` when ``out`` is given).
     """
     path = weights_dir / MODEL_FILE
     registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
@@ -432,7 +441,11 @@ def rewrite_card(
     lopo = {**card["leave_one_patient_out"], **records}
     card["leave_one_patient_out"] = {p: lopo[p] for p in PATIENTS if p in lopo}
     card["leave_one_patient_out_not_run"] = [p for p in PATIENTS if p not in lopo]
-    card["changes"] = [*card.get("changes", []), f"v{version}: {change}"]
+    if shipped is not None:
+        card["shipped_model_on_real_ct"] = {"note": card["shipped_model_on_real_ct"]["note"], **shipped}
+    # a card written again for the same version says what that version is once, not once per run
+    earlier = [c for c in card.get("changes", []) if not c.startswith(f"v{version}: ")]
+    card["changes"] = [*earlier, f"v{version}: {change}"]
     card["version"] = version
     card["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info.card = card
