@@ -122,7 +122,8 @@ def test_no_spleen_in_view_is_an_answer_in_both_modes(mode: str) -> None:
     res = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode), lambda f, m: seen.append(m))
     assert res.labelmap.shape == ct.shape and res.labelmap.dtype == np.uint8 and not res.labelmap.any()
     assert not res.report.found and res.report.message.startswith("no spleen found in the field of view")
-    assert res.volume_ml == 0 and res.report.warnings == [] and res.box is None
+    assert res.volume_ml == 0 and res.box is None
+    assert res.report.warnings == [thin_view_warning(200.0)]  # 80 slices of 2.5 mm: too short to be sure
     assert not any(m.startswith("segmenting") for m in seen)  # the full-resolution network never ran
 
 
@@ -384,7 +385,8 @@ def test_head_foot_extent_is_the_field_of_views_reach_along_s_in_any_orientation
 
 
 def test_thin_view_warning_below_the_measured_reach() -> None:
-    assert thin_view_warning(RELIABLE_VIEW_MM) is None and thin_view_warning(300.0) is None
+    assert thin_view_warning(RELIABLE_VIEW_MM) is None and thin_view_warning(420.0) is None
+    assert thin_view_warning(RELIABLE_VIEW_MM - 1) is not None
     text = thin_view_warning(40.0)
     assert text is not None and "covers only 40 mm head to foot" in text and "'no spleen' is not a reliable answer" in text
     assert "'no liver'" in thin_view_warning(60.0, "liver")
@@ -392,7 +394,8 @@ def test_thin_view_warning_below_the_measured_reach() -> None:
 
 @pytest.mark.parametrize("mode", ["fast", "full"])
 def test_no_spleen_on_a_thin_ct_comes_with_the_thin_view_warning(mode: str) -> None:
-    """The heart alone in 30 slices (75 mm): still "no spleen", with the warning that it may be wrong."""
+    """The heart alone in 30 slices (75 mm): still "no spleen", with the warning that it may be wrong;
+    none on the same CT padded head to foot to 300 mm."""
     ct, _spleen, heart = _two_organs()
     hu = np.where(heart, 160.0, -50.0).astype(np.float32)
     affine = ct.affine.copy()
@@ -406,3 +409,8 @@ def test_no_spleen_on_a_thin_ct_comes_with_the_thin_view_warning(mode: str) -> N
     assert not res.labelmap.any() and not res.report.found
     assert res.report.message.startswith("no spleen found in the field of view")
     assert res.report.warnings == [thin_view_warning(75.0)]
+    tall = Image(np.pad(thin.array, ((0, 0), (0, 0), (45, 45)), constant_values=-50.0), thin.affine.copy())
+    tall.affine[:3, 3] = thin.affine[:3, :3] @ np.array([0.0, 0.0, -45.0]) + thin.affine[:3, 3]
+    assert head_foot_extent_mm(tall.shape, tall.affine) == pytest.approx(RELIABLE_VIEW_MM)
+    res = predict_volume(tall, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not res.report.found and res.report.warnings == []

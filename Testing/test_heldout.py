@@ -125,7 +125,7 @@ def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_and_rang
     rows = {name: evaluate_image(image, net, info, "fast") for name, image in parts.items()}
     volumes = {name: row["volume_ml"] for name, row in rows.items()}
     assert all(v < FREE_ML for v in volumes.values()), volumes
-    # "no spleen" carries the thin-view warning exactly on the parts that reach less than 96 mm head to foot
+    # "no spleen" carries the thin-view warning exactly on the parts that reach less than 300 mm head to foot
     for name, image in parts.items():
         thin = head_foot_extent_mm(image.shape, image.affine) < RELIABLE_VIEW_MM
         assert any("covers only" in w for w in rows[name]["warnings"]) == (thin and not rows[name]["found"]), name

@@ -492,15 +492,19 @@ def _organ_channel(loc_info: ModelInfo, info: ModelInfo) -> int:
     return names.index(organ)
 
 
+def _warn_if_thin(report: QualityReport, image: vio.Image, info: ModelInfo) -> None:
+    """Add the thin-view warning to a "no spleen" answer on a CT too short for it to be sure."""
+    thin = thin_view_warning(head_foot_extent_mm(image.shape, image.affine), info.labels[0].name.lower())
+    if not report.found and thin is not None:
+        report.warnings.append(thin)
+
+
 def _empty_prediction(image: vio.Image, info: ModelInfo, location: Location, device, t0, notes, mode) -> Prediction:
     """The first-class "no spleen in view" answer: an empty mask on the input grid, said plainly."""
     labelmap = np.zeros(image.shape, dtype=np.uint8)
-    organ = info.labels[0].name.lower()
-    report = quality_report(labelmap, labelmap, 1.0, organ, raw_components=[])
+    report = quality_report(labelmap, labelmap, 1.0, info.labels[0].name.lower(), raw_components=[])
     report.message = location.reason
-    thin = thin_view_warning(head_foot_extent_mm(image.shape, image.affine), organ)
-    if thin is not None:  # too little of the body in view for "none" to be sure
-        report.warnings.append(thin)
+    _warn_if_thin(report, image, info)
     if location.candidates_ml:
         shown = ", ".join(f"{v:g}" for v in location.candidates_ml[:3])
         more = f" and {len(location.candidates_ml) - 3} smaller" if len(location.candidates_ml) > 3 else ""
@@ -671,6 +675,7 @@ def predict_volume(
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
     report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
+    _warn_if_thin(report, image, info)  # "no spleen" also when the mask missed the located part or was cut away
     if focus is not None and report.found:
         report.confidence = conf.measure_confidence(focus[0], focus[1], labelmap == info.label_values[0])
         if report.confidence is not None and report.confidence.low:
