@@ -166,12 +166,11 @@ def thin_slab(
     if n < 3:
         return None
     thick = int(rng.integers(min(slices[0], n - 2), min(slices[1], n - 2) + 1))
-    z = np.flatnonzero((label == organ).any(axis=(0, 1)))
-    z = z[(z >= 1) & (z <= n - 2)]  # a slab never keeps the patch's end slices
+    zall = np.flatnonzero((label == organ).any(axis=(0, 1)))
+    z = zall[(zall >= 1) & (zall <= n - 2)]  # a slab never keeps the patch's end slices
     first = None
     if z.size and away > 0 and rng.random() < away:
         gap = int(rng.integers(0, 11))
-        zall = np.flatnonzero((label == organ).any(axis=(0, 1)))
         options = []  # first slice of a slab wholly below the organ, or wholly above it
         if int(zall.min()) - gap - thick >= 1:
             options.append(int(zall.min()) - gap - thick)

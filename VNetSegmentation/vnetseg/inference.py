@@ -494,8 +494,10 @@ def _organ_channel(loc_info: ModelInfo, info: ModelInfo) -> int:
 
 def _warn_if_thin(report: QualityReport, image: vio.Image, info: ModelInfo) -> None:
     """Add the thin-view warning to a "no spleen" answer on a CT too short for it to be sure."""
+    if report.found:
+        return
     thin = thin_view_warning(head_foot_extent_mm(image.shape, image.affine), info.labels[0].name.lower())
-    if not report.found and thin is not None:
+    if thin is not None:
         report.warnings.append(thin)
 
 

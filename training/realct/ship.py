@@ -413,11 +413,15 @@ def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Pa
             "train_minutes": info.card["train_minutes"], **scores}
 
 
+def _load_shipped(weights_dir: Path) -> tuple[VNet, ModelInfo]:
+    """The model file in ``weights_dir``, refused unless it is the one its registry.json names."""
+    registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
+    return load_model(weights_dir / MODEL_FILE, sha256=registry["sha256"])
+
+
 def rescore_shipped(weights_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The shipped file's own results (:func:`score_all` on every real CT, part and range end) with today's inference."""
-    registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
-    net, info = load_model(weights_dir / MODEL_FILE, sha256=registry["sha256"])
-    return score_all(net, info, log)
+    return score_all(*_load_shipped(weights_dir), log)
 
 
 def rewrite_card(
@@ -433,8 +437,7 @@ def rewrite_card(
     are written again (and ``out/README_SECTION.md`` when ``out`` is given).
     """
     path = weights_dir / MODEL_FILE
-    registry = json.loads((weights_dir / "registry.json").read_text())["models"][MODEL_NAME]
-    net, info = load_model(path, sha256=registry["sha256"])
+    net, info = _load_shipped(weights_dir)
     assert info.locator is not None
     before = {**net.state_dict(), **{f"loc.{k}": v for k, v in info.locator[0].state_dict().items()}}
     card = dict(info.card)
