@@ -214,3 +214,30 @@ def test_held_out_p2_says_no_spleen_on_its_40_mm_series_and_warns_that_this_may_
     (thin,) = [w for w in case["warnings"] if "covers only" in w]
     assert "covers only 40 mm head to foot" in thin
     assert f"  warning: {thin}" in out.splitlines()
+
+
+def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cuts(ct_dir) -> None:
+    """The smallest located part (``InferenceOptions.min_located_ml``) is what decides on short CTs.
+
+    Held-out P1 on a 40 mm slab of its CT (slices 90-102: the spleen's upper part, 115 mL): the whole-CT
+    view's best part is 5.5 mL, so the shipped rule (10 mL) answers "no spleen" with the thin-view
+    warning, and 5 mL finds the spleen (``bench/bench_view_slabs.py`` measures the trade over all slabs).
+    """
+    from training.realct.sources import _crop_slices
+    from vnetseg.inference import InferenceOptions, predict_volume
+    from vnetseg.postprocess import dice
+
+    net, info = _pair("P1")
+    scan = next(s for s in load_scans(ct_dir) if s.name == "p1_ct")
+    assert scan.image.affine[2, 2] == pytest.approx(3.0)  # axial, index 2 runs foot to head in 3 mm steps
+    image = _crop_slices(scan, 90, 103)
+    reference = scan.spleen[:, :, 90:103]
+    assert reference.sum() * image.voxel_volume_ml > 100.0
+    shipped = predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast"))
+    assert not shipped.report.found and shipped.labelmap.max() == 0
+    assert "best candidate is 5.5 mL, under 10 mL" in shipped.report.message
+    assert any("covers only 39 mm" in w for w in shipped.report.warnings)
+    lower = predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast", min_located_ml=5.0))
+    assert lower.report.found and dice(lower.labelmap > 0, reference) > 0.9
+    with pytest.raises(ValueError, match="min_located_ml"):
+        InferenceOptions(min_located_ml=0.0)

@@ -363,6 +363,33 @@ def test_cli_without_model_uses_the_shipped_default(shipped, ct_dir, tmp_path) -
     assert dest.is_file() and 150.0 < done["volume_ml"] < 350.0
 
 
+def test_cli_min_located_ml_reaches_the_whole_ct_view_and_a_bad_value_is_one_clear_error(shipped, ct_dir, tmp_path,
+                                                                                         capsys) -> None:
+    """``--min-located-ml``: the whole-CT view locates 235 mL on example_ct, so a 300 mL floor answers "no spleen"
+    with that number in the line (the default finds it: ``test_real_ct``); 0 is refused before anything is written."""
+    from vnetseg.cli import DEFAULT_MIN_LOCATED_ML, build_parser, main
+    from vnetseg.fast import MIN_LOCATED_ML
+
+    assert DEFAULT_MIN_LOCATED_ML == MIN_LOCATED_ML
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "--help"])
+    assert f"(default {MIN_LOCATED_ML:g})" in " ".join(capsys.readouterr().out.split())
+    dest, report = tmp_path / "spleen.nii.gz", tmp_path / "report.json"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(ct_dir / "example_ct.nii.gz"), "-o", str(dest), "--report", str(report), "--mode", "fast",
+                 "--device", "cpu", "--progress", "none", "--min-located-ml", "300"], out, err)
+    assert code == 0, err.getvalue()
+    case = json.loads(report.read_text())["cases"][0]
+    assert case["spleen_found"] is False and case["volume_ml"] == 0.0
+    assert "best candidate is 235.2 mL, under 300 mL" in case["message"], case["message"]
+    bad = tmp_path / "bad.nii.gz"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["predict", str(ct_dir / "example_ct.nii.gz"), "-o", str(bad), "--progress", "none", "--min-located-ml", "0"],
+                out, err)
+    assert code != 0 and err.getvalue().count("\n") == 1 and "min_located_ml must be more than 0 mL" in err.getvalue()
+    assert not bad.exists()
+
+
 def test_cli_says_no_spleen_in_view_and_exits_0(shipped, scans, tmp_path) -> None:
     """A chest-only CT: an empty mask written, exit status 0, one clear line, and the JSON report says so."""
     from vnetseg.cli import main

@@ -27,6 +27,10 @@ class CliError(Exception):
     """A user-facing error: printed as one line."""
 
 
+# vnetseg.fast.MIN_LOCATED_ML, for --help without importing the core (a test keeps them equal)
+DEFAULT_MIN_LOCATED_ML = 10.0
+
+
 @dataclass
 class PredictArgs:
     inputs: list[str]
@@ -41,6 +45,7 @@ class PredictArgs:
     hu_trim: bool = True
     native_grow: bool = True
     appendages: bool = True
+    min_located_ml: float | None = None  # None: the core's default (vnetseg.fast.MIN_LOCATED_ML)
     threshold: float = 0.5
     overwrite: bool = False
     report: str | None = None
@@ -236,6 +241,7 @@ def run_predict(args: PredictArgs, out: TextIO, err: TextIO) -> int:
         args.device, args.overlap, args.batch_size, args.postprocess, args.threshold, mode=args.mode,
         probability=args.probability_type if any(prob_paths) else None, hu_trim=args.hu_trim,
         native_grow=args.native_grow, appendages=args.appendages,
+        **({} if args.min_located_ml is None else {"min_located_ml": args.min_located_ml}),
     )
     model_path, sha = resolve_model(args)
     net, info = load_model(model_path, sha256=sha)
@@ -377,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep parts of the mask that lie more than 10 mm from the spleen's thick body (its interior "
                    "over 5 mm from its surface); by default such thin pieces, e.g. a kidney's rim joined to the spleen "
                    "through a thin bridge, are cut off")
+    p.add_argument("--min-located-ml", type=float, default=None, metavar="ML",
+                   help="the smallest part (mL) that the whole-CT view takes for a spleen in view (default "
+                   f"{DEFAULT_MIN_LOCATED_ML:g}); 5 finds more spleens cut by a short scan range (a chest CT ending in the upper "
+                   "abdomen) and more false ones: measured in the README ('The smallest located part')")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", help="write a JSON report of all cases to this file")
     p.add_argument("--overlay-dir", help="write a PNG overlay (axial/coronal/sagittal) per case to this folder (needs matplotlib)")

@@ -22,6 +22,7 @@ from . import io as vio
 from .checkpoint import ModelInfo, load_model
 from .fast import (
     BODY_MARGIN_MM,
+    MIN_LOCATED_ML,
     BodyView,
     Box,
     Location,
@@ -303,6 +304,10 @@ class InferenceOptions:
         appendages: with ``postprocess``, cut off the parts of the mask that lie more than
             ``postprocess.APPENDAGE_REACH_MM`` from the organ's thick body (a neighbour's rim joined
             through a thin bridge: :func:`vnetseg.postprocess.drop_thin_appendages`).
+        min_located_ml: the smallest part the whole-CT view takes for a spleen in view (mL). The
+            default is ``fast.MIN_LOCATED_ML``; lower values find more spleens that the scan range
+            cuts through, and more false ones (``bench/bench_view_slabs.py``, README). Not a CLI
+            option: the shipped model's spleen-free answers were measured at the default.
     """
 
     device: str = "auto"
@@ -316,6 +321,7 @@ class InferenceOptions:
     hu_trim: bool = True
     native_grow: bool = True
     appendages: bool = True
+    min_located_ml: float = MIN_LOCATED_ML
 
     def __post_init__(self) -> None:
         conf.check_probability_type(self.probability)
@@ -325,6 +331,8 @@ class InferenceOptions:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.min_located_ml > 0.0:
+            raise ValueError(f"min_located_ml must be more than 0 mL, got {self.min_located_ml}")
 
 
 @dataclass
@@ -469,7 +477,7 @@ def whole_ct_view(
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
     organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
-    location = locate(organ, coarse, anatomy=anatomy)  # left of the midline, not above lung
+    location = locate(organ, coarse, opts.min_located_ml, anatomy)  # left of the midline, not above lung
     location.body = anatomy.body
     return location, coarse
 
