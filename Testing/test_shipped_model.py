@@ -145,6 +145,30 @@ def test_spleen_free_parts_give_no_spleen_in_both_modes(name, part, shipped, sca
             assert not pred.report.found and pred.report.message.startswith("no spleen found in the field of view")
 
 
+def test_p4_pelvis_only_is_no_spleen_in_both_modes_because_what_is_found_there_is_bone(shipped, scans) -> None:
+    """Issue 12's pelvis-only crop for P4 (its lowest 96 mm, slices 0-22 of the native low-dose CT; P1's is in
+    ``FREE_PARTS``'s "below" and in ``test_real_ct``). The whole-CT view locates 15 mL at the left iliac wing,
+    and the main network makes it 97 mL (fast) and 129 mL (full) of iliac bone and iliacus; its core is 28 % denser than
+    300 HU, so the answer is "no spleen" with that reason (measured: README "Not one soft tissue").
+    Without the HU steps (``hu_trim=False``) the part is kept, so the test shows what the check does."""
+    from training.realct.sources import _crop_slices
+    from vnetseg.postprocess import MAX_DENSE_SHARE
+
+    _, net, info = shipped
+    scan = scans["p4_acrin"]
+    assert scan.image.affine[2, 2] == pytest.approx(4.25) and not scan.spleen[:, :, :23].any()
+    pelvis = _crop_slices(scan, 0, 23)
+    for mode in MODES:
+        pred = predict_volume(pelvis, net, info, InferenceOptions(device="cpu", mode=mode))
+        assert not pred.report.found and pred.volume_ml == 0.0 and pred.labelmap.max() == 0, (mode, pred.notes)
+        assert pred.report.message.startswith("no spleen found in the field of view (the part found, ")
+        assert "denser than 300 HU at its core: bone or contrast-filled blood, not the spleen" in pred.report.message
+        assert any("covers only 98 mm" in w for w in pred.report.warnings)
+    kept = predict_volume(pelvis, net, info, InferenceOptions(device="cpu", mode="fast", hu_trim=False))
+    assert kept.report.found and kept.volume_ml > 50.0
+    assert MAX_DENSE_SHARE == 0.10
+
+
 def test_every_spleen_free_part_is_tested(scans) -> None:
     found = {(n, p) for n, s in scans.items() if n != "p1_sm" for p in spleen_free_parts(s)}  # p1_sm: p1_ct's crop
     assert found == set(FREE_PARTS)

@@ -36,7 +36,10 @@ from .fast import (
 from .model import VNet, VNetConfig
 from .postprocess import (
     APPENDAGE_REACH_MM,
+    DENSE_HU,
+    MAX_DENSE_SHARE,
     QualityReport,
+    dense_share,
     drop_thin_appendages,
     fill_holes,
     grow_native,
@@ -682,9 +685,23 @@ def predict_volume(
             )
     if opts.postprocess:
         keep = fill_holes(keep)
+    dense = None  # the kept part's share of bone or contrast-filled blood, when that makes it no spleen
+    if opts.postprocess and opts.hu_trim and len(info.labels) == 1:
+        dense = dense_share(keep, image.array, image.spacing)
+        if dense is not None and dense > MAX_DENSE_SHARE:
+            dense_ml = float(np.count_nonzero(keep)) * image.voxel_volume_ml
+            keep = np.zeros_like(keep)
+        else:
+            dense = None
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
-    report = quality_report(raw, labelmap > 0, voxel_ml, info.labels[0].name.lower(), raw_components=counts)
+    organ_name = info.labels[0].name.lower()
+    report = quality_report(raw, labelmap > 0, voxel_ml, organ_name, raw_components=counts)
+    if dense is not None:
+        report.message = (
+            f"{report.message} (the part found, {dense_ml:.1f} mL, is {100 * dense:.0f} % denser than {DENSE_HU:g} HU "
+            f"at its core: bone or contrast-filled blood, not the {organ_name})"
+        )
     _warn_if_thin(report, image, info)  # "no spleen" also when the mask missed the located part or was cut away
     if focus is not None and report.found:
         report.confidence = conf.measure_confidence(focus[0], focus[1], labelmap == info.label_values[0])
