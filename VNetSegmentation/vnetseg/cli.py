@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hu-trim", dest="hu_trim", action="store_false",
                    help="keep the network's boundary: do not remove mask voxels outside the spleen's own HU range "
                    "(median +- 4 robust SD of its core); a dark lesion at the spleen's surface stays in the mask; "
-                   "also stops the native-CT growth")
+                   "also stops the native-CT growth and the check that answers 'no spleen' when the part found is "
+                   "mostly bone or contrast-filled blood (over 10 %% of its core denser than 300 HU)")
     p.add_argument("--no-native-grow", dest="native_grow", action="store_false",
                    help="on native (unenhanced) CT, do not grow the mask into connected voxels of probability over 0.3 "
                    "in the spleen's HU range (the network under-segments the spleen of native CT)")

@@ -187,11 +187,11 @@ def trim_to_organ_hu(
 # phase (anatomy.TISSUE_HU: 35-55 native, up to 160 arterial), so a mask whose core is largely denser
 # than DENSE_HU is bone or contrast-filled blood. Measured with the shipped model and the held-out
 # pairs on the real CTs and on axial slabs of them (bench/bench_view_slabs.py, README "Not one soft
-# tissue"): on the 131 results that found the spleen the share was at most 4.5 % before the median
-# filter (P3's sharp kernel, its core's HU spread about 90), and on the wrong ones that held bone
-# (P4's iliac wing and iliacus on a pelvis-only slab, 97 mL; a shoulder slab of P5) or contrast-filled
-# heart (P5) 19-96 %. A 3-voxel mean filter takes the noise of a sharp kernel out first (a median
-# filter does too, but costs 0.7 s on a spleen's box, against 0.02 s).
+# tissue"): on the 131 results that found the spleen the share was at most 4.5 % unfiltered (P3's
+# sharp kernel, its core's HU spread about 90) and 0 % filtered; on wrong ones that held bone (P4's
+# iliac wing and iliacus on a pelvis-only slab, 97 mL: 23 %; a 40 mm slab of P4's lower abdomen, 18 %)
+# or contrast-filled heart (P5, 96 % unfiltered) far more. A 3-voxel mean filter takes the noise of
+# a sharp kernel out first (a median filter does too, but costs 0.7 s on a spleen's box, against 0.02 s).
 DENSE_HU = 300.0
 MAX_DENSE_SHARE = 0.10
 
