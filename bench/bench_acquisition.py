@@ -29,7 +29,6 @@ never seen. Fast mode on CPU, one torch thread. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -200,22 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDice change against 'as stored' (same model, same CT, same run):")
     for key, value in summary.items():
         print(f"  {key:40s} {value}")
-    out = {
-        "benchmark": "acquisition",
-        "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"thick_mm": THICK_MM, "noise_hu": NOISE_HU, "noise_smooth_voxels": NOISE_SMOOTH_VOXELS,
-                     "fov_keep": FOV_KEEP, "seed": SEED, "mode": "fast", "torch_threads": 1},
-        "model_sha256": default_model().sha256 if "shipped" in args.models else "",
-        "rows": rows,
-        "summary": summary,
-        "machine": benchlib.machine_info(),
-        "note": args.note,
-    }
-    benchlib.RESULTS.mkdir(exist_ok=True)
-    path = benchlib.RESULTS / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=1, default=float) + "\n")
-    print(f"wrote {path}")
+    settings = {"thick_mm": THICK_MM, "noise_hu": NOISE_HU, "noise_smooth_voxels": NOISE_SMOOTH_VOXELS,
+                "fov_keep": FOV_KEEP, "seed": SEED, "mode": "fast", "torch_threads": 1}
+    body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
+    benchlib.write_result(args.name, "acquisition", started, settings, body, args.note)
     return 0
 
 

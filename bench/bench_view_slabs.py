@@ -198,23 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in summary:
         print(f"{s['model']:8s} {s['band']:11s} {s['rule_ml']:7g} {s['found']:3d}/{s['with_spleen']:<3d} {s['away']:4d} "
               f"{s['false']:3d}/{s['spleen_free']:<3d}  {s['false_ml']}")
-    out = {
-        "benchmark": "view_slabs",
-        "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
-                     "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
-                     "torch_threads": 1, "patients": patients},
-        "model_sha256": default_model().sha256 if "shipped" in args.models else "",
-        "rows": rows,
-        "summary": summary,
-        "machine": benchlib.machine_info(),
-        "note": args.note,
-    }
-    benchlib.RESULTS.mkdir(exist_ok=True)
-    path = benchlib.RESULTS / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=1, default=float) + "\n")
-    print(f"wrote {path}")
+    settings = {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
+                "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
+                "torch_threads": 1, "patients": patients}
+    body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
+    benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0
 
 

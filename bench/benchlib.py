@@ -224,3 +224,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
     os.replace(tmp, path)
+
+
+def write_result(name: str, benchmark: str, started_utc: str, settings: dict[str, Any], body: dict[str, Any],
+                 note: str = "") -> Path:
+    """Write ``results/<name>.json``: the benchmark's name, start and end (UTC), settings, ``body``'s keys
+    (rows, summary, model digest...), this machine and the note; print and return its path."""
+    out = {
+        "benchmark": benchmark,
+        "started_utc": started_utc,
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings,
+        **body,
+        "machine": machine_info(),
+        "note": note,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    print(f"wrote {path}")
+    return path
