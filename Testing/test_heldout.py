@@ -237,7 +237,9 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
     assert not shipped.report.found and shipped.labelmap.max() == 0
     assert "best candidate is 5.5 mL, under 10 mL" in shipped.report.message
     assert any("covers only 39 mm" in w for w in shipped.report.warnings)
+    assert shipped.located_ml == 0.0
     lower = predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast", min_located_ml=5.0))
     assert lower.report.found and dice(lower.labelmap > 0, reference) > 0.9
+    assert lower.located_ml == pytest.approx(5.5, abs=0.05)
     with pytest.raises(ValueError, match="min_located_ml"):
         InferenceOptions(min_located_ml=0.0)

@@ -43,11 +43,11 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.sources import PATIENTS, Scan, load_scans
+from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
 from vnetseg.fast import MIN_LOCATED_ML
-from vnetseg.inference import InferenceOptions, predict_volume, resolve_device, whole_ct_view
+from vnetseg.inference import InferenceOptions, predict_volume
 from vnetseg.model import VNet
 from vnetseg.registry import default_model
 
@@ -71,31 +71,22 @@ def slabs(scan: Scan, thickness_mm: float, every_mm: float) -> Iterator[tuple[fl
     for lo in range(0, n - k + 1, max(1, round(every_mm / step))):
         index = [slice(None)] * 3
         index[axis] = slice(lo, lo + k)
-        shift = np.zeros(3)
-        shift[axis] = lo
-        moved = affine.copy()
-        moved[:3, 3] = affine[:3, :3] @ shift + affine[:3, 3]
-        image = vio.Image(np.ascontiguousarray(scan.image.array[tuple(index)]), moved)
         start = lo if foot_first else n - (lo + k)
-        yield start * step, image, np.ascontiguousarray(scan.spleen[tuple(index)])
+        yield start * step, _crop_slices(scan, lo, lo + k), np.ascontiguousarray(scan.spleen[tuple(index)])
 
 
 def run_slab(image: vio.Image, reference: np.ndarray, net: VNet, info: ModelInfo) -> dict[str, Any]:
     """Fast mode with the floor rule; the located part's volume (0 when none) and the scores."""
-    opts = InferenceOptions(device="cpu", mode="fast", min_located_ml=FLOOR_ML)
-    device = resolve_device("cpu")
-    view = whole_ct_view(image, net, info, opts, device, None, None, [])
-    assert view is not None, "the model file has no whole-CT view"
-    location, _ = view
     t0 = time.perf_counter()
-    pred = predict_volume(image, net, info, opts)
+    pred = predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast", min_located_ml=FLOOR_ML))
+    assert pred.located_ml is not None, "the model file has no whole-CT view"
     mask = pred.labelmap > 0
     scores = mask_metrics(mask, reference, image)
     far = mask
     if mask.any() and reference.any():
         far = mask & (ndimage.distance_transform_edt(~reference, sampling=image.spacing) > AWAY_MM)
     return {
-        "located_ml": round(location.volume_ml, 2) if location.found else 0.0,
+        "located_ml": round(pred.located_ml, 2),
         "found": bool(pred.report.found),
         "volume_ml": scores["volume_ml"],
         "reference_ml": scores["reference_ml"],

@@ -309,8 +309,8 @@ class InferenceOptions:
             through a thin bridge: :func:`vnetseg.postprocess.drop_thin_appendages`).
         min_located_ml: the smallest part the whole-CT view takes for a spleen in view (mL). The
             default is ``fast.MIN_LOCATED_ML``; lower values find more spleens that the scan range
-            cuts through, and more false ones (``bench/bench_view_slabs.py``, README). Not a CLI
-            option: the shipped model's spleen-free answers were measured at the default.
+            cuts through, and more false ones (``bench/bench_view_slabs.py``, README); the CLI's
+            ``--min-located-ml``. The shipped model's spleen-free answers were measured at the default.
     """
 
     device: str = "auto"
@@ -357,6 +357,9 @@ class Prediction:
         probability_covers: what the map covers: "volume", "box" (fast mode: 0 outside the
             segmented box), "body" (full mode with a whole-CT view: 0 in the air outside the
             body's box) or "nothing" (no spleen in view: all 0); "" without a map.
+        located_ml: the whole-CT view's located part (mL, on its coarse grid); 0.0 when it located
+            none (a best part under ``InferenceOptions.min_located_ml`` included); None for models
+            without a whole-CT view.
     """
 
     labelmap: np.ndarray
@@ -369,6 +372,7 @@ class Prediction:
     box: Box | None = None
     probability: np.ndarray | None = None
     probability_covers: str = ""
+    located_ml: float | None = None
 
     @property
     def volume_ml(self) -> float:
@@ -609,6 +613,7 @@ def predict_volume(
             if progress is not None:
                 progress(1.0, "done: no spleen in view")
             empty = _empty_prediction(image, info, location, device, t0, notes, mode)
+            empty.located_ml = 0.0
             if opts.probability:
                 empty.probability = conf.empty_probability(image.shape, opts.probability)
                 empty.probability_covers = conf.COVERS_NOTHING
@@ -685,21 +690,19 @@ def predict_volume(
             )
     if opts.postprocess:
         keep = fill_holes(keep)
-    dense = None  # the kept part's share of bone or contrast-filled blood, when that makes it no spleen
+    dense = None  # (share, mL) of a kept part that is bone or contrast-filled blood: then no spleen
     if opts.postprocess and opts.hu_trim and len(info.labels) == 1:
-        dense = dense_share(keep, image.array, image.spacing)
-        if dense is not None and dense > MAX_DENSE_SHARE:
-            dense_ml = float(np.count_nonzero(keep)) * image.voxel_volume_ml
+        share = dense_share(keep, image.array, image.spacing)
+        if share is not None and share > MAX_DENSE_SHARE:
+            dense = (share, float(np.count_nonzero(keep)) * image.voxel_volume_ml)
             keep = np.zeros_like(keep)
-        else:
-            dense = None
     labelmap = (labelmap if len(info.labels) > 1 else np.uint8(1)) * keep  # uint8, no int64 temporary
     voxel_ml = vio.Image(labelmap, image.affine).voxel_volume_ml
     organ_name = info.labels[0].name.lower()
     report = quality_report(raw, labelmap > 0, voxel_ml, organ_name, raw_components=counts)
     if dense is not None:
         report.message = (
-            f"{report.message} (the part found, {dense_ml:.1f} mL, is {100 * dense:.0f} % denser than {DENSE_HU:g} HU "
+            f"{report.message} (the part found, {dense[1]:.1f} mL, is {100 * dense[0]:.0f} % denser than {DENSE_HU:g} HU "
             f"at its core: bone or contrast-filled blood, not the {organ_name})"
         )
     _warn_if_thin(report, image, info)  # "no spleen" also when the mask missed the located part or was cut away
@@ -710,6 +713,7 @@ def predict_volume(
     if progress is not None:
         progress(1.0, "done")
     result = Prediction(labelmap, image.affine, report, str(device), time.perf_counter() - t0, notes, mode, box)
+    result.located_ml = None if view is None else location.volume_ml
     if probability is not None:
         result.probability = probability
         result.probability_covers = (

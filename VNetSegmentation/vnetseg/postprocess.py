@@ -136,6 +136,25 @@ class HuTrim:
         return self.median < NATIVE_MAX_HU
 
 
+def _organ_core(
+    mask: np.ndarray, spacing: Any, core_mm: float, pad: int = 0
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """(the mask's box grown by ``pad`` voxels, the mask on it, its core): the mask eroded by ``core_mm``
+    along each axis (a box-shaped, separable erosion; outside the box counts as outside the organ).
+    None when the mask is empty or the core has fewer than ``HU_TRIM_MIN_CORE`` voxels."""
+    box = nonzero_box(mask)
+    if box is None:
+        return None
+    if pad:
+        box = tuple(slice(max(0, b.start - pad), min(n, b.stop + pad)) for b, n in zip(box, mask.shape))
+    part = mask[box].astype(bool, copy=False)
+    size = tuple(2 * max(1, round(core_mm / float(s))) + 1 for s in spacing)
+    core = ndimage.minimum_filter(part.view(np.uint8), size=size, mode="constant", cval=0).astype(bool)
+    if int(np.count_nonzero(core)) < HU_TRIM_MIN_CORE:
+        return None
+    return box, part, core
+
+
 def trim_to_organ_hu(
     mask: np.ndarray, values: np.ndarray, spacing: Any, sd: float = HU_TRIM_SD, core_mm: float = HU_TRIM_CORE_MM
 ) -> tuple[np.ndarray, HuTrim | None]:
@@ -160,15 +179,10 @@ def trim_to_organ_hu(
         has fewer than ``HU_TRIM_MIN_CORE`` voxels (too small to measure), or when nothing would be
         left.
     """
-    box = nonzero_box(mask)
-    if box is None:
+    found = _organ_core(mask, spacing, core_mm)
+    if found is None:
         return mask, None
-    part = mask[box].astype(bool, copy=False)
-    size = tuple(2 * max(1, round(core_mm / float(s))) + 1 for s in spacing)
-    # a box-shaped erosion (separable); outside the mask's box counts as outside the organ
-    core = ndimage.minimum_filter(part.view(np.uint8), size=size, mode="constant", cval=0).astype(bool)
-    if int(np.count_nonzero(core)) < HU_TRIM_MIN_CORE:
-        return mask, None
+    box, part, core = found
     hu = values[box]
     inside = hu[core].astype(np.float32)
     median = float(np.median(inside))
@@ -201,16 +215,11 @@ def dense_share(mask: np.ndarray, values: np.ndarray, spacing: Any, core_mm: flo
 
     Returns None when the mask is empty or its core has fewer than ``HU_TRIM_MIN_CORE`` voxels.
     """
-    box = nonzero_box(mask)
-    if box is None:
+    found = _organ_core(mask, spacing, core_mm, pad=1)  # one voxel more around it, for the mean filter
+    if found is None:
         return None
-    grown = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, mask.shape))
-    part = mask[grown].astype(bool, copy=False)
-    size = tuple(2 * max(1, round(core_mm / float(s))) + 1 for s in spacing)
-    core = ndimage.minimum_filter(part.view(np.uint8), size=size, mode="constant", cval=0).astype(bool)
-    if int(np.count_nonzero(core)) < HU_TRIM_MIN_CORE:
-        return None
-    smooth = ndimage.uniform_filter(np.asarray(values[grown], dtype=np.float32), size=3)
+    box, _, core = found
+    smooth = ndimage.uniform_filter(np.asarray(values[box], dtype=np.float32), size=3)
     return float(np.count_nonzero(smooth[core] > DENSE_HU)) / float(np.count_nonzero(core))
 
 
