@@ -39,7 +39,7 @@ EXPECTED = {
     "overlapSliderWidget": "ctkSliderWidget",
     "postprocessCheckBox": "QCheckBox",
 }
-QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QProgressBar", "QCheckBox"}
+QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QProgressBar", "QCheckBox", "QDoubleSpinBox"}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_parameter_bindings_match_the_parameter_schema(ui):
         p = prop(w, "SlicerParameterName")
         if p is not None:
             bound[p.findtext("string")] = w
-    assert set(bound) == {"inputVolume", "outputSegmentation", "overlap", "postprocess", "mode", "probabilityMap"}
+    assert set(bound) == {"inputVolume", "outputSegmentation", "overlap", "postprocess", "mode", "probabilityMap",
+                          "minLocatedMl"}
     assert set(bound) <= set(fields)
     for name, node_class in NODE_PARAMETERS.items():
         w = bound[name]
@@ -111,6 +112,17 @@ def test_parameter_bindings_match_the_parameter_schema(ui):
     assert bound["probabilityMap"].get("class") == "QCheckBox"  # issue 14: off by default
     assert prop(bound["probabilityMap"], "checked").findtext("bool") == "false"
     assert VNetSegmentationParameters().probabilityMap is False
+    # parameterNodeWrapper binds a float to a QDoubleSpinBox (and sets its range from WithinRange); the
+    # .ui's own range and value are what the panel shows before a parameter node is bound
+    from VNetSegmentationLib.runs import MIN_LOCATED_ML_RANGE
+
+    spin = bound["minLocatedMl"]
+    assert spin.get("class") == "QDoubleSpinBox"
+    assert (float(prop(spin, "minimum").findtext("double")), float(prop(spin, "maximum").findtext("double"))) == (
+        MIN_LOCATED_ML_RANGE
+    )
+    assert float(prop(spin, "value").findtext("double")) == VNetSegmentationParameters().minLocatedMl
+    assert prop(spin, "suffix").findtext("string") == " mL"
 
 
 def test_node_selectors_get_the_scene(ui):

@@ -51,7 +51,7 @@ def test_round_trip_through_the_node():
 def test_saved_scene_restores_the_panel():
     scene, volume, seg = scene_with_nodes()
     params = VNetSegmentationParameters(
-        volume, seg, "spleen-v1", "gpu", 0.75, True, "fast", "Spleen volume: 250.0 mL\nTime: 3 s"
+        volume, seg, "spleen-v1", "gpu", 0.75, True, "fast", "Spleen volume: 250.0 mL\nTime: 3 s", minLocatedMl=5.0
     )
     writeParameters(getParameterNode(scene), params)
     scene.SetSaveToXMLString(1)
@@ -65,7 +65,7 @@ def test_saved_scene_restores_the_panel():
     back = readParameters(getParameterNode(restored))
     assert back.inputVolume.GetName() == "CT" and back.inputVolume.GetID() == volume.GetID()
     assert back.outputSegmentation.GetName() == "CT segmentation"
-    assert back.mode == "fast"
+    assert back.mode == "fast" and back.minLocatedMl == 5.0
     assert (back.modelName, back.device, back.overlap, back.postprocess, back.resultSummary) == (
         "spleen-v1",
         "gpu",
@@ -84,7 +84,8 @@ def test_one_parameter_node_per_scene_found_like_slicer_does():
     assert scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
 
 
-@pytest.mark.parametrize("field,value", [("device", "tpu"), ("overlap", 0.95), ("overlap", -0.1), ("mode", "slow")])
+@pytest.mark.parametrize("field,value", [("device", "tpu"), ("overlap", 0.95), ("overlap", -0.1), ("mode", "slow"),
+                                         ("minLocatedMl", 0.0), ("minLocatedMl", 0.4), ("minLocatedMl", 501.0)])
 def test_invalid_values_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         VNetSegmentationParameters(**{field: value})
@@ -121,3 +122,10 @@ def test_widget_parameter_class_declares_the_same_schema():
     assert annotations["device"] == f"Annotated[str, Choice({list(DEVICES)!r})]"
     assert annotations["mode"] == f"Annotated[str, Choice({list(MODES)!r})]"
     assert annotations["overlap"] == "Annotated[float, WithinRange(0.0, 0.9)]"
+    # the panel's range for the smallest spleen in view is the Lib's, and its default the core's
+    from vnetseg.fast import MIN_LOCATED_ML
+    from VNetSegmentationLib.runs import DEFAULT_MIN_LOCATED_ML, MIN_LOCATED_ML_RANGE, SegmentationOptions
+
+    low, high = MIN_LOCATED_ML_RANGE
+    assert annotations["minLocatedMl"] == f"Annotated[float, WithinRange({low!r}, {high!r})]"
+    assert defaults.minLocatedMl == SegmentationOptions().minLocatedMl == DEFAULT_MIN_LOCATED_ML == MIN_LOCATED_ML

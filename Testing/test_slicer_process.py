@@ -115,6 +115,9 @@ def test_predict_command_is_what_the_cli_accepts(tmp_path):
     )
     assert ns.postprocess is False and ns.overwrite and ns.progress == "json"
     assert ns.report == str(tmp_path / "r.json") and ns.sha256 == "ab" * 32 and ns.mode == "full"
+    assert ns.min_located_ml is None and "--min-located-ml" not in args  # the core's default
+    floor = PredictCommand(tmp_path / "in.nii", tmp_path / "out.nii", tmp_path / "m.pt", minLocatedMl=5.0).arguments()
+    assert build_parser().parse_args(floor[2:]).min_located_ml == 5.0
 
 
 def test_child_finds_the_core():

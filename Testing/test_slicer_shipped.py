@@ -49,3 +49,31 @@ def test_shipped_model_segments_the_spleen_of_the_dicom_series(shipped_entry, ct
     reference_ml = float(on_node.sum()) * abs(np.linalg.det(ijk_to_ras(volume)[:3, :3])) / 1000.0
     assert result.volumeMl == pytest.approx(reference_ml, rel=0.35)
     assert result.background and result.modelName == shipped_entry.name
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_smallest_spleen_in_view_reaches_the_core_in_both_paths(shipped_entry, ct_dir, tmp_path, background):
+    """The panel's "Smallest spleen in view": the whole-CT view locates about 227 mL on example_ct_sm (90 mm of
+    P1), so a 300 mL floor answers "no spleen" with both numbers in the summary and adds nothing to the scene,
+    and a 5 mL floor (the README's measured alternative) still finds the same spleen as the default."""
+    env = make_scene()
+    logic = VNetSegmentationLogic(env.scene, tmp_path / "models")
+    volume = env.load_volume(ct_dir / "example_ct_sm.nii.gz", f"sm-floor-{background}")
+    before = env.node_ids()
+    seg, result = logic.segment(volume, shipped_entry.name, SegmentationOptions("cpu", minLocatedMl=300.0),
+                                background=background, timeout=600)
+    assert seg is None and not result.found and env.node_ids() == before
+    assert result.message.startswith("no spleen found in the field of view (the whole-CT view's best candidate is")
+    assert result.message.endswith("mL, under 300 mL)")
+    located = float(result.message.split("best candidate is ")[1].split(" mL")[0])
+    assert 150.0 < located < 300.0, result.message
+    assert result.summary().splitlines()[0].startswith("No spleen found in the field of view")
+
+    seg, low = logic.segment(volume, shipped_entry.name, SegmentationOptions("cpu", minLocatedMl=5.0),
+                             background=background, timeout=600)
+    seg_default, default = logic.segment(volume, shipped_entry.name, SegmentationOptions("cpu"),
+                                         background=background, timeout=600)
+    assert low.found and default.found
+    assert np.array_equal(nodes.segmentMask(seg, low.segmentIDs[0], volume),
+                          nodes.segmentMask(seg_default, default.segmentIDs[0], volume))
+    assert low.volumeMl == pytest.approx(default.volumeMl) and low.volumeMl > 150.0

@@ -80,6 +80,7 @@ class VNetSegmentationParameterNode:
     mode: Annotated[str, Choice(["auto", "fast", "full"])] = "auto"
     resultSummary: str = ""
     probabilityMap: bool = False
+    minLocatedMl: Annotated[float, WithinRange(0.5, 500.0)] = 10.0
 
 
 class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -298,7 +299,8 @@ class VNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.torchStatus().installed or missingPackages():
             self.installDependencies()  # errors reach this call's tryWithErrorDisplay
             return
-        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode, probabilityMap=p.probabilityMap)
+        options = SegmentationOptions(p.device, p.overlap, p.postprocess, p.mode, probabilityMap=p.probabilityMap,
+                                      minLocatedMl=p.minLocatedMl)
         with self.busy():
             messages = self.logic.preRunChecks(p.inputVolume, p.modelName, options)
         errors = [m.message for m in messages if m.level == ERROR]

@@ -229,7 +229,7 @@ class VNetSegmentationLogic:
         readNotes = list(image.notes)
         core = InferenceOptions(
             options.coreDevice(), float(options.overlap), postprocess=options.postprocess, mode=options.mode,
-            probability="float32" if options.probabilityMap else None,
+            probability="float32" if options.probabilityMap else None, min_located_ml=float(options.minLocatedMl),
         )
         try:
             prediction = predict_volume(image, net, info, core, progress, cancel)
@@ -286,6 +286,7 @@ class VNetSegmentationLogic:
                 entry.sha256 or None,
                 options.mode,
                 tempDir / "probability.nii" if options.probabilityMap else None,
+                float(options.minLocatedMl),
             )
             process = BackgroundProcess(
                 command.arguments(), python=self.pythonExecutable or pythonExecutable(), workDir=tempDir

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .runs import DEFAULT_MIN_LOCATED_ML, MIN_LOCATED_ML_RANGE
+
 MODULE_NAME = "VNetSegmentation"
 DEVICES = ("auto", "gpu", "cpu")
 MODES = ("auto", "fast", "full")
@@ -33,6 +35,8 @@ class VNetSegmentationParameters:
         mode: "auto", "fast" or "full" (how the core covers the volume; see SegmentationOptions).
         resultSummary: the last run's result text (volume, time, device, warnings).
         probabilityMap: also add the "Spleen probability" volume, shown over the CT (off by default).
+        minLocatedMl: the smallest part (mL) the whole-CT view takes for a spleen in view (see
+            ``SegmentationOptions.minLocatedMl``).
     """
 
     inputVolume: Any = None
@@ -44,6 +48,7 @@ class VNetSegmentationParameters:
     mode: str = "auto"
     resultSummary: str = ""
     probabilityMap: bool = False
+    minLocatedMl: float = DEFAULT_MIN_LOCATED_ML
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -52,6 +57,9 @@ class VNetSegmentationParameters:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= float(self.overlap) <= 0.9:
             raise ValueError(f"overlap must be in [0, 0.9], got {self.overlap}")
+        low, high = MIN_LOCATED_ML_RANGE
+        if not low <= float(self.minLocatedMl) <= high:
+            raise ValueError(f"minLocatedMl must be in [{low:g}, {high:g}] mL, got {self.minLocatedMl}")
 
 
 def _encode(value: Any) -> str:

@@ -167,6 +167,8 @@ class PredictCommand:
         sha256: expected SHA-256 of the model file, or None.
         mode: "auto", "fast" or "full" (see ``vnetseg predict --help``).
         probabilityPath: also write the spleen probability map here (float32), or None.
+        minLocatedMl: the smallest part (mL) the whole-CT view takes for a spleen in view
+            (``--min-located-ml``), or None for the core's default.
     """
 
     inputPath: Path
@@ -179,6 +181,7 @@ class PredictCommand:
     sha256: str | None = None
     mode: str = "auto"
     probabilityPath: Path | None = None
+    minLocatedMl: float | None = None
 
     def arguments(self) -> list[str]:
         """The command line after the interpreter; every path absolute (the child runs elsewhere)."""
@@ -213,6 +216,8 @@ class PredictCommand:
             args += ["--sha256", self.sha256]
         if self.probabilityPath is not None:
             args += ["--probabilities", str(self.probabilityPath), "--probability-type", "float32"]
+        if self.minLocatedMl is not None:
+            args += ["--min-located-ml", repr(float(self.minLocatedMl))]
         return args
 
 

@@ -12,6 +12,12 @@ from .environment import detectDevices
 from .models import ModelEntry
 from .process import SUCCEEDED, BackgroundProcess, ProcessView, removeFolder
 
+# the whole-CT view's smallest located part (mL): the core's default (vnetseg.fast.MIN_LOCATED_ML, kept
+# equal by a test; the Lib does not import the core before torch is known to be there) and the range
+# the panel offers: under 0.5 mL is a few coarse voxels, over 500 mL is larger than most spleens
+DEFAULT_MIN_LOCATED_ML = 10.0
+MIN_LOCATED_ML_RANGE = (0.5, 500.0)
+
 
 class SegmentationCancelled(RuntimeError):
     """The user cancelled the run; nothing was added to the scene."""
@@ -39,6 +45,10 @@ class SegmentationOptions:
         probabilityMap: also add the network's spleen probability as a scalar volume
             ("Spleen probability", shown over the CT); off by default (it costs a float32 copy
             of the CT's size).
+        minLocatedMl: the smallest part (mL) the whole-CT view takes for a spleen in view
+            (``vnetseg.fast.MIN_LOCATED_ML``, 10 mL, by default). Lower finds more spleens cut by a
+            short scan range (a chest CT ending in the upper abdomen) and more false ones (the
+            README's "The smallest located part" measures 10, 8, 5 and 3 mL).
     """
 
     device: str = "auto"
@@ -46,6 +56,7 @@ class SegmentationOptions:
     postprocess: bool = True
     mode: str = "auto"
     probabilityMap: bool = False
+    minLocatedMl: float = DEFAULT_MIN_LOCATED_ML
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -54,6 +65,12 @@ class SegmentationOptions:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.mode not in ("auto", "fast", "full"):
             raise ValueError(f"mode must be 'auto', 'fast' or 'full', got {self.mode!r}")
+        if not MIN_LOCATED_ML_RANGE[0] <= float(self.minLocatedMl) <= MIN_LOCATED_ML_RANGE[1]:
+            low, high = MIN_LOCATED_ML_RANGE
+            raise ValueError(
+                f"the smallest spleen in view must be {low:g}-{high:g} mL, got {self.minLocatedMl} "
+                f"(the default is {DEFAULT_MIN_LOCATED_ML:g} mL)"
+            )
 
     def coreDevice(self) -> str:
         """The device name for the core ("gpu" is CUDA, or Apple MPS on a Mac without CUDA)."""
