@@ -92,6 +92,9 @@ def run_slab(image: vio.Image, reference: np.ndarray, net: VNet, info: ModelInfo
         "reference_ml": scores["reference_ml"],
         "dice": scores["dice"],
         "away_ml": round(float(far.sum()) * image.voxel_volume_ml, 1),
+        # how sure the network was about the mask it returned (None when it returned none)
+        "mean_probability": None if pred.confidence is None else round(pred.confidence.mean_probability, 3),
+        "uncertain_share": None if pred.confidence is None else round(pred.confidence.uncertain_share, 3),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
