@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 
 from training.realct.evaluate import evaluate_image, evaluate_scan
-from training.realct.sources import CONTRAST, load_scans, range_end_parts, spleen_free_parts
+from training.realct.sources import CONTRAST, load_scans, pelvis_parts, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
 from vnetseg.fast import RELIABLE_VIEW_MM, head_foot_extent_mm
 from vnetseg.registry import default_model
@@ -113,7 +113,9 @@ def test_every_known_miss_is_a_committed_pair() -> None:
 # P2's 40 mm series has no spleen-free part: the spleen is in nearly all of its 20 slices
 # (test_shipped_model.test_every_spleen_free_part_is_tested checks that)
 @pytest.mark.parametrize("patient", sorted(p for p in MANIFEST if p != "P2"))
-def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_and_range_ends(patient, ct_dir) -> None:
+def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_range_ends_and_pelvis(patient, ct_dir) -> None:
+    """Every spleen-free crop of the held-out patient's CTs (chest, lower abdomen, range ends 10-80 mm beyond
+    the spleen, and the pelvis-only crop of P1 and P4), under the pair that never saw the patient, both modes."""
     net, info = _pair(patient)
     parts = {}
     for scan in load_scans(ct_dir):
@@ -121,7 +123,11 @@ def test_held_out_pair_says_no_spleen_on_its_patients_spleen_free_parts_and_rang
             continue
         parts.update({f"{scan.name} {k}": v for k, v in spleen_free_parts(scan).items()})
         parts.update({f"{scan.name} {k}": v for k, v in range_end_parts(scan).items()})
+        parts.update({f"{scan.name} {k}": v for k, v in pelvis_parts(scan).items()})  # P1 and P4
     assert parts
+    # full mode too: the whole-CT view decides for both modes, and where it locates nothing full mode runs no window
+    full = {name: evaluate_image(image, net, info, "full")["volume_ml"] for name, image in parts.items()}
+    assert all(v < FREE_ML for v in full.values()), full
     rows = {name: evaluate_image(image, net, info, "fast") for name, image in parts.items()}
     volumes = {name: row["volume_ml"] for name, row in rows.items()}
     assert all(v < FREE_ML for v in volumes.values()), volumes

@@ -177,6 +177,18 @@ def test_pelvis_part_keeps_physical_position(scans) -> None:
     assert np.allclose(part.affine @ [0, 0, 0, 1], scan.image.affine @ [0, 0, 10, 1])
 
 
+def test_pelvis_parts_are_the_tabled_slices_and_refuse_a_table_that_cuts_the_spleen(scans, monkeypatch) -> None:
+    from training.realct import sources
+
+    scan = scans["p1_ct"]
+    (part,) = sources.pelvis_parts(scan).values()
+    assert np.array_equal(part.array, pelvis_part(scan).array) and np.array_equal(part.affine, pelvis_part(scan).affine)
+    assert sources.pelvis_parts(scans["p2_dicom"]) == {}  # a 40 mm series through the spleen
+    monkeypatch.setitem(sources.PELVIS_PARTS, "p1_ct", (0, scan.image.shape[2]))
+    with pytest.raises(ValueError, match="p1_ct: the pelvis slices 0-111 hold reference spleen"):
+        sources.pelvis_parts(scan)
+
+
 @pytest.fixture(scope="module")
 def chest_scan(ct_dir):
     """P5: a contrast chest CT from the neck base to the mid kidneys, with a spleen-only reference."""

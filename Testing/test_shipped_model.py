@@ -21,9 +21,11 @@ from training.realct.sources import (
     ALL_SCANS,
     CONTRAST,
     PATIENTS,
+    PELVIS_PARTS,
     Scan,
     centroid_ras,
     load_scans,
+    pelvis_parts,
     range_end_parts,
     spleen_free_parts,
 )
@@ -145,19 +147,47 @@ def test_spleen_free_parts_give_no_spleen_in_both_modes(name, part, shipped, sca
             assert not pred.report.found and pred.report.message.startswith("no spleen found in the field of view")
 
 
+@pytest.mark.parametrize("name", sorted(PELVIS_PARTS))
+def test_pelvis_only_crops_give_no_spleen_in_both_modes(name, shipped, scans) -> None:
+    """Issue 12's pelvis-only crop of each CT that reaches the pelvis (P1: its lowest 150 mm, 99 mm under the
+    spleen; P4: its lowest 98 mm): "no spleen" with an empty mask in fast and full mode."""
+    _, net, info = shipped
+    (pelvis,) = pelvis_parts(scans[name]).values()
+    for mode in MODES:
+        pred = predict_volume(pelvis, net, info, InferenceOptions(device="cpu", mode=mode))
+        assert pred.volume_ml < FREE_ML, f"{name} pelvis {mode}: {pred.volume_ml:.1f} mL 'spleen' ({pred.notes})"
+        assert not pred.report.found and pred.report.message.startswith("no spleen found in the field of view")
+
+
+def test_only_the_cts_that_reach_the_pelvis_have_a_pelvis_crop(scans) -> None:
+    """Each pelvis crop lies wholly under the reference spleen, 90 mm or more (physical space), and the CTs
+    without one end above the pelvis (P2's 40 mm series; P3 and P5 are chest CTs)."""
+    for name, scan in scans.items():
+        parts = pelvis_parts(scan)
+        assert (name in PELVIS_PARTS) == bool(parts), name
+        if not parts:
+            continue
+        part = parts["pelvis"]
+        corners = np.array([[i, j, k, 1.0] for i in (0, part.shape[0] - 1) for j in (0, part.shape[1] - 1)
+                            for k in (0, part.shape[2] - 1)])
+        top = float((corners @ part.affine.T)[:, 2].max())
+        spleen = np.argwhere(scan.spleen) @ scan.image.affine[:3, :3].T + scan.image.affine[:3, 3]
+        assert spleen[:, 2].min() - top >= 90.0, name
+    assert set(PELVIS_PARTS) == {"p1_ct", "p4_acrin"}
+
+
 def test_p4_pelvis_only_is_no_spleen_in_both_modes_because_what_is_found_there_is_bone(shipped, scans) -> None:
-    """Issue 12's pelvis-only crop for P4 (its lowest 96 mm, slices 0-22 of the native low-dose CT; P1's is in
-    ``FREE_PARTS``'s "below" and in ``test_real_ct``). The whole-CT view locates 15 mL at the left iliac wing,
+    """Issue 12's pelvis-only crop for P4 (its lowest 96 mm, slices 0-22 of the native low-dose CT; both
+    crops: ``test_pelvis_only_crops_give_no_spleen_in_both_modes``). The whole-CT view locates 15 mL at the left iliac wing,
     and the main network makes it 97 mL (fast) and 129 mL (full) of iliac bone and iliacus; its core is 28 % denser than
     300 HU, so the answer is "no spleen" with that reason (measured: README "Not one soft tissue").
     Without the HU steps (``hu_trim=False``) the part is kept, so the test shows what the check does."""
-    from training.realct.sources import _crop_slices
     from vnetseg.postprocess import MAX_DENSE_SHARE
 
     _, net, info = shipped
     scan = scans["p4_acrin"]
-    assert scan.image.affine[2, 2] == pytest.approx(4.25) and not scan.spleen[:, :, :23].any()
-    pelvis = _crop_slices(scan, 0, 23)
+    assert scan.image.affine[2, 2] == pytest.approx(4.25) and PELVIS_PARTS["p4_acrin"] == (0, 23)
+    pelvis = pelvis_parts(scan)["pelvis"]
     for mode in MODES:
         pred = predict_volume(pelvis, net, info, InferenceOptions(device="cpu", mode=mode))
         assert not pred.report.found and pred.volume_ml == 0.0 and pred.labelmap.max() == 0, (mode, pred.notes)

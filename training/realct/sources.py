@@ -181,6 +181,31 @@ def spleen_free_parts(scan: Scan, gap_mm: float = 20.0, min_mm: float = 45.0) ->
     return parts
 
 
+# issue 12's pelvis-only crops: the lowest slices of each CT whose range reaches the pelvis (index
+# range along its head-foot axis, as ``_crop_slices`` takes it). Looked at on the images: P1's lowest
+# 150 mm (iliac wings, sacrum, hips; 96 mm under the lowest spleen voxel; ``PELVIS_SLICES``) and P4's
+# lowest 98 mm (iliac wings and sacrum, 4.25 mm slices). P2's 40 mm series and the chest CTs of P3
+# and P5 do not reach the pelvis.
+PELVIS_PARTS: dict[str, tuple[int, int]] = {"p1_ct": PELVIS_SLICES, "p4_acrin": (0, 23)}
+
+
+def pelvis_parts(scan: Scan) -> dict[str, vio.Image]:
+    """{"pelvis": the scan's pelvis-only crop} (``PELVIS_PARTS``), or {} for a CT that does not reach the pelvis.
+
+    Raises:
+        ValueError: when the crop holds reference spleen (the table does not fit this CT).
+    """
+    if scan.name not in PELVIS_PARTS:
+        return {}
+    lo, hi = PELVIS_PARTS[scan.name]
+    axis = int(np.argmax(np.abs(scan.image.affine[2, :3])))
+    index = [slice(None)] * 3
+    index[axis] = slice(lo, hi)
+    if scan.spleen[tuple(index)].any():
+        raise ValueError(f"{scan.name}: the pelvis slices {lo}-{hi - 1} hold reference spleen; PELVIS_PARTS is wrong for it")
+    return {"pelvis": _crop_slices(scan, lo, hi)}
+
+
 # scan ranges that end this far beyond the spleen (the spleen-free parts above are 20 mm away):
 # a CT may end anywhere, and v2.0.0's locator called the kidney spleen at the top edge of a lower
 # abdomen ending 10-40 mm under the spleen
