@@ -91,6 +91,15 @@ def test_invalid_values_are_refused(field, value):
         VNetSegmentationParameters(**{field: value})
 
 
+def test_segmentation_options_refuse_a_smallest_spleen_outside_the_panels_range():
+    from VNetSegmentationLib.runs import SegmentationOptions
+
+    for bad in (0.0, 0.4, 501.0, float("nan")):
+        with pytest.raises(ValueError, match=r"the smallest spleen in view must be 0.5-500 mL, got .* \(the default is 10 mL\)"):
+            SegmentationOptions(minLocatedMl=bad)
+    assert SegmentationOptions(minLocatedMl=5).minLocatedMl == 5
+
+
 def wrapper_schema():
     """(name, annotation source, default) of the @parameterNodeWrapper class in VNetSegmentation.py."""
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
