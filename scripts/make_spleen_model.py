@@ -385,6 +385,35 @@ def stage_final(out: Path, organ: bool = False) -> None:
     _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
+def stage_locator_seed(out: Path, held: str | None, offset: int) -> Path:
+    """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
+
+    ``held``: the held-out patient (the subjects of the other four, as ``lopo``), or None for all five
+    (as ``final``). An experiment, not part of ``all``: several locators trained on the same subjects
+    with other seeds disagree where one of them errs (README: "Several locators"), and their mean is
+    measured against the recipe's single locator. Returns the second stage's model file.
+    """
+    if offset < 1:
+        raise SystemExit("--seed-offset must be 1 or more (0 is the recipe's own locator)")
+    scans = load_scans()
+    real = write_real_cases(out, scans)
+    subjects = _subjects(out)
+    if held is None:
+        val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
+        what = "subjects of all five patients; validation on P2's real CT (a training-set check)"
+        task, prefix = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what), "final"
+    else:
+        others = tuple(p for p in PATIENTS if p != held)
+        val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
+        what = f"subjects of {', '.join(others)}; validation on {held}'s real CTs"
+        task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, others), val, what)
+        prefix = f"lopo_without_{held}"
+    first_cfg = TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, "seed": SEED + offset})
+    refine_cfg = TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, "seed": SEED + offset})
+    first = _train(out, task, f"{prefix}_locator_seed{offset}", first_cfg)
+    return _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
+
+
 def stage_trials(out: Path, only: str | None = None) -> None:
     """Train and score the stage-four variants of TRIALS (after ``final``); results in OUT/trials.json."""
     from training.realct.ship import _with_patch, fp16_roundtrip, score_all
@@ -439,12 +468,16 @@ def stage_card(out: Path, weights_dir: Path, only: str | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
-    parser.add_argument("--stage", default="all", choices=("all", "pool", "lopo", "final", "bundle", "trials", "card"))
+    parser.add_argument("--stage", default="all",
+                        choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed"))
     parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
         "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
     )
     parser.add_argument("--scan", choices=TRAIN_SCANS, help="pool stage: only this scan's subjects (in parallel)")
+    parser.add_argument("--seed-offset", type=int, default=1,
+                        help="locator_seed stage: train the locator with seed SEED + this (1 or more); with --held P "
+                        "without patient P, otherwise on all five")
     parser.add_argument(
         "--budget",
         action="append",
@@ -493,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_trials(args.out, args.trial)
         elif stage == "card":
             stage_card(args.out, args.weights_dir, args.held)
+        elif stage == "locator_seed":
+            stage_locator_seed(args.out, args.held, args.seed_offset)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)
