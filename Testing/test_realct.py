@@ -287,3 +287,17 @@ def test_the_multi_organ_locator_experiment_is_a_partial_label_config_and_never_
     with pytest.raises(SystemExit) as exc:
         recipe.main(["--stage", "bundle", "--organ-locator"])
     assert exc.value.code == 2 and "bundle ships the spleen-only locator" in capsys.readouterr().err
+
+
+def test_the_locator_seed_experiment_changes_only_the_seed(tmp_path) -> None:
+    from dataclasses import asdict
+
+    recipe = _recipe()
+    first, refine = recipe.locator_seed_configs(2)
+    shipped_first, shipped_refine = recipe.locator_config(recipe.BUDGET["locator"]), recipe.locator_refine_config(
+        recipe.BUDGET["locator_refine"])
+    assert first.seed == refine.seed == recipe.SEED + 2 != shipped_first.seed
+    assert {**asdict(first), "seed": 0} == {**asdict(shipped_first), "seed": 0}
+    assert {**asdict(refine), "seed": 0} == {**asdict(shipped_refine), "seed": 0}
+    with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):
+        recipe.stage_locator_seed(tmp_path, "P1", 0)

@@ -385,6 +385,12 @@ def stage_final(out: Path, organ: bool = False) -> None:
     _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
+def locator_seed_configs(offset: int) -> tuple[TrainConfig, TrainConfig]:
+    """The recipe's two locator stages with seed ``SEED + offset`` and nothing else changed."""
+    return (TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, "seed": SEED + offset}),
+            TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, "seed": SEED + offset}))
+
+
 def stage_locator_seed(out: Path, held: str | None, offset: int) -> Path:
     """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
 
@@ -408,8 +414,7 @@ def stage_locator_seed(out: Path, held: str | None, offset: int) -> Path:
         what = f"subjects of {', '.join(others)}; validation on {held}'s real CTs"
         task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, others), val, what)
         prefix = f"lopo_without_{held}"
-    first_cfg = TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, "seed": SEED + offset})
-    refine_cfg = TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, "seed": SEED + offset})
+    first_cfg, refine_cfg = locator_seed_configs(offset)
     first = _train(out, task, f"{prefix}_locator_seed{offset}", first_cfg)
     return _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
 
