@@ -127,6 +127,43 @@ def test_no_spleen_in_view_is_an_answer_in_both_modes(mode: str) -> None:
     assert not any(m.startswith("segmenting") for m in seen)  # the full-resolution network never ran
 
 
+class NeverNet(torch.nn.Module):
+    """A stand-in locator that is sure there is no spleen anywhere (foreground probability about 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = VNetConfig(widths=(4, 8, 16, 32, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(x, 20.0), torch.full_like(x, -20.0)], dim=1)
+
+
+def test_locator_members_are_averaged_into_one_whole_ct_view() -> None:
+    """``ModelInfo.locator_members`` (the seed experiment): the view is the mean of the locators' probabilities.
+    A sure locator and a member that is sure of the opposite give 0.5 on the spleen, not over 0.5: no spleen;
+    two sure ones against it give 2/3: the same part as the locator alone, with the same mask."""
+    ct, spleen, _heart = _two_organs()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BandNet(), loc_info)
+    alone = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode="fast"))
+    assert alone.report.found and dice(alone.labelmap > 0, spleen) > 0.97
+    info.locator_members = [(NeverNet(), loc_info)]
+    split = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode="fast"))
+    assert not split.report.found and split.located_ml == 0.0
+    assert split.report.message == "no spleen found in the field of view (the whole-CT view found none)"
+    info.locator_members = [(NeverNet(), loc_info), (BandNet(), loc_info)]
+    two = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode="fast"))
+    assert two.report.found and two.located_ml == alone.located_ml
+    assert np.array_equal(two.labelmap, alone.labelmap)
+    # a member on another grid cannot be averaged with the locator's probabilities
+    other = ModelInfo(FAST.config, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(48, 48, 48)))
+    info.locator_members = [(BandNet(), other)]
+    with pytest.raises(ValueError, match=r"a locator member works at \(6.0, 6.0, 6.0\) mm, the locator at \(4.0, 4.0, 4.0\) mm"):
+        predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode="fast"))
+    assert ModelInfo(FAST.config).locator_members == []  # nothing attached: the locator alone, as shipped
+
+
 class OrganBandNet(torch.nn.Module):
     """A stand-in multi-organ locator with classes (background, Heart, Spleen): "Heart" above 131 HU,
     "Spleen" at 76-131 HU. The spleen is its second foreground channel, not its first."""

@@ -249,3 +249,29 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
     assert lower.located_ml == pytest.approx(5.5, abs=0.05)
     with pytest.raises(ValueError, match="min_located_ml"):
         InferenceOptions(min_located_ml=0.0)
+
+
+def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
+    """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
+    says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
+    from training.realct.members import MEMBERS_DIR, attach, manifest
+    from vnetseg.checkpoint import ModelInfo
+
+    listed = manifest()
+    assert listed and set(listed) <= set(MANIFEST) | {"final"}
+    shipped = default_model()
+    _, ship_info = load_model(shipped.path, sha256=shipped.sha256)
+    files = set()
+    for key, seeds in listed.items():
+        for offset, entry in seeds.items():
+            net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
+            files.add(entry["file"])
+            assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and int(offset) >= 1
+            expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p != key]
+            assert entry["trained_on"] == info.card["trained_on"] == expected
+            assert info.preprocessing == ship_info.locator[1].preprocessing and info.config == ship_info.locator[1].config
+        n = attach(ship_info, key)
+        assert n == len(seeds) == len(ship_info.locator_members)
+    assert files == {p.name for p in MEMBERS_DIR.glob("*.pt")}  # no file that the manifest does not list
+    with pytest.raises(ValueError, match="locator members go beside a locator"):
+        attach(ModelInfo(ship_info.config), "final")

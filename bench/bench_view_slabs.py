@@ -19,9 +19,10 @@ The first rule is the shipped one (``vnetseg.fast.MIN_LOCATED_ML``), the baselin
 Models: ``held`` (each committed leave-one-patient-out pair in ``training/realct/heldout/`` on its
 own patient's CTs: a CT the model has never seen; the honest view) and ``shipped`` (the shipped
 file on every patient, all of them trained on). Fast mode on CPU, one torch thread, about 10
-minutes per model kind here. Usage::
+minutes per model kind here. ``--members`` puts each model's locator members (the seed experiment,
+``training.realct.members``) beside its locator. Usage::
 
-    python bench/bench_view_slabs.py [--models held,shipped] [--patients P1,P3] [--name view_slabs]
+    python bench/bench_view_slabs.py [--models held,shipped] [--patients P1,P3] [--members] [--name view_slabs]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
+from training.realct.members import attach
 from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -133,18 +135,24 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
     return out
 
 
-def models(kinds: list[str], patients: list[str]) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
-    """(kind, the only patient it runs on or None for all, network, info)."""
+def models(kinds: list[str], patients: list[str], members: bool = False) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
+    """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
+    locator members (``training.realct.members``: the shipped model's "final", a held-out pair's its
+    patient's) are put beside its locator; a model without any listed is refused."""
     for kind in kinds:
         if kind == "shipped":
             entry = default_model()
             net, info = load_model(entry.path, sha256=entry.sha256)
+            if members and not attach(info, "final"):
+                raise SystemExit("--members: no locator member is listed for the shipped model ('final')")
             yield kind, None, net, info
         elif kind == "held":
             manifest = json.loads((HELD_DIR / "heldout.json").read_text())
             for patient in patients:
                 if patient in manifest:
                     net, info = load_model(HELD_DIR / manifest[patient]["file"], sha256=manifest[patient]["sha256"])
+                    if members and not attach(info, patient):
+                        raise SystemExit(f"--members: no locator member is listed for {patient}'s held-out pair")
                     yield kind, patient, net, info
         else:
             raise SystemExit(f"unknown model kind {kind!r}: use held or shipped")
@@ -159,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", default=f"{MIN_LOCATED_ML:g},8,5,3", help="smallest located part, mL (first: the baseline)")
     ap.add_argument("--min-ref-ml", type=float, default=20.0)
     ap.add_argument("--false-ml", type=float, default=5.0)
+    ap.add_argument("--members", action="store_true",
+                    help="put each model's locator members (training/realct/locator_members) beside its locator")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':8s} {'scan':9s} {'mm':>4s} {'start':>6s} {'ref mL':>6s} {'located':>7s} {'mL':>6s} {'Dice':>6s} {'away':>5s}",
           flush=True)
-    for kind, only, net, info in models(args.models.split(","), patients):
+    for kind, only, net, info in models(args.models.split(","), patients, args.members):
         for scan in scans:
             if only is not None and scan.patient != only:
                 continue
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['false']:3d}/{s['spleen_free']:<3d}  {s['false_ml']}")
     settings = {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
                 "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
-                "torch_threads": 1, "patients": patients}
+                "torch_threads": 1, "patients": patients, "locator_members": args.members}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0

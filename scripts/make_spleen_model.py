@@ -416,7 +416,43 @@ def stage_locator_seed(out: Path, held: str | None, offset: int) -> Path:
         prefix = f"lopo_without_{held}"
     first_cfg, refine_cfg = locator_seed_configs(offset)
     first = _train(out, task, f"{prefix}_locator_seed{offset}", first_cfg)
-    return _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
+    second = _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
+    _save_member(second, held, offset, [first, second])
+    return second
+
+
+def _save_member(model_path: Path, held: str | None, offset: int, runs: list[Path]) -> None:
+    """The trained locator as its own float16 model file in ``MEMBERS_DIR``, listed in ``members.json``
+    (file, digest, seed, what it was trained on), so that the seed experiment can be measured again
+    without retraining (``bench/bench_locator_members.py``). Evidence only: not part of the shipped model."""
+    from training.realct.members import MEMBERS_DIR
+    from training.realct.ship import INFERENCE_PATCH, _with_patch
+    from vnetseg.checkpoint import save_model
+
+    key = held or "final"
+    net, info = load_model(model_path)
+    info = _with_patch(info, INFERENCE_PATCH)
+    trained_on = [p for p in PATIENTS if p != held]
+    minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
+    info.card = {
+        "name": f"locator_seed{offset}_{key}",
+        "role": "locator member (seed experiment): not a model to use",
+        "seed": SEED + offset,
+        "trained_on": trained_on,
+        "steps": " + ".join(str(_steps(p)) for p in runs),
+        "train_minutes": round(minutes, 1),
+        "command": "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
+        + (f"--held {held} " if held else "") + f"--seed-offset {offset}",
+    }
+    MEMBERS_DIR.mkdir(parents=True, exist_ok=True)
+    name = f"locator_seed{offset}_{key}.pt"
+    sha = save_model(MEMBERS_DIR / name, net, info, half=True)
+    manifest_path = MEMBERS_DIR / "members.json"  # one writer at a time: save members one after the other
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.setdefault(key, {})[str(offset)] = {"file": name, "sha256": sha, "seed": SEED + offset,
+                                                 "trained_on": trained_on, "train_minutes": round(minutes, 1)}
+    manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+    log(f"locator member {key} seed {SEED + offset}: {MEMBERS_DIR / name} (sha256 {sha})")
 
 
 def stage_trials(out: Path, only: str | None = None) -> None:

@@ -108,6 +108,11 @@ class ModelInfo:
     # a small network carried in the same file that finds the organ at low resolution (fast mode);
     # filled by load_model, never serialised as part of this metadata
     locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
+    # more locators like ``locator`` (the same spacing and labels, trained with other seeds): the
+    # whole-CT view is the mean of their organ probabilities. In memory only (attached by the caller,
+    # never read from or written to a model file): an experiment measured in the README ("Several
+    # locators"), not part of the shipped model
+    locator_members: list[tuple[VNet, ModelInfo]] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(

@@ -481,9 +481,22 @@ def whole_ct_view(
     coarse = make_grid_map(image.shape, image.affine, spacing)
     hu = to_model_grid(image.array, coarse)  # resampled once: for the anatomy and for the network
     anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
+    members = info.locator_members if info.locator is not None else []
+    raw = hu.copy() if members else None  # the network windows ``hu`` in place; each member needs the HU
     found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
     organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
+    for m_net, m_info in members:  # the mean of several locators' organ probabilities
+        if tuple(m_info.preprocessing.target_spacing) != tuple(spacing):
+            raise ValueError(
+                f"a locator member works at {m_info.preprocessing.target_spacing} mm, the locator at {spacing} mm: "
+                "the members of a whole-CT view must share its grid"
+            )
+        more = _run_network(image.array, coarse, m_net.to(device).eval(), m_info, opts, device, None, cancel, notes,
+                            True, raw.copy())
+        organ = organ + more[_organ_channel(m_info, info)]
+    if members:
+        organ = organ / (1 + len(members))
     location = locate(organ, coarse, opts.min_located_ml, anatomy)  # left of the midline, not above lung
     location.body = anatomy.body
     return location, coarse

@@ -1,0 +1,139 @@
+"""Does a whole-CT view made of several locators hold better than one? (the seed experiment)
+
+Each model is run with its own locator ("one") and with its locator members beside it ("members":
+``training.realct.members``, locators trained by ``scripts/make_spleen_model.py --stage locator_seed``
+on the same subjects with other seeds; the view is the mean of their spleen probabilities), on:
+
+* each real CT of its patients, fast and full mode: Dice against the reference, and the mL more than
+  10 mm from it ("away");
+* every spleen-free crop of them, fast mode (the whole-CT view decides for both modes): the chest or
+  lower abdomen 20 mm beyond the spleen, the same with the range ending 10-80 mm beyond it, and the
+  pelvis-only crops; the right answer is "no spleen" (under 5 mL).
+
+Models: ``held`` (each committed leave-one-patient-out pair on its own patient, with the members
+trained without that patient) and ``shipped`` (the shipped file on every CT, with the members trained on
+all five). Both views run in the same process, one after the other per case; one torch thread. Thin
+slabs: ``bench/bench_view_slabs.py --members``. Usage::
+
+    python bench/bench_locator_members.py [--models held,shipped] [--name locator_members]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib
+
+sys.path.insert(0, str(benchlib.REPO))
+from training.realct.evaluate import mask_metrics
+from training.realct.members import attach, manifest
+from training.realct.sources import load_scans, pelvis_parts, range_end_parts, spleen_free_parts
+from vnetseg.checkpoint import load_model
+from vnetseg.inference import InferenceOptions, predict_volume
+from vnetseg.registry import default_model
+
+HELD_DIR = benchlib.REPO / "training" / "realct" / "heldout"
+AWAY_MM = 10.0
+FREE_ML = 5.0
+
+
+def run_case(image, reference, net, info, mode: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    pred = predict_volume(image, net, info, InferenceOptions(device="cpu", mode=mode))
+    row: dict[str, Any] = {"mode": mode, "found": bool(pred.report.found), "located_ml": round(pred.located_ml or 0.0, 1),
+                           "volume_ml": round(pred.volume_ml, 1)}
+    if reference is not None:
+        mask = pred.labelmap > 0
+        row["dice"] = mask_metrics(mask, reference, image)["dice"]
+        far = mask & (ndimage.distance_transform_edt(~reference, sampling=image.spacing) > AWAY_MM) if mask.any() else mask
+        row["away_ml"] = round(float(far.sum()) * image.voxel_volume_ml, 1)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="held,shipped")
+    ap.add_argument("--name", default="locator_members")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    scans = load_scans()
+    held = json.loads((HELD_DIR / "heldout.json").read_text())
+    jobs = []  # (kind, key, scans, net, info)
+    for kind in args.models.split(","):
+        if kind == "shipped":
+            entry = default_model()
+            jobs.append((kind, "final", scans, *load_model(entry.path, sha256=entry.sha256)))
+        elif kind == "held":
+            for patient in sorted(held):
+                own = [s for s in scans if s.patient == patient]
+                jobs.append((kind, patient, own, *load_model(HELD_DIR / held[patient]["file"], sha256=held[patient]["sha256"])))
+        else:
+            raise SystemExit(f"unknown model kind {kind!r}: use held or shipped")
+    rows: list[dict[str, Any]] = []
+    print(f"{'model':7s} {'key':5s} {'scan':9s} {'part':13s} {'mode':4s} | {'one: mL':>8s} {'Dice':>6s} | {'members: mL':>11s} {'Dice':>6s}")
+    for kind, key, own, net, info in jobs:
+        if key not in manifest():
+            print(f"{kind} {key}: no locator member listed, skipped")
+            continue
+        for scan in own:
+            cases = [("whole", scan.image, scan.spleen, mode) for mode in ("fast", "full")]
+            if scan.name != "p1_sm":  # p1_sm is a crop of p1_ct: its parts are p1_ct's
+                crops = {**spleen_free_parts(scan), **range_end_parts(scan), **pelvis_parts(scan)}
+                cases += [(part, image, None, "fast") for part, image in crops.items()]
+            for part, image, reference, mode in cases:
+                info.locator_members = []
+                one = run_case(image, reference, net, info, mode)
+                attach(info, key)
+                both = run_case(image, reference, net, info, mode)
+                info.locator_members = []
+                row = {"model": kind, "key": key, "scan": scan.name, "part": part, "members": len(manifest()[key]),
+                       "one": one, "with_members": both}
+                rows.append(row)
+                print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
+                      f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
+                      flush=True)
+    summary = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        sel = [r for r in rows if r["model"] == kind]
+        for view in ("one", "with_members"):
+            whole = [r[view] for r in sel if r["part"] == "whole" and r[view]["mode"] == "fast"]
+            free = [r[view] for r in sel if r["part"] != "whole"]
+            summary.append({
+                "model": kind, "view": view,
+                "dice_fast": {r["scan"]: r[view]["dice"] for r in sel if r["part"] == "whole" and r[view]["mode"] == "fast"},
+                "away_ml_max": max((w["away_ml"] for w in whole), default=0.0),
+                "spleen_free_runs": len(free), "no_spleen": sum(f["volume_ml"] < FREE_ML for f in free),
+                "spleen_free_ml_max": max((f["volume_ml"] for f in free), default=0.0),
+                "fast_full_same": all(
+                    np.isclose(r[view]["volume_ml"], q[view]["volume_ml"])
+                    for r in sel for q in sel
+                    if r["part"] == q["part"] == "whole" and r["scan"] == q["scan"] and r[view]["mode"] == "fast"
+                    and q[view]["mode"] == "full"),
+            })
+    print()
+    for s in summary:
+        print(f"{s['model']:7s} {s['view']:12s} Dice (fast) {s['dice_fast']}  away max {s['away_ml_max']} mL  "
+              f"spleen-free: {s['no_spleen']} of {s['spleen_free_runs']} 'no spleen', largest {s['spleen_free_ml_max']} mL  "
+              f"fast = full: {s['fast_full_same']}")
+    settings = {"mode": "fast and full on the real CTs, fast on the crops", "torch_threads": 1, "away_mm": AWAY_MM,
+                "free_ml": FREE_ML, "members": manifest()}
+    benchlib.write_result(args.name, "locator_members", started, settings,
+                          {"model_sha256": default_model().sha256, "rows": rows, "summary": summary}, args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Locator members: more locators like the shipped one, trained with other seeds (the seed experiment).
+
+``scripts/make_spleen_model.py --stage locator_seed`` trains one (the recipe's two locator stages with
+seed ``SEED + offset``, without a held-out patient or on all five) and writes it as a float16 model
+file to ``training/realct/locator_members/``, listed in ``members.json``. :func:`attach` puts them
+beside a model's own locator (``ModelInfo.locator_members``), and the whole-CT view is then the mean
+of their spleen probabilities. The files are evidence, not part of the shipped model: README
+"Several locators".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vnetseg.checkpoint import ModelInfo, load_model
+from vnetseg.model import VNet
+
+MEMBERS_DIR = Path(__file__).resolve().parent / "locator_members"
+MANIFEST = MEMBERS_DIR / "members.json"
+
+
+def manifest() -> dict[str, dict[str, dict]]:
+    """key ("P1".."P5": trained without that patient; "final": on all five) -> seed offset -> entry."""
+    return json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+
+
+def load_members(key: str) -> list[tuple[VNet, ModelInfo]]:
+    """Every member listed for ``key``, each checked against its recorded SHA-256, in seed order."""
+    entries = manifest().get(key, {})
+    return [load_model(MEMBERS_DIR / e["file"], sha256=e["sha256"]) for _, e in sorted(entries.items(), key=lambda i: int(i[0]))]
+
+
+def attach(info: ModelInfo, key: str) -> int:
+    """Put ``key``'s members beside ``info``'s own locator; returns how many (0 when none are listed).
+
+    Raises:
+        ValueError: when ``info`` has no locator to put them beside.
+    """
+    if info.locator is None:
+        raise ValueError("locator members go beside a locator, and this model file has none")
+    info.locator_members = load_members(key)
+    return len(info.locator_members)
