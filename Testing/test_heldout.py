@@ -264,7 +264,7 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
     files = set()
     for key, seeds in listed.items():
         for offset, entry in seeds.items():
-            net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
+            _net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
             files.add(entry["file"])
             assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and int(offset) >= 1
             expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p != key]
