@@ -15,7 +15,7 @@ trained without that patient) and ``shipped`` (the shipped file on every CT, wit
 all five). Both views run in the same process, one after the other per case; one torch thread. Thin
 slabs: ``bench/bench_view_slabs.py --members``. Usage::
 
-    python bench/bench_locator_members.py [--models held,shipped] [--name locator_members]
+    python bench/bench_locator_members.py [--models held,shipped] [--patients P1,P3] [--name locator_members]
 """
 
 from __future__ import annotations
@@ -61,9 +61,37 @@ def run_case(image, reference, net, info, mode: str) -> dict[str, Any]:
     return row
 
 
+def time_fast_mode(runs: int) -> dict[str, Any]:
+    """End-to-end fast mode (in process, the model already loaded) on the benchmark CT, without and with the
+    shipped model's members, interleaved; medians. The members cost one locator pass each."""
+    from make_ct import make_benchmark_ct
+
+    from vnetseg import io as vio
+
+    image = vio.read_image(make_benchmark_ct((512, 512, 120), (0.8, 0.8, 2.5)))
+    entry = default_model()
+    net, info = load_model(entry.path, sha256=entry.sha256)
+    times: dict[str, list[float]] = {"one": [], "with_members": []}
+    for _ in range(runs):
+        for view, seconds in times.items():
+            info.locator_members = []
+            if view == "with_members":
+                attach(info, "final")
+            t0 = time.perf_counter()
+            predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast"))
+            seconds.append(time.perf_counter() - t0)
+    return {"ct": "benchmark CT 512 x 512 x 120, 0.8 x 0.8 x 2.5 mm", "runs": runs, "members": len(info.locator_members),
+            "one_median_s": round(float(np.median(times["one"])), 2),
+            "with_members_median_s": round(float(np.median(times["with_members"])), 2), "seconds": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="held,shipped")
+    ap.add_argument("--patients", default="P1,P2,P3,P4,P5", help="held: the held-out pairs to run")
+    ap.add_argument("--timing-runs", type=int, default=3,
+                    help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
+                    "this many interleaved runs each (0: none)")
     ap.add_argument("--name", default="locator_members")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -77,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = default_model()
             jobs.append((kind, "final", scans, *load_model(entry.path, sha256=entry.sha256)))
         elif kind == "held":
-            for patient in sorted(held):
+            for patient in sorted(p for p in held if p in args.patients.split(",")):
                 own = [s for s in scans if s.patient == patient]
                 jobs.append((kind, patient, own, *load_model(HELD_DIR / held[patient]["file"], sha256=held[patient]["sha256"])))
         else:
@@ -105,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
                       f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
                       flush=True)
+    timing = time_fast_mode(args.timing_runs) if args.timing_runs else {}
     summary = []
     for kind in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == kind]
@@ -128,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s['model']:7s} {s['view']:12s} Dice (fast) {s['dice_fast']}  away max {s['away_ml_max']} mL  "
               f"spleen-free: {s['no_spleen']} of {s['spleen_free_runs']} 'no spleen', largest {s['spleen_free_ml_max']} mL  "
               f"fast = full: {s['fast_full_same']}")
+    if timing:
+        print(f"fast mode on the benchmark CT (median of {args.timing_runs}, interleaved): one locator "
+              f"{timing['one_median_s']} s, with the final member(s) {timing['with_members_median_s']} s")
     settings = {"mode": "fast and full on the real CTs, fast on the crops", "torch_threads": 1, "away_mm": AWAY_MM,
                 "free_ml": FREE_ML, "members": manifest()}
     benchlib.write_result(args.name, "locator_members", started, settings,
-                          {"model_sha256": default_model().sha256, "rows": rows, "summary": summary}, args.note)
+                          {"model_sha256": default_model().sha256, "rows": rows, "summary": summary, "timing": timing},
+                          args.note)
     return 0
 
 
