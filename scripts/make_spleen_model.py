@@ -43,7 +43,13 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    the organ maps with partial labels; held-out records in ``lopo_P_organ.json`` (README: "A
    multi-organ locator: measured, not shipped").
 
-Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card]``.
+8. ``locator_seed`` (not part of ``all``, not shipped): one more locator, both of its stages, with seed
+   ``SEED + --seed-offset``, without ``--held P`` or on all five patients; written as a float16 file to
+   ``training/realct/locator_members/`` with ``members.json`` (README: "Several locators"). Run several
+   side by side, but let one write the manifest at a time (run the stage again once training is done:
+   it only saves). 14-22 minutes each on one core.
+
+Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card|locator_seed]``.
 """
 
 from __future__ import annotations
