@@ -258,7 +258,8 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
-    assert listed and set(listed) <= set(MANIFEST) | {"final"}
+    # "final" (all five), "P" (without P) or "P+Q" (without both: the leave-two-out locators for bagging)
+    assert listed and all(key == "final" or set(key.split("+")) <= set(MANIFEST) for key in listed)
     shipped = default_model()
     _, ship_info = load_model(shipped.path, sha256=shipped.sha256)
     files = set()
@@ -266,8 +267,10 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
         for offset, entry in seeds.items():
             _net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
             files.add(entry["file"])
-            assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and int(offset) >= 1
-            expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p != key]
+            left_out = [] if key == "final" else key.split("+")
+            assert entry["seed"] == info.card["seed"] == 20260 + int(offset)
+            assert int(offset) >= (0 if len(left_out) == 2 else 1)  # seed 20260 alone is the recipe's own locator
+            expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p not in left_out]
             assert entry["trained_on"] == info.card["trained_on"] == expected
             assert info.preprocessing == ship_info.locator[1].preprocessing and info.config == ship_info.locator[1].config
         n = attach(ship_info, key)

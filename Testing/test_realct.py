@@ -300,4 +300,9 @@ def test_the_locator_seed_experiment_changes_only_the_seed(tmp_path) -> None:
     assert {**asdict(first), "seed": 0} == {**asdict(shipped_first), "seed": 0}
     assert {**asdict(refine), "seed": 0} == {**asdict(shipped_refine), "seed": 0}
     with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):
-        recipe.stage_locator_seed(tmp_path, "P1", 0)
+        recipe.stage_locator_seed(tmp_path, ("P1",), 0)
+    with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):
+        recipe.stage_locator_seed(tmp_path, (), 0)
+    for bad in (("P1", "P1"), ("P1", "P2", "P3"), ("P6",)):
+        with pytest.raises(SystemExit, match="at most two different patients"):
+            recipe.stage_locator_seed(tmp_path, bad, 1)

@@ -44,7 +44,8 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    multi-organ locator: measured, not shipped").
 
 8. ``locator_seed`` (not part of ``all``, not shipped): one more locator, both of its stages, with seed
-   ``SEED + --seed-offset``, without ``--held P`` or on all five patients; written as a float16 file to
+   ``SEED + --seed-offset``, without ``--held P`` (or ``--without P,Q``: two patients left out, for
+   bagging, where offset 0 is allowed) or on all five patients; written as a float16 file to
    ``training/realct/locator_members/`` with ``members.json`` (README: "Several locators"). Run several
    side by side, but let one write the manifest at a time (run the stage again once training is done:
    it only saves). 14-22 minutes each on one core.
@@ -397,61 +398,66 @@ def locator_seed_configs(offset: int) -> tuple[TrainConfig, TrainConfig]:
             TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, "seed": SEED + offset}))
 
 
-def stage_locator_seed(out: Path, held: str | None, offset: int) -> Path:
+def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int) -> Path:
     """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
 
-    ``held``: the held-out patient (the subjects of the other four, as ``lopo``), or None for all five
-    (as ``final``). An experiment, not part of ``all``: several locators trained on the same subjects
-    with other seeds disagree where one of them errs (README: "Several locators"), and their mean is
-    measured against the recipe's single locator. Returns the second stage's model file.
+    ``without``: the patients left out; () for all five (as ``final``), one (as ``lopo``), or two (a
+    leave-two-out locator, for bagging: the mean of locators trained on different patients, measured
+    held out with the locators that leave out both the held-out patient and one more). An experiment,
+    not part of ``all`` (README: "Several locators"). Returns the second stage's model file.
     """
-    if offset < 1:
-        raise SystemExit("--seed-offset must be 1 or more (0 is the recipe's own locator)")
+    if len(without) > 2 or len(set(without)) != len(without) or not set(without) <= set(PATIENTS):
+        raise SystemExit(f"--held/--without: at most two different patients of {', '.join(PATIENTS)}, got {without}")
+    if offset < (0 if len(without) == 2 else 1):
+        raise SystemExit("--seed-offset must be 1 or more (0 is the recipe's own locator) unless two patients are left out")
     scans = load_scans()
     real = write_real_cases(out, scans)
     subjects = _subjects(out)
-    if held is None:
+    others = tuple(p for p in PATIENTS if p not in without)
+    if not without:
         val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
         what = "subjects of all five patients; validation on P2's real CT (a training-set check)"
-        task, prefix = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what), "final"
+        prefix = "final"
+        task = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what)
     else:
-        others = tuple(p for p in PATIENTS if p != held)
-        val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")}
-        what = f"subjects of {', '.join(others)}; validation on {held}'s real CTs"
-        task = write_task(out / "tasks" / f"lopo_without_{held}", pool_cases(out, subjects, others), val, what)
-        prefix = f"lopo_without_{held}"
+        val = {n: p for n, p in real.items() if any(n.startswith(f"real_{w.lower()}") for w in without)}
+        what = f"subjects of {', '.join(others)}; validation on {' and '.join(without)}'s real CTs"
+        prefix = f"lopo_without_{'_'.join(without)}"
+        task = write_task(out / "tasks" / prefix, pool_cases(out, subjects, others), val, what)
     first_cfg, refine_cfg = locator_seed_configs(offset)
     first = _train(out, task, f"{prefix}_locator_seed{offset}", first_cfg)
     second = _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
-    _save_member(second, held, offset, [first, second])
+    _save_member(second, without, offset, [first, second])
     return second
 
 
-def _save_member(model_path: Path, held: str | None, offset: int, runs: list[Path]) -> None:
+def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path]) -> None:
     """The trained locator as its own float16 model file in ``MEMBERS_DIR``, listed in ``members.json``
-    (file, digest, seed, what it was trained on), so that the seed experiment can be measured again
-    without retraining (``bench/bench_locator_members.py``). Evidence only: not part of the shipped model."""
+    under "final" (all five), "P" (without P) or "P+Q" (without both), with its digest, seed and what it
+    was trained on, so that the experiment can be measured again without retraining
+    (``bench/bench_locator_members.py``). Evidence only: not part of the shipped model."""
     from training.realct.members import MEMBERS_DIR
     from training.realct.ship import INFERENCE_PATCH, _with_patch
     from vnetseg.checkpoint import save_model
 
-    key = held or "final"
+    key = "+".join(without) or "final"
     net, info = load_model(model_path)
     info = _with_patch(info, INFERENCE_PATCH)
-    trained_on = [p for p in PATIENTS if p != held]
+    trained_on = [p for p in PATIENTS if p not in without]
     minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
+    command = "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
+    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}"
     info.card = {
         "name": f"locator_seed{offset}_{key}",
-        "role": "locator member (seed experiment): not a model to use",
+        "role": "locator member (seed and bagging experiment): not a model to use",
         "seed": SEED + offset,
         "trained_on": trained_on,
         "steps": " + ".join(str(_steps(p)) for p in runs),
         "train_minutes": round(minutes, 1),
-        "command": "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
-        + (f"--held {held} " if held else "") + f"--seed-offset {offset}",
+        "command": command,
     }
     MEMBERS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"locator_seed{offset}_{key}.pt"
+    name = f"locator_seed{offset}_{key.replace('+', '_')}.pt"
     sha = save_model(MEMBERS_DIR / name, net, info, half=True)
     manifest_path = MEMBERS_DIR / "members.json"  # one writer at a time: save members one after the other
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -522,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
     )
     parser.add_argument("--scan", choices=TRAIN_SCANS, help="pool stage: only this scan's subjects (in parallel)")
+    parser.add_argument("--without", help="locator_seed stage: one or two patients to leave out (e.g. P1,P3)")
     parser.add_argument("--seed-offset", type=int, default=1,
                         help="locator_seed stage: train the locator with seed SEED + this (1 or more); with --held P "
                         "without patient P, otherwise on all five")
@@ -574,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "card":
             stage_card(args.out, args.weights_dir, args.held)
         elif stage == "locator_seed":
-            stage_locator_seed(args.out, args.held, args.seed_offset)
+            without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
+            stage_locator_seed(args.out, without, args.seed_offset)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)
