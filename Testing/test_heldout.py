@@ -254,7 +254,7 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
 def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
     """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
     says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
-    from training.realct.members import MEMBERS_DIR, attach, manifest
+    from training.realct.members import MEMBERS_DIR, attach, bag_keys, manifest
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
@@ -276,5 +276,11 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
         n = attach(ship_info, key)
         assert n == len(seeds) == len(ship_info.locator_members)
     assert files == {p.name for p in MEMBERS_DIR.glob("*.pt")}  # no file that the manifest does not list
+    for patient in MANIFEST:  # bagging held out: the leave-two-out members that also leave out the patient
+        keys = bag_keys(patient)
+        assert all(len(k.split("+")) == 2 and patient in k.split("+") for k in keys)
+        assert keys == sorted(k for k in listed if patient in k.split("+") and "+" in k)
+        if keys:
+            assert attach(ship_info, keys) == sum(len(listed[k]) for k in keys) == len(ship_info.locator_members)
     with pytest.raises(ValueError, match="locator members go beside a locator"):
         attach(ModelInfo(ship_info.config), "final")

@@ -36,7 +36,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach, manifest
+from training.realct.members import attach, bag_keys, manifest
 from training.realct.sources import load_scans, pelvis_parts, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
 from vnetseg.inference import InferenceOptions, predict_volume
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="held,shipped")
     ap.add_argument("--patients", default="P1,P2,P3,P4,P5", help="held: the held-out pairs to run")
+    ap.add_argument("--bag", action="store_true",
+                    help="held: beside each pair's locator put the leave-two-out members that also leave out its "
+                    "patient (bagging held out) instead of its seed members")
     ap.add_argument("--timing-runs", type=int, default=3,
                     help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
                     "this many interleaved runs each (0: none)")
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':7s} {'key':5s} {'scan':9s} {'part':13s} {'mode':4s} | {'one: mL':>8s} {'Dice':>6s} | {'members: mL':>11s} {'Dice':>6s}")
     for kind, key, own, net, info in jobs:
-        if key not in manifest():
+        keys: str | list[str] = bag_keys(key) if args.bag and kind == "held" else key
+        if not keys or (isinstance(keys, str) and keys not in manifest()):
             print(f"{kind} {key}: no locator member listed, skipped")
             continue
         for scan in own:
@@ -124,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             for part, image, reference, mode in cases:
                 info.locator_members = []
                 one = run_case(image, reference, net, info, mode)
-                attach(info, key)
+                n = attach(info, keys)
                 both = run_case(image, reference, net, info, mode)
                 info.locator_members = []
-                row = {"model": kind, "key": key, "scan": scan.name, "part": part, "members": len(manifest()[key]),
-                       "one": one, "with_members": both}
+                row = {"model": kind, "key": key, "scan": scan.name, "part": part, "members": n,
+                       "member_keys": keys, "one": one, "with_members": both}
                 rows.append(row)
                 print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
                       f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fast mode on the benchmark CT (median of {args.timing_runs}, interleaved): one locator "
               f"{timing['one_median_s']} s, with the final member(s) {timing['with_members_median_s']} s")
     settings = {"mode": "fast and full on the real CTs, fast on the crops", "torch_threads": 1, "away_mm": AWAY_MM,
-                "free_ml": FREE_ML, "members": manifest()}
+                "free_ml": FREE_ML, "members": manifest(), "bag": args.bag}
     benchlib.write_result(args.name, "locator_members", started, settings,
                           {"model_sha256": default_model().sha256, "rows": rows, "summary": summary, "timing": timing},
                           args.note)

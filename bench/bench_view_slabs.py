@@ -44,7 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach
+from training.realct.members import attach, bag_keys
 from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -135,7 +135,8 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
     return out
 
 
-def models(kinds: list[str], patients: list[str], members: bool = False) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
+def models(kinds: list[str], patients: list[str], members: bool = False, bag: bool = False,
+           ) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
     """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
     locator members (``training.realct.members``: the shipped model's "final", a held-out pair's its
     patient's) are put beside its locator; a model without any listed is refused."""
@@ -151,7 +152,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False) -> Iter
             for patient in patients:
                 if patient in manifest:
                     net, info = load_model(HELD_DIR / manifest[patient]["file"], sha256=manifest[patient]["sha256"])
-                    if members and not attach(info, patient):
+                    if members and not attach(info, bag_keys(patient) if bag else patient):
                         raise SystemExit(f"--members: no locator member is listed for {patient}'s held-out pair")
                     yield kind, patient, net, info
         else:
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--false-ml", type=float, default=5.0)
     ap.add_argument("--members", action="store_true",
                     help="put each model's locator members (training/realct/locator_members) beside its locator")
+    ap.add_argument("--bag", action="store_true",
+                    help="with --members, held: the leave-two-out members that also leave out the pair's patient")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':8s} {'scan':9s} {'mm':>4s} {'start':>6s} {'ref mL':>6s} {'located':>7s} {'mL':>6s} {'Dice':>6s} {'away':>5s}",
           flush=True)
-    for kind, only, net, info in models(args.models.split(","), patients, args.members):
+    for kind, only, net, info in models(args.models.split(","), patients, args.members, args.bag):
         for scan in scans:
             if only is not None and scan.patient != only:
                 continue
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['false']:3d}/{s['spleen_free']:<3d}  {s['false_ml']}")
     settings = {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
                 "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
-                "torch_threads": 1, "patients": patients, "locator_members": args.members}
+                "torch_threads": 1, "patients": patients, "locator_members": args.members, "bag": args.bag}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0

@@ -31,13 +31,22 @@ def load_members(key: str) -> list[tuple[VNet, ModelInfo]]:
     return [load_model(MEMBERS_DIR / e["file"], sha256=e["sha256"]) for _, e in sorted(entries.items(), key=lambda i: int(i[0]))]
 
 
-def attach(info: ModelInfo, key: str) -> int:
-    """Put ``key``'s members beside ``info``'s own locator; returns how many (0 when none are listed).
+def bag_keys(patient: str) -> list[str]:
+    """The leave-two-out members that also leave out ``patient`` ("P1+P4", "P2+P4"... for "P4"): beside
+    ``patient``'s held-out pair they make the held-out counterpart of bagging (the final locator beside
+    the five leave-one-out ones). Only the keys listed in the manifest."""
+    return sorted(k for k in manifest() if "+" in k and patient in k.split("+"))
+
+
+def attach(info: ModelInfo, key: str | list[str]) -> int:
+    """Put the members of ``key`` (or of each key of a list) beside ``info``'s own locator; returns how
+    many (0 when none are listed).
 
     Raises:
         ValueError: when ``info`` has no locator to put them beside.
     """
     if info.locator is None:
         raise ValueError("locator members go beside a locator, and this model file has none")
-    info.locator_members = load_members(key)
+    keys = [key] if isinstance(key, str) else list(key)
+    info.locator_members = [m for k in keys for m in load_members(k)]
     return len(info.locator_members)
