@@ -17,6 +17,7 @@ import functools
 import json
 
 import pytest
+import torch
 from conftest import REPO
 
 from training.realct.evaluate import evaluate_image, evaluate_scan
@@ -254,7 +255,7 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
 def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
     """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
     says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
-    from training.realct.members import MEMBERS_DIR, attach, bag_keys, manifest
+    from training.realct.members import MEMBERS_DIR, attach, attach_bag, bag_keys, manifest
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
@@ -284,3 +285,12 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
             assert attach(ship_info, keys) == sum(len(listed[k]) for k in keys) == len(ship_info.locator_members)
     with pytest.raises(ValueError, match="locator members go beside a locator"):
         attach(ModelInfo(ship_info.config), "final")
+    # bagging with the shipped model: the held-out pairs' own locators, each trained without one patient
+    assert attach_bag(ship_info, "final") == len(MANIFEST) == len(ship_info.locator_members)
+    for patient, (m_net, m_info) in zip(sorted(MANIFEST), ship_info.locator_members):
+        _pair_net, pair_info = load_model(HELD_DIR / MANIFEST[patient]["file"], sha256=MANIFEST[patient]["sha256"])
+        assert pair_info.locator is not None and m_info.config == pair_info.locator[1].config
+        assert all(torch.equal(a, b) for a, b in zip(m_net.state_dict().values(), pair_info.locator[0].state_dict().values()))
+    assert attach_bag(ship_info, "P4") == sum(len(listed[k]) for k in bag_keys("P4"))
+    with pytest.raises(ValueError, match="locator members go beside a locator"):
+        attach_bag(ModelInfo(ship_info.config), "final")

@@ -36,7 +36,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach, bag_keys, manifest
+from training.realct.members import attach, attach_bag, bag_keys, manifest
 from training.realct.sources import load_scans, pelvis_parts, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
 from vnetseg.inference import InferenceOptions, predict_volume
@@ -61,7 +61,7 @@ def run_case(image, reference, net, info, mode: str) -> dict[str, Any]:
     return row
 
 
-def time_fast_mode(runs: int) -> dict[str, Any]:
+def time_fast_mode(runs: int, bag: bool = False) -> dict[str, Any]:
     """End-to-end fast mode (in process, the model already loaded) on the benchmark CT, without and with the
     shipped model's members, interleaved; medians. The members cost one locator pass each."""
     from make_ct import make_benchmark_ct
@@ -76,7 +76,7 @@ def time_fast_mode(runs: int) -> dict[str, Any]:
         for view, seconds in times.items():
             info.locator_members = []
             if view == "with_members":
-                attach(info, "final")
+                attach_bag(info, "final") if bag else attach(info, "final")
             t0 = time.perf_counter()
             predict_volume(image, net, info, InferenceOptions(device="cpu", mode="fast"))
             seconds.append(time.perf_counter() - t0)
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="held,shipped")
     ap.add_argument("--patients", default="P1,P2,P3,P4,P5", help="held: the held-out pairs to run")
     ap.add_argument("--bag", action="store_true",
-                    help="held: beside each pair's locator put the leave-two-out members that also leave out its "
-                    "patient (bagging held out) instead of its seed members")
+                    help="bagging instead of the seed members: beside the shipped locator the five held-out pairs' "
+                    "locators; beside each pair's locator the leave-two-out members that also leave out its patient")
     ap.add_argument("--timing-runs", type=int, default=3,
                     help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
                     "this many interleaved runs each (0: none)")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':7s} {'key':5s} {'scan':9s} {'part':13s} {'mode':4s} | {'one: mL':>8s} {'Dice':>6s} | {'members: mL':>11s} {'Dice':>6s}")
     for kind, key, own, net, info in jobs:
-        keys: str | list[str] = bag_keys(key) if args.bag and kind == "held" else key
+        keys: str | list[str] = (["held-out pairs' locators"] if kind == "shipped" else bag_keys(key)) if args.bag else key
         if not keys or (isinstance(keys, str) and keys not in manifest()):
             print(f"{kind} {key}: no locator member listed, skipped")
             continue
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             for part, image, reference, mode in cases:
                 info.locator_members = []
                 one = run_case(image, reference, net, info, mode)
-                n = attach(info, keys)
+                n = attach_bag(info, key) if args.bag else attach(info, keys)
                 both = run_case(image, reference, net, info, mode)
                 info.locator_members = []
                 row = {"model": kind, "key": key, "scan": scan.name, "part": part, "members": n,
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
                       f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
                       flush=True)
-    timing = time_fast_mode(args.timing_runs) if args.timing_runs else {}
+    timing = time_fast_mode(args.timing_runs, args.bag) if args.timing_runs else {}
     summary = []
     for kind in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == kind]

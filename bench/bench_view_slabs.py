@@ -44,7 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach, bag_keys
+from training.realct.members import attach, attach_bag
 from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -144,7 +144,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
         if kind == "shipped":
             entry = default_model()
             net, info = load_model(entry.path, sha256=entry.sha256)
-            if members and not attach(info, "final"):
+            if members and not (attach_bag(info, "final") if bag else attach(info, "final")):
                 raise SystemExit("--members: no locator member is listed for the shipped model ('final')")
             yield kind, None, net, info
         elif kind == "held":
@@ -152,7 +152,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
             for patient in patients:
                 if patient in manifest:
                     net, info = load_model(HELD_DIR / manifest[patient]["file"], sha256=manifest[patient]["sha256"])
-                    if members and not attach(info, bag_keys(patient) if bag else patient):
+                    if members and not (attach_bag(info, patient) if bag else attach(info, patient)):
                         raise SystemExit(f"--members: no locator member is listed for {patient}'s held-out pair")
                     yield kind, patient, net, info
         else:
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", action="store_true",
                     help="put each model's locator members (training/realct/locator_members) beside its locator")
     ap.add_argument("--bag", action="store_true",
-                    help="with --members, held: the leave-two-out members that also leave out the pair's patient")
+                    help="with --members, bagging: beside the shipped locator the five held-out pairs' locators, beside "
+                    "a pair's the leave-two-out members that also leave out its patient")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)

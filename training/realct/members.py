@@ -18,6 +18,7 @@ from vnetseg.model import VNet
 
 MEMBERS_DIR = Path(__file__).resolve().parent / "locator_members"
 MANIFEST = MEMBERS_DIR / "members.json"
+HELD_DIR = Path(__file__).resolve().parent / "heldout"
 
 
 def manifest() -> dict[str, dict[str, dict]]:
@@ -36,6 +37,35 @@ def bag_keys(patient: str) -> list[str]:
     ``patient``'s held-out pair they make the held-out counterpart of bagging (the final locator beside
     the five leave-one-out ones). Only the keys listed in the manifest."""
     return sorted(k for k in manifest() if "+" in k and patient in k.split("+"))
+
+
+def heldout_locators(patients: tuple[str, ...] | None = None) -> list[tuple[VNet, ModelInfo]]:
+    """The locators inside the committed held-out pairs (``training/realct/heldout``, each trained
+    without its patient with the recipe's own seed), each file checked against its SHA-256; every pair, or
+    those of ``patients``, in patient order."""
+    listed = json.loads((HELD_DIR / "heldout.json").read_text())
+    found = []
+    for patient in sorted(listed):
+        if patients is None or patient in patients:
+            _net, info = load_model(HELD_DIR / listed[patient]["file"], sha256=listed[patient]["sha256"])
+            assert info.locator is not None, f"held-out pair {patient} has no locator"
+            found.append(info.locator)
+    return found
+
+
+def attach_bag(info: ModelInfo, key: str) -> int:
+    """Bagging: beside ``info``'s locator put the locators that differ from it by one patient.
+
+    ``key`` "final" (the shipped model, trained on all five): the five held-out pairs' locators. ``key``
+    a patient ("P4": its held-out pair, trained without it): the leave-two-out members that also leave out
+    that patient (:func:`bag_keys`), its held-out counterpart. Returns how many were put beside it.
+    """
+    if key == "final":
+        if info.locator is None:
+            raise ValueError("locator members go beside a locator, and this model file has none")
+        info.locator_members = heldout_locators()
+        return len(info.locator_members)
+    return attach(info, bag_keys(key))
 
 
 def attach(info: ModelInfo, key: str | list[str]) -> int:
