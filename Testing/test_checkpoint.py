@@ -51,7 +51,8 @@ def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path: Path) 
     assert info2.config == CFG
     assert info2.preprocessing == info.preprocessing
     assert info2.labels == info.labels and info2.labels[0].name == "Spleen" and info2.labels[0].color == (157, 108, 162)
-    assert info2.card == info.card and info2.format_version == FORMAT_VERSION and info2.sha256 == sha
+    # a file without locator members is written at version 1, readable by every vnetseg
+    assert info2.card == info.card and info2.format_version == 1 and info2.sha256 == sha
     x = torch.randn(1, 1, 32, 32, 16)
     with torch.no_grad():
         assert torch.equal(net(x), loaded(x))
@@ -165,3 +166,56 @@ def test_post_processing_calibration_travels_with_the_weights(tmp_path: Path) ->
     save_model(tmp_path / "grow.pt", net, replace(_info(), postprocessing={"native_grow_probability": 0.3}))
     assert load_model(tmp_path / "grow.pt")[1].postprocessing == {"native_grow_probability": 0.3}
     assert '"postprocessing"' not in _info().to_json()  # older readers see exactly what they did
+
+
+def _locator_info(spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> ModelInfo:
+    return ModelInfo(CFG, Preprocessing(target_spacing=spacing, patch_size=(64, 64, 48)), card={"role": "locator"})
+
+
+def test_locator_members_round_trip_in_a_version_2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bagging: the locator's members travel in the file, each verified, and make it version 2, which a
+    version-1 reader refuses instead of running the first locator alone."""
+    import vnetseg.checkpoint as ckpt
+
+    net, info = _model(0), _info()
+    locator, members = (_model(1), _locator_info()), [(_model(2), _locator_info()), (_model(3), _locator_info())]
+    sha = save_model(tmp_path / "bag.pt", net, info, half=True, locator=locator, locator_members=members)
+    _loaded, info2 = load_model(tmp_path / "bag.pt", sha256=sha)
+    assert info2.format_version == 2 == FORMAT_VERSION and len(info2.locator_members) == 2
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        for (want, _), (got, got_info) in zip(members, info2.locator_members):
+            assert got_info.preprocessing.target_spacing == (4.0, 4.0, 4.0)
+            assert (torch.softmax(want(x), 1) - torch.softmax(got(x), 1)).abs().max() < 1e-2  # float16 in the file
+    assert "with 2 more beside it (the whole-CT view is the mean of 3)" in describe(info2)
+    # the same networks without members: version 1, as before
+    save_model(tmp_path / "one.pt", net, info, locator=locator)
+    assert load_model(tmp_path / "one.pt")[1].format_version == 1
+    monkeypatch.setattr(ckpt, "FORMAT_VERSION", 1)  # a reader from before members
+    with pytest.raises(ModelFileError, match="uses model format version 2, newer than this vnetseg reads"):
+        load_model(tmp_path / "bag.pt")
+
+
+def test_inconsistent_locator_members_are_refused(tmp_path: Path) -> None:
+    net, info, locator = _model(0), _info(), (_model(1), _locator_info())
+    with pytest.raises(ValueError, match="locator members go beside a locator"):
+        save_model(tmp_path / "m.pt", net, info, locator_members=[(_model(2), _locator_info())])
+    with pytest.raises(ValueError, match=r"works at \(6.0, 6.0, 6.0\) mm, the locator at \(4.0, 4.0, 4.0\) mm"):
+        save_model(tmp_path / "m.pt", net, info, locator=locator, locator_members=[(_model(2), _locator_info((6.0, 6.0, 6.0)))])
+    assert not (tmp_path / "m.pt").exists()  # nothing written
+    save_model(tmp_path / "bag.pt", net, info, locator=locator, locator_members=[(_model(2), _locator_info())])
+
+    def tamper(p: dict) -> None:
+        state = p["locator_members"][0]["state_dict"]
+        key = next(k for k in state if k.endswith("weight"))
+        state[key] = state[key] + 1e-3
+
+    _rewrite_payload(tmp_path / "bag.pt", tmp_path / "t.pt", tamper)
+    with pytest.raises(ModelFileError, match="the locator member 1 weights do not match their recorded digest"):
+        load_model(tmp_path / "t.pt")
+    _rewrite_payload(tmp_path / "bag.pt", tmp_path / "v1.pt", lambda p: p.update(format_version=1))
+    with pytest.raises(ModelFileError, match="lists locator members in a version 1 file"):
+        load_model(tmp_path / "v1.pt")
+    _rewrite_payload(tmp_path / "bag.pt", tmp_path / "alone.pt", lambda p: p.pop("locator"))
+    with pytest.raises(ModelFileError, match="without a locator"):
+        load_model(tmp_path / "alone.pt")

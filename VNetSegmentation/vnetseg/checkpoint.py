@@ -8,7 +8,15 @@ read with ``torch.load(weights_only=True)``: loading never executes pickled code
   and the model card (training provenance and metrics);
 * ``weights_sha256``: a digest of every tensor's name, dtype, shape and bytes, checked on load,
   so a tampered or damaged file is refused even when the caller knows no file checksum;
-* ``state_dict``: the weights (float32 or float16).
+* ``state_dict``: the weights (float32 or float16);
+* optionally ``locator``: a small network that finds the organ in the whole CT (fast mode, and the
+  anatomical decision of both modes), packed like the model (its own metadata, digest and weights);
+* optionally ``locator_members`` (format version 2): more locators on the locator's grid, packed the
+  same way; the whole-CT view is then the mean of all their organ probabilities (bagging).
+
+A file is written at the lowest format version that holds it: one without locator members is
+version 1, readable by every vnetseg; one with them is version 2, which older readers refuse
+instead of silently running its first locator alone.
 
 The caller may also pass the SHA-256 of the whole file (as published next to a download).
 """
@@ -27,7 +35,9 @@ import torch
 from .model import VNet, VNetConfig
 
 FORMAT_NAME = "vnetseg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# the format version that introduced locator members
+MEMBERS_VERSION = 2
 
 
 class ModelFileError(ValueError):
@@ -108,10 +118,9 @@ class ModelInfo:
     # a small network carried in the same file that finds the organ at low resolution (fast mode);
     # filled by load_model, never serialised as part of this metadata
     locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
-    # more locators like ``locator`` (the same spacing and labels, trained with other seeds): the
-    # whole-CT view is the mean of their organ probabilities. In memory only (attached by the caller,
-    # never read from or written to a model file): an experiment measured in the README ("Several
-    # locators"), not part of the shipped model
+    # more locators like ``locator`` (on its grid, trained on other patients or with other seeds): the
+    # whole-CT view is the mean of all their organ probabilities. Read from a version-2 file by
+    # load_model (``save_model(locator_members=...)``), or attached in memory by an experiment
     locator_members: list[tuple[VNet, ModelInfo]] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> str:
@@ -186,6 +195,7 @@ def save_model(
     *,
     half: bool = False,
     locator: tuple[VNet, ModelInfo] | None = None,
+    locator_members: list[tuple[VNet, ModelInfo]] | None = None,
 ) -> str:
     """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
 
@@ -196,13 +206,46 @@ def save_model(
         half: store floating-point weights as float16 (half the size).
         locator: optional (network, info) that finds the organ at a coarse spacing (its
             ``info.preprocessing.target_spacing``) for fast mode; stored in the same file.
+        locator_members: more locators beside ``locator`` (each on its spacing and naming the model's
+            organ); the whole-CT view becomes the mean of all of them. A file with members is format
+            version 2, one without is version 1.
+
+    Raises:
+        ValueError: inconsistent parts (a config or labels that do not match, members without a
+            locator, a member on another grid or without the model's organ).
     """
-    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **_pack(model, info, half)}
+    members = list(locator_members or [])
+    if members:
+        if locator is None:
+            raise ValueError("locator members go beside a locator: pass locator= as well")
+        for _net, m_info in members:
+            check_member(m_info, locator[1], info)
+    version = MEMBERS_VERSION if members else 1
+    payload = {"format": FORMAT_NAME, "format_version": version, **_pack(model, info, half)}
     if locator is not None:
         payload["locator"] = _pack(locator[0], locator[1], half)
+    if members:
+        payload["locator_members"] = [_pack(m_net, m_info, half) for m_net, m_info in members]
     dest = Path(path)
     save_atomically(payload, dest)
     return file_sha256(dest)
+
+
+def check_member(member: ModelInfo, locator: ModelInfo, info: ModelInfo) -> None:
+    """Refuse a locator member that cannot be averaged with ``locator`` for the model ``info``.
+
+    Raises:
+        ValueError: the member works on another grid (spacing) than the locator, or has no class
+            for the model's organ.
+    """
+    if tuple(member.preprocessing.target_spacing) != tuple(locator.preprocessing.target_spacing):
+        raise ValueError(
+            f"a locator member works at {member.preprocessing.target_spacing} mm, the locator at "
+            f"{locator.preprocessing.target_spacing} mm: the members of a whole-CT view must share its grid"
+        )
+    organ = info.labels[0].name.lower()
+    if len(member.labels) > 1 and organ not in [lab.name.lower() for lab in member.labels]:
+        raise ValueError(f"a locator member's classes {[lab.name for lab in member.labels]} do not include '{organ}'")
 
 
 def save_atomically(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -262,7 +305,8 @@ def _unpack(entry: Any, p: Path, what: str) -> tuple[ModelInfo, dict[str, torch.
 def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     """Read and verify a model file; return its info and state dict (not yet in a network).
 
-    A locator carried in the file is verified too and built into ``info.locator``.
+    A locator carried in the file is verified too and built into ``info.locator``, and its members
+    (format version 2) into ``info.locator_members``.
 
     Raises:
         ModelFileError: missing, truncated, tampered, wrong-format or newer-format file, or
@@ -282,6 +326,20 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
     if payload.get("locator") is not None:
         loc_info, loc_state = _unpack(payload["locator"], p, "locator")
         info.locator = (_build(loc_info, loc_state, p), loc_info)
+    members = payload.get("locator_members")
+    if members is not None:
+        if payload["format_version"] < MEMBERS_VERSION or info.locator is None or not isinstance(members, list) or not members:
+            raise ModelFileError(
+                f"{p} lists locator members in a version {payload['format_version']} file"
+                f"{'' if info.locator is not None else ' without a locator'}; the file is inconsistent: re-export it"
+            )
+        for i, entry in enumerate(members, 1):
+            m_info, m_state = _unpack(entry, p, f"locator member {i}")
+            try:
+                check_member(m_info, info.locator[1], info)
+            except ValueError as exc:
+                raise ModelFileError(f"{p}: {exc}") from None
+            info.locator_members.append((_build(m_info, m_state, p), m_info))
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
     return info, state
@@ -303,6 +361,8 @@ def load_model(
     info, state = read_model_info(path, sha256)
     if info.locator is not None:
         info.locator[0].to(device)
+    for m_net, _m_info in info.locator_members:
+        m_net.to(device)
     return _build(info, state, Path(path)).to(device), info
 
 
@@ -313,6 +373,8 @@ def _fast_mode_text(info: ModelInfo) -> str:
         text = f"locator V-Net widths={list(loc.config.widths)} at {spacing} mm"
         if len(loc.labels) > 1:  # multi-organ: its other classes say what the organ is not
             text += f" (classes {', '.join(lab.name for lab in loc.labels)}; the decision reads {info.labels[0].name})"
+        if info.locator_members:
+            text += f", with {len(info.locator_members)} more beside it (the whole-CT view is the mean of {len(info.locator_members) + 1})"
         return text
     if info.preprocessing.coarse_spacing:
         return f"coarse pass at {' x '.join(f'{s:g}' for s in info.preprocessing.coarse_spacing)} mm"

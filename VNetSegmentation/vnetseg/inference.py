@@ -19,7 +19,7 @@ import torch
 
 from . import confidence as conf
 from . import io as vio
-from .checkpoint import ModelInfo, load_model
+from .checkpoint import ModelInfo, check_member, load_model
 from .fast import (
     BODY_MARGIN_MM,
     MIN_LOCATED_ML,
@@ -487,11 +487,7 @@ def whole_ct_view(
     # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
     organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
     for m_net, m_info in members:  # the mean of several locators' organ probabilities
-        if tuple(m_info.preprocessing.target_spacing) != tuple(spacing):
-            raise ValueError(
-                f"a locator member works at {m_info.preprocessing.target_spacing} mm, the locator at {spacing} mm: "
-                "the members of a whole-CT view must share its grid"
-            )
+        check_member(m_info, loc_info, info)
         more = _run_network(image.array, coarse, m_net.to(device).eval(), m_info, opts, device, None, cancel, notes,
                             True, raw.copy())
         organ = organ + more[_organ_channel(m_info, info)]
