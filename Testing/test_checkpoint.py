@@ -219,3 +219,39 @@ def test_inconsistent_locator_members_are_refused(tmp_path: Path) -> None:
     _rewrite_payload(tmp_path / "bag.pt", tmp_path / "alone.pt", lambda p: p.pop("locator"))
     with pytest.raises(ModelFileError, match="without a locator"):
         load_model(tmp_path / "alone.pt")
+
+
+def test_a_thin_ct_locator_round_trips_in_a_version_2_file_and_is_checked(tmp_path: Path) -> None:
+    """The thin-CT locator travels with its head-foot limit, verified like the locator; a file with it is
+    version 2, and an inconsistent one is refused with what to do."""
+    net, info, locator, thin = _model(0), _info(), (_model(1), _locator_info()), _model(2)
+    sha = save_model(tmp_path / "thin.pt", net, info, half=True, locator=locator, thin_locator=(thin, _locator_info(), 100.0))
+    _loaded, info2 = load_model(tmp_path / "thin.pt", sha256=sha)
+    assert info2.format_version == 2 and info2.thin_locator is not None and info2.thin_locator_max_mm == 100.0
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        assert (torch.softmax(thin(x), 1) - torch.softmax(info2.thin_locator[0](x), 1)).abs().max() < 1e-2
+    assert "a thin-CT locator on CTs of at most 100 mm head to foot" in describe(info2)
+    assert load_model(tmp_path / "thin.pt")[1].locator_members == []  # the thin locator is not a member
+    with pytest.raises(ValueError, match="a thin-CT locator goes beside a locator"):
+        save_model(tmp_path / "bad.pt", net, info, thin_locator=(thin, _locator_info(), 100.0))
+    with pytest.raises(ValueError, match="needs a positive head-foot limit"):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, thin_locator=(thin, _locator_info(), 0.0))
+    with pytest.raises(ValueError, match=r"works at \(6.0, 6.0, 6.0\) mm"):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, thin_locator=(thin, _locator_info((6.0, 6.0, 6.0)), 100.0))
+    assert not (tmp_path / "bad.pt").exists()
+
+    def tamper(p: dict) -> None:
+        state = p["thin_locator"]["state_dict"]
+        key = next(k for k in state if k.endswith("weight"))
+        state[key] = state[key] + 1e-3
+
+    _rewrite_payload(tmp_path / "thin.pt", tmp_path / "t.pt", tamper)
+    with pytest.raises(ModelFileError, match="the thin-CT locator weights do not match their recorded digest"):
+        load_model(tmp_path / "t.pt")
+    _rewrite_payload(tmp_path / "thin.pt", tmp_path / "v1.pt", lambda p: p.update(format_version=1))
+    with pytest.raises(ModelFileError, match="has a thin-CT locator in a version 1 file"):
+        load_model(tmp_path / "v1.pt")
+    _rewrite_payload(tmp_path / "thin.pt", tmp_path / "nomm.pt", lambda p: p["thin_locator"].pop("max_mm"))
+    with pytest.raises(ModelFileError, match="without its head-foot limit"):
+        load_model(tmp_path / "nomm.pt")

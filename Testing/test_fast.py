@@ -164,6 +164,34 @@ def test_locator_members_are_averaged_into_one_whole_ct_view() -> None:
     assert ModelInfo(FAST.config).locator_members == []  # nothing attached: the locator alone, as shipped
 
 
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_a_thin_ct_locator_decides_on_thin_cts_only(mode: str) -> None:
+    """``ModelInfo.thin_locator`` replaces the locator (and its members) on a CT reaching at most
+    ``thin_locator_max_mm`` head to foot, run centred in a window of its trained depth and cut back to the
+    CT's slices: here the locator finds nothing and the thin one finds the spleen, so a 75 mm slab gets
+    the spleen at its true place and the whole 200 mm CT gets "no spleen"."""
+    ct, spleen, _heart = _two_organs()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (NeverNet(), loc_info)
+    info.locator_members = [(NeverNet(), loc_info)]
+    info.thin_locator, info.thin_locator_max_mm = (BandNet(), loc_info), 100.0
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ np.array([0.0, 0.0, 10.0]) + ct.affine[:3, 3]  # slices 10-39, true position
+    slab = Image(np.ascontiguousarray(ct.array[:, :, 10:40]), affine)
+    assert head_foot_extent_mm(slab.shape, slab.affine) == pytest.approx(75.0)
+    res = predict_volume(slab, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert res.report.found and dice(res.labelmap > 0, spleen[:, :, 10:40]) > 0.97
+    assert any("the thin-CT locator (the CT covers at most 100 mm head to foot)" in n for n in res.notes)
+    whole = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not whole.report.found and not whole.labelmap.any()
+    assert not any("thin-CT locator" in n for n in whole.notes)
+    # the thin locator must share the locator's grid
+    info.thin_locator = (BandNet(), ModelInfo(FAST.config, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(48, 48, 48))))
+    with pytest.raises(ValueError, match=r"works at \(6.0, 6.0, 6.0\) mm"):
+        predict_volume(slab, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+
+
 class OrganBandNet(torch.nn.Module):
     """A stand-in multi-organ locator with classes (background, Heart, Spleen): "Heart" above 131 HU,
     "Spleen" at 76-131 HU. The spleen is its second foreground channel, not its first."""

@@ -255,12 +255,17 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
 def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
     """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
     says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
-    from training.realct.members import MEMBERS_DIR, attach, attach_bag, bag_keys, manifest
+    from training.realct.members import MEMBERS_DIR, attach, attach_bag, attach_thin, bag_keys, manifest
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
-    # "final" (all five), "P" (without P) or "P+Q" (without both: the leave-two-out locators for bagging)
-    assert listed and all(key == "final" or set(key.split("+")) <= set(MANIFEST) for key in listed)
+    # "final" (all five), "P" (without P) or "P+Q" (without both: the leave-two-out locators for bagging);
+    # "thin" or "thin:P": the thin-CT locator experiment (every patch a slab), on all five or without P
+    def left_out_of(key: str) -> list[str]:
+        rest = key.removeprefix("thin").removeprefix(":")
+        return [] if rest in ("", "final") else rest.split("+")
+
+    assert listed and all(set(left_out_of(key)) <= set(MANIFEST) for key in listed)
     shipped = default_model()
     _, ship_info = load_model(shipped.path, sha256=shipped.sha256)
     files = set()
@@ -268,9 +273,12 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
         for offset, entry in seeds.items():
             _net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
             files.add(entry["file"])
-            left_out = [] if key == "final" else key.split("+")
-            assert entry["seed"] == info.card["seed"] == 20260 + int(offset)
-            assert int(offset) >= (0 if len(left_out) == 2 else 1)  # seed 20260 alone is the recipe's own locator
+            left_out = left_out_of(key)
+            thin = key.startswith("thin")
+            assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and entry.get("thin", False) == thin
+            assert ("thin CTs" in info.card["role"]) == thin
+            # seed 20260 alone is the recipe's own locator (a thin one is another recipe)
+            assert int(offset) >= (0 if len(left_out) == 2 or thin else 1)
             expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p not in left_out]
             assert entry["trained_on"] == info.card["trained_on"] == expected
             assert info.preprocessing == ship_info.locator[1].preprocessing and info.config == ship_info.locator[1].config
@@ -285,6 +293,11 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
             assert attach(ship_info, keys) == sum(len(listed[k]) for k in keys) == len(ship_info.locator_members)
     with pytest.raises(ValueError, match="locator members go beside a locator"):
         attach(ModelInfo(ship_info.config), "final")
+    for key in (k for k in listed if k.startswith("thin")):  # the thin-CT locator replaces the locator on thin CTs
+        info = ModelInfo(ship_info.config)
+        info.locator = ship_info.locator
+        assert attach_thin(info, (left_out_of(key) or [None])[0], 100.0) and info.thin_locator_max_mm == 100.0
+        assert info.locator_members == [] and info.thin_locator is not None
     # bagging with the shipped model: the held-out pairs' own locators, each trained without one patient
     assert attach_bag(ship_info, "final") == len(MANIFEST) == len(ship_info.locator_members)
     for patient, (m_net, m_info) in zip(sorted(MANIFEST), ship_info.locator_members):

@@ -299,6 +299,12 @@ def test_the_locator_seed_experiment_changes_only_the_seed(tmp_path) -> None:
     assert first.seed == refine.seed == recipe.SEED + 2 != shipped_first.seed
     assert {**asdict(first), "seed": 0} == {**asdict(shipped_first), "seed": 0}
     assert {**asdict(refine), "seed": 0} == {**asdict(shipped_refine), "seed": 0}
+    # the thin-CT locator: the same two stages with every patch cut to a 6-24 slice slab, nothing else changed
+    thin_first, thin_refine = recipe.locator_seed_configs(0, thin=True)
+    assert thin_first.augment.slab_prob == 1.0 and thin_first.augment.slab_slices == (6, 24)
+    assert thin_first.augment.slab_away == thin_refine.augment.slab_away == 0.3
+    assert {**asdict(thin_first), "augment": None} == {**asdict(shipped_first), "augment": None}
+    assert {**asdict(thin_refine), "augment": None} == {**asdict(shipped_refine), "augment": None}
     with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):
         recipe.stage_locator_seed(tmp_path, ("P1",), 0)
     with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):

@@ -48,7 +48,9 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    bagging, where offset 0 is allowed) or on all five patients; written as a float16 file to
    ``training/realct/locator_members/`` with ``members.json`` (README: "Several locators"). Run several
    side by side, but let one write the manifest at a time (run the stage again once training is done:
-   it only saves). 14-22 minutes each on one core.
+   it only saves). 14-22 minutes each on one core. ``--thin`` (seed offset 0 allowed): the thin-CT
+   locator instead, every patch a 24-96 mm slab (``THIN_LOCATOR_AUG``), listed as "thin" or "thin:P"
+   (README: "A locator for thin CTs"); 19-20 minutes.
 
 Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card|locator_seed]``.
 """
@@ -119,6 +121,12 @@ TRAIN_AUG = AugmentConfig(
 # abdomen ending under the spleen got its left kidney called spleen there. (Planes drawn uniformly
 # left the spleen cut by the range's end far more often than wholly removed, and made that worse.)
 LOCATOR_AUG = replace(TRAIN_AUG, fov_end_prob=0.3)
+# ``--stage locator_seed --thin`` (an experiment): a locator for thin CTs only, every patch cut to an axial
+# slab of 6-24 slices (24-96 mm), 30 % of the slabs on a spleen patch placed just beside the organ
+# (holding none of it), so that it learns both "a few slices through the spleen" and "a few slices of
+# the kidney or heart". The recipe's locator, trained on whole 192 mm patches, misses thin CTs (README
+# "How often the whole-CT view misses a spleen"); mixing slabs into its own patches cost it elsewhere.
+THIN_LOCATOR_AUG = replace(LOCATOR_AUG, slab_prob=1.0, slab_slices=(6, 24), slab_away=0.3)
 
 
 def main_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -392,23 +400,26 @@ def stage_final(out: Path, organ: bool = False) -> None:
     _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
-def locator_seed_configs(offset: int) -> tuple[TrainConfig, TrainConfig]:
-    """The recipe's two locator stages with seed ``SEED + offset`` and nothing else changed."""
-    return (TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, "seed": SEED + offset}),
-            TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, "seed": SEED + offset}))
+def locator_seed_configs(offset: int, thin: bool = False) -> tuple[TrainConfig, TrainConfig]:
+    """The recipe's two locator stages with seed ``SEED + offset`` and nothing else changed (``thin``:
+    every patch a thin slab, ``THIN_LOCATOR_AUG``)."""
+    extra = {"seed": SEED + offset, **({"augment": THIN_LOCATOR_AUG} if thin else {})}
+    return (TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, **extra}),
+            TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, **extra}))
 
 
-def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int) -> Path:
+def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: bool = False) -> Path:
     """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
 
     ``without``: the patients left out; () for all five (as ``final``), one (as ``lopo``), or two (a
     leave-two-out locator, for bagging: the mean of locators trained on different patients, measured
     held out with the locators that leave out both the held-out patient and one more). An experiment,
-    not part of ``all`` (README: "Several locators"). Returns the second stage's model file.
+    not part of ``all`` (README: "Several locators"). ``thin``: the thin-CT locator (``THIN_LOCATOR_AUG``),
+    listed as "thin" or "thin:P" (README: "A locator for thin CTs"). Returns the second stage's model file.
     """
     if len(without) > 2 or len(set(without)) != len(without) or not set(without) <= set(PATIENTS):
         raise SystemExit(f"--held/--without: at most two different patients of {', '.join(PATIENTS)}, got {without}")
-    if offset < (0 if len(without) == 2 else 1):
+    if offset < (0 if len(without) == 2 or thin else 1):
         raise SystemExit("--seed-offset must be 1 or more (0 is the recipe's own locator) unless two patients are left out")
     scans = load_scans()
     real = write_real_cases(out, scans)
@@ -424,14 +435,15 @@ def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int) -> Path
         what = f"subjects of {', '.join(others)}; validation on {' and '.join(without)}'s real CTs"
         prefix = f"lopo_without_{'_'.join(without)}"
         task = write_task(out / "tasks" / prefix, pool_cases(out, subjects, others), val, what)
-    first_cfg, refine_cfg = locator_seed_configs(offset)
-    first = _train(out, task, f"{prefix}_locator_seed{offset}", first_cfg)
-    second = _train(out, task, f"{prefix}_locator_refine_seed{offset}", refine_cfg, init=first)
-    _save_member(second, without, offset, [first, second])
+    first_cfg, refine_cfg = locator_seed_configs(offset, thin)
+    kind = "thin" if thin else "seed"
+    first = _train(out, task, f"{prefix}_locator_{kind}{offset}", first_cfg)
+    second = _train(out, task, f"{prefix}_locator_refine_{kind}{offset}", refine_cfg, init=first)
+    _save_member(second, without, offset, [first, second], thin)
     return second
 
 
-def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path]) -> None:
+def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path], thin: bool = False) -> None:
     """The trained locator as its own float16 model file in ``MEMBERS_DIR``, listed in ``members.json``
     under "final" (all five), "P" (without P) or "P+Q" (without both), with its digest, seed and what it
     was trained on, so that the experiment can be measured again without retraining
@@ -441,15 +453,18 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     from vnetseg.checkpoint import save_model
 
     key = "+".join(without) or "final"
+    if thin:
+        key = "thin" + (f":{key}" if without else "")
     net, info = load_model(model_path)
     info = _with_patch(info, INFERENCE_PATCH)
     trained_on = [p for p in PATIENTS if p not in without]
     minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
     command = "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
-    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}"
+    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}" + (" --thin" if thin else "")
     info.card = {
-        "name": f"locator_seed{offset}_{key}",
-        "role": "locator member (seed and bagging experiment): not a model to use",
+        "name": f"locator_{'thin' if thin else 'seed'}{offset}_{key}",
+        "role": ("locator for thin CTs (experiment): not a model to use" if thin
+                 else "locator member (seed and bagging experiment): not a model to use"),
         "seed": SEED + offset,
         "trained_on": trained_on,
         "steps": " + ".join(str(_steps(p)) for p in runs),
@@ -458,10 +473,12 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     }
     MEMBERS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"locator_seed{offset}_{key.replace('+', '_')}.pt"
+    if thin:
+        name = f"locator_thin{offset}" + (f"_{'_'.join(without)}" if without else "") + ".pt"
     sha = save_model(MEMBERS_DIR / name, net, info, half=True)
     manifest_path = MEMBERS_DIR / "members.json"  # one writer at a time: save members one after the other
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest.setdefault(key, {})[str(offset)] = {"file": name, "sha256": sha, "seed": SEED + offset,
+    manifest.setdefault(key, {})[str(offset)] = {"file": name, "sha256": sha, "seed": SEED + offset, "thin": thin,
                                                  "trained_on": trained_on, "train_minutes": round(minutes, 1)}
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
     log(f"locator member {key} seed {SEED + offset}: {MEMBERS_DIR / name} (sha256 {sha})")
@@ -529,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scan", choices=TRAIN_SCANS, help="pool stage: only this scan's subjects (in parallel)")
     parser.add_argument("--without", help="locator_seed stage: one or two patients to leave out (e.g. P1,P3)")
+    parser.add_argument("--thin", action="store_true",
+                        help="locator_seed stage: the thin-CT locator (every patch a 24-96 mm slab; an experiment)")
     parser.add_argument("--seed-offset", type=int, default=1,
                         help="locator_seed stage: train the locator with seed SEED + this (1 or more); with --held P "
                         "without patient P, otherwise on all five")
@@ -582,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_card(args.out, args.weights_dir, args.held)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
-            stage_locator_seed(args.out, without, args.seed_offset)
+            stage_locator_seed(args.out, without, args.seed_offset, args.thin)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)

@@ -12,11 +12,14 @@ read with ``torch.load(weights_only=True)``: loading never executes pickled code
 * optionally ``locator``: a small network that finds the organ in the whole CT (fast mode, and the
   anatomical decision of both modes), packed like the model (its own metadata, digest and weights);
 * optionally ``locator_members`` (format version 2): more locators on the locator's grid, packed the
-  same way; the whole-CT view is then the mean of all their organ probabilities (bagging).
+  same way; the whole-CT view is then the mean of all their organ probabilities (bagging);
+* optionally ``thin_locator`` (format version 2): a locator trained on thin axial slabs, packed the same
+  way with ``max_mm``; it replaces the locator (and its members) on a CT that reaches at most that
+  many mm head to foot.
 
-A file is written at the lowest format version that holds it: one without locator members is
-version 1, readable by every vnetseg; one with them is version 2, which older readers refuse
-instead of silently running its first locator alone.
+A file is written at the lowest format version that holds it: one without locator members or a
+thin-CT locator is version 1, readable by every vnetseg; one with them is version 2, which older
+readers refuse instead of silently running its first locator alone.
 
 The caller may also pass the SHA-256 of the whole file (as published next to a download).
 """
@@ -122,6 +125,10 @@ class ModelInfo:
     # whole-CT view is the mean of all their organ probabilities. Read from a version-2 file by
     # load_model (``save_model(locator_members=...)``), or attached in memory by an experiment
     locator_members: list[tuple[VNet, ModelInfo]] = field(default_factory=list, repr=False, compare=False)
+    # a locator for thin CTs (format version 2): trained on axial slabs only, it replaces ``locator``
+    # (and its members) on a CT whose field of view reaches at most ``thin_locator_max_mm`` head to foot
+    thin_locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
+    thin_locator_max_mm: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -196,6 +203,7 @@ def save_model(
     half: bool = False,
     locator: tuple[VNet, ModelInfo] | None = None,
     locator_members: list[tuple[VNet, ModelInfo]] | None = None,
+    thin_locator: tuple[VNet, ModelInfo, float] | None = None,
 ) -> str:
     """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
 
@@ -209,6 +217,8 @@ def save_model(
         locator_members: more locators beside ``locator`` (each on its spacing and naming the model's
             organ); the whole-CT view becomes the mean of all of them. A file with members is format
             version 2, one without is version 1.
+        thin_locator: (network, info, max_mm): a locator on ``locator``'s grid that replaces it on CTs
+            reaching at most ``max_mm`` (> 0) head to foot; version 2 as well.
 
     Raises:
         ValueError: inconsistent parts (a config or labels that do not match, members without a
@@ -220,12 +230,20 @@ def save_model(
             raise ValueError("locator members go beside a locator: pass locator= as well")
         for _net, m_info in members:
             check_member(m_info, locator[1], info)
-    version = MEMBERS_VERSION if members else 1
+    if thin_locator is not None:
+        if locator is None:
+            raise ValueError("a thin-CT locator goes beside a locator: pass locator= as well")
+        check_member(thin_locator[1], locator[1], info)
+        if not float(thin_locator[2]) > 0:
+            raise ValueError(f"a thin-CT locator needs a positive head-foot limit in mm, got {thin_locator[2]!r}")
+    version = MEMBERS_VERSION if members or thin_locator is not None else 1
     payload = {"format": FORMAT_NAME, "format_version": version, **_pack(model, info, half)}
     if locator is not None:
         payload["locator"] = _pack(locator[0], locator[1], half)
     if members:
         payload["locator_members"] = [_pack(m_net, m_info, half) for m_net, m_info in members]
+    if thin_locator is not None:
+        payload["thin_locator"] = {**_pack(thin_locator[0], thin_locator[1], half), "max_mm": float(thin_locator[2])}
     dest = Path(path)
     save_atomically(payload, dest)
     return file_sha256(dest)
@@ -340,6 +358,20 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
             except ValueError as exc:
                 raise ModelFileError(f"{p}: {exc}") from None
             info.locator_members.append((_build(m_info, m_state, p), m_info))
+    thin = payload.get("thin_locator")
+    if thin is not None:
+        max_mm = thin.get("max_mm") if isinstance(thin, dict) else None
+        if payload["format_version"] < MEMBERS_VERSION or info.locator is None or not isinstance(max_mm, float) or not max_mm > 0:
+            raise ModelFileError(
+                f"{p} has a thin-CT locator in a version {payload['format_version']} file, without a locator or "
+                f"without its head-foot limit; the file is inconsistent: re-export it"
+            )
+        t_info, t_state = _unpack(thin, p, "thin-CT locator")
+        try:
+            check_member(t_info, info.locator[1], info)
+        except ValueError as exc:
+            raise ModelFileError(f"{p}: the thin-CT locator: {exc}") from None
+        info.thin_locator, info.thin_locator_max_mm = (_build(t_info, t_state, p), t_info), max_mm
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
     return info, state
@@ -363,6 +395,8 @@ def load_model(
         info.locator[0].to(device)
     for m_net, _m_info in info.locator_members:
         m_net.to(device)
+    if info.thin_locator is not None:
+        info.thin_locator[0].to(device)
     return _build(info, state, Path(path)).to(device), info
 
 
@@ -375,6 +409,8 @@ def _fast_mode_text(info: ModelInfo) -> str:
             text += f" (classes {', '.join(lab.name for lab in loc.labels)}; the decision reads {info.labels[0].name})"
         if info.locator_members:
             text += f", with {len(info.locator_members)} more beside it (the whole-CT view is the mean of {len(info.locator_members) + 1})"
+        if info.thin_locator is not None:
+            text += f"; a thin-CT locator on CTs of at most {info.thin_locator_max_mm:g} mm head to foot"
         return text
     if info.preprocessing.coarse_spacing:
         return f"coarse pass at {' x '.join(f'{s:g}' for s in info.preprocessing.coarse_spacing)} mm"

@@ -482,8 +482,15 @@ def whole_ct_view(
     hu = to_model_grid(image.array, coarse)  # resampled once: for the anatomy and for the network
     anatomy = BodyView.from_hu(hu)  # before the network: it windows ``hu`` in place
     members = info.locator_members if info.locator is not None else []
+    thin = _thin_locator(image, info, spacing)
+    if thin is not None:  # a thin CT: the locator trained on slabs decides alone
+        loc_net, loc_info, members = thin[0].to(device).eval(), thin[1], []
+        notes.append(f"whole-CT view: the thin-CT locator (the CT covers at most {info.thin_locator_max_mm:g} mm head to foot)")
     raw = hu.copy() if members else None  # the network windows ``hu`` in place; each member needs the HU
-    found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
+    if thin is not None:
+        found = _run_thin(hu, coarse, loc_net, loc_info, opts, device, progress, cancel, notes)
+    else:
+        found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
     organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
     for m_net, m_info in members:  # the mean of several locators' organ probabilities
@@ -496,6 +503,32 @@ def whole_ct_view(
     location = locate(organ, coarse, opts.min_located_ml, anatomy)  # left of the midline, not above lung
     location.body = anatomy.body
     return location, coarse
+
+
+def _thin_locator(image: vio.Image, info: ModelInfo, spacing: tuple[float, ...]) -> tuple[VNet, ModelInfo] | None:
+    """The model's thin-CT locator when it has one, it shares the locator's grid, and ``image`` is thin enough."""
+    if info.thin_locator is None or info.locator is None:
+        return None
+    if head_foot_extent_mm(image.shape, image.affine) > info.thin_locator_max_mm:
+        return None
+    check_member(info.thin_locator[1], info.locator[1], info)
+    return info.thin_locator
+
+
+def _run_thin(
+    hu: np.ndarray, coarse: GridMap, net: VNet, loc_info: ModelInfo, opts: InferenceOptions, device: torch.device,
+    progress: ProgressFn | None, cancel: CancelFn | None, notes: list[str],
+) -> np.ndarray:
+    """The thin-CT locator over the whole CT, as it was trained: the slab centred in a window of its
+    trained depth (air above and below), in one window."""
+    depth = loc_info.preprocessing.patch_size[2]
+    extra = max(0, depth - hu.shape[2])
+    below = extra // 2
+    padded = np.pad(hu, ((0, 0), (0, 0), (below, extra - below)), mode="constant", constant_values=-1024.0)
+    multiple = net.config.size_multiple
+    patch = single_window_patch(padded.shape, multiple) or window_for(loc_info.preprocessing.patch_size, padded.shape, multiple)
+    found = _run_network(padded, coarse, net, loc_info, opts, device, progress, cancel, notes, True, padded, patch=patch)
+    return found[..., below:below + hu.shape[2]]
 
 
 def _organ_channel(loc_info: ModelInfo, info: ModelInfo) -> int:

@@ -68,6 +68,27 @@ def attach_bag(info: ModelInfo, key: str) -> int:
     return attach(info, bag_keys(key))
 
 
+def thin_key(patient: str | None) -> str:
+    """The manifest key of the thin-CT locator trained without ``patient`` ("thin:P2"), or on all five ("thin")."""
+    return "thin" if patient in (None, "final") else f"thin:{patient}"
+
+
+def attach_thin(info: ModelInfo, patient: str | None, max_mm: float) -> bool:
+    """Give ``info`` the thin-CT locator trained without ``patient`` (None: on all five), used on CTs of at
+    most ``max_mm`` head to foot; False when none is listed.
+
+    Raises:
+        ValueError: when ``info`` has no locator (the thin one replaces it on thin CTs only).
+    """
+    if info.locator is None:
+        raise ValueError("a thin-CT locator goes beside a locator, and this model file has none")
+    found = load_members(thin_key(patient))
+    if not found:
+        return False
+    info.thin_locator, info.thin_locator_max_mm = found[0], float(max_mm)
+    return True
+
+
 def attach(info: ModelInfo, key: str | list[str]) -> int:
     """Put the members of ``key`` (or of each key of a list) beside ``info``'s own locator; returns how
     many (0 when none are listed).
