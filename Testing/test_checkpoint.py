@@ -172,6 +172,13 @@ def _locator_info(spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> Mode
     return ModelInfo(CFG, Preprocessing(target_spacing=spacing, patch_size=(64, 64, 48)), card={"role": "locator"})
 
 
+def _nudge_a_weight(packed: dict) -> None:
+    """Change one weight of a packed network in place (its recorded digest no longer matches)."""
+    state = packed["state_dict"]
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = state[key] + 1e-3
+
+
 def test_locator_members_round_trip_in_a_version_2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bagging: the locator's members travel in the file, each verified, and make it version 2, which a
     version-1 reader refuses instead of running the first locator alone."""
@@ -205,12 +212,7 @@ def test_inconsistent_locator_members_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.pt").exists()  # nothing written
     save_model(tmp_path / "bag.pt", net, info, locator=locator, locator_members=[(_model(2), _locator_info())])
 
-    def tamper(p: dict) -> None:
-        state = p["locator_members"][0]["state_dict"]
-        key = next(k for k in state if k.endswith("weight"))
-        state[key] = state[key] + 1e-3
-
-    _rewrite_payload(tmp_path / "bag.pt", tmp_path / "t.pt", tamper)
+    _rewrite_payload(tmp_path / "bag.pt", tmp_path / "t.pt", lambda p: _nudge_a_weight(p["locator_members"][0]))
     with pytest.raises(ModelFileError, match="the locator member 1 weights do not match their recorded digest"):
         load_model(tmp_path / "t.pt")
     _rewrite_payload(tmp_path / "bag.pt", tmp_path / "v1.pt", lambda p: p.update(format_version=1))
@@ -241,12 +243,7 @@ def test_a_thin_ct_locator_round_trips_in_a_version_2_file_and_is_checked(tmp_pa
         save_model(tmp_path / "bad.pt", net, info, locator=locator, thin_locator=(thin, _locator_info((6.0, 6.0, 6.0)), 100.0))
     assert not (tmp_path / "bad.pt").exists()
 
-    def tamper(p: dict) -> None:
-        state = p["thin_locator"]["state_dict"]
-        key = next(k for k in state if k.endswith("weight"))
-        state[key] = state[key] + 1e-3
-
-    _rewrite_payload(tmp_path / "thin.pt", tmp_path / "t.pt", tamper)
+    _rewrite_payload(tmp_path / "thin.pt", tmp_path / "t.pt", lambda p: _nudge_a_weight(p["thin_locator"]))
     with pytest.raises(ModelFileError, match="the thin-CT locator weights do not match their recorded digest"):
         load_model(tmp_path / "t.pt")
     _rewrite_payload(tmp_path / "thin.pt", tmp_path / "v1.pt", lambda p: p.update(format_version=1))
