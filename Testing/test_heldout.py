@@ -255,14 +255,18 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
 def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
     """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
     says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
-    from training.realct.members import MEMBERS_DIR, attach, attach_bag, attach_thin, bag_keys, manifest
+    from training.realct.members import MEMBERS_DIR, THIN_VARIANTS, attach, attach_bag, attach_thin, bag_keys, manifest
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
     # "final" (all five), "P" (without P) or "P+Q" (without both: the leave-two-out locators for bagging);
-    # "thin" or "thin:P": the thin-CT locator experiment (every patch a slab), on all five or without P
+    # "thin" or "thin:P": the thin-CT locator experiment (every patch a slab), on all five or without P;
+    # "thin-neg" or "thin-neg:P": its variant with fewer patches on the spleen
+    def variant_of(key: str) -> str:
+        return key.partition(":")[0] if key.partition(":")[0] in THIN_VARIANTS else ""
+
     def left_out_of(key: str) -> list[str]:
-        rest = key.removeprefix("thin").removeprefix(":")
+        rest = key.removeprefix(variant_of(key)).removeprefix(":")
         return [] if rest in ("", "final") else rest.split("+")
 
     assert listed and all(set(left_out_of(key)) <= set(MANIFEST) for key in listed)
@@ -276,6 +280,9 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
             left_out = left_out_of(key)
             thin = key.startswith("thin")
             assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and entry.get("thin", False) == thin
+            # the variant's own share of patches on the spleen is in its entry, and in no other
+            assert ("fg_ratio" in entry) == (variant_of(key) == "thin-neg")
+            assert ("--thin-neg" in info.card["command"]) == (variant_of(key) == "thin-neg")
             assert ("thin CTs" in info.card["role"]) == thin
             # seed 20260 alone is the recipe's own locator (a thin one is another recipe)
             assert int(offset) >= (0 if len(left_out) == 2 or thin else 1)
@@ -296,7 +303,8 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
     for key in (k for k in listed if k.startswith("thin")):  # the thin-CT locator replaces the locator on thin CTs
         info = ModelInfo(ship_info.config)
         info.locator = ship_info.locator
-        assert attach_thin(info, (left_out_of(key) or [None])[0], 100.0) and info.thin_locator_max_mm == 100.0
+        assert attach_thin(info, (left_out_of(key) or [None])[0], 100.0, variant_of(key))
+        assert info.thin_locator_max_mm == 100.0
         assert info.locator_members == [] and info.thin_locator is not None
     # bagging with the shipped model: the held-out pairs' own locators, each trained without one patient
     assert attach_bag(ship_info, "final") == len(MANIFEST) == len(ship_info.locator_members)

@@ -305,6 +305,21 @@ def test_the_locator_seed_experiment_changes_only_the_seed(tmp_path) -> None:
     assert thin_first.augment.slab_away == thin_refine.augment.slab_away == 0.3
     assert {**asdict(thin_first), "augment": None} == {**asdict(shipped_first), "augment": None}
     assert {**asdict(thin_refine), "augment": None} == {**asdict(shipped_refine), "augment": None}
+    # its "thin-neg" variant: the thin locator with 0.2 of its patches on the spleen, nothing else changed
+    neg_first, neg_refine = recipe.locator_seed_configs(0, thin=True, neg=True)
+    assert neg_first.fg_ratio == neg_refine.fg_ratio == recipe.THIN_NEG_FG_RATIO == 0.2 < thin_first.fg_ratio == 0.4
+    assert {**asdict(neg_first), "fg_ratio": 0} == {**asdict(thin_first), "fg_ratio": 0}
+    assert {**asdict(neg_refine), "fg_ratio": 0} == {**asdict(thin_refine), "fg_ratio": 0}
+    with pytest.raises(ValueError, match="variant of the thin-CT locator"):
+        recipe.locator_seed_configs(1, neg=True)
+    with pytest.raises(SystemExit, match="--thin-neg is a variant of the thin-CT locator"):
+        recipe.stage_locator_seed(tmp_path, ("P1",), 1, thin=False, neg=True)
+    from training.realct.members import thin_key
+
+    assert [thin_key(p, v) for p in (None, "final", "P4") for v in ("thin", "thin-neg")] == [
+        "thin", "thin-neg", "thin", "thin-neg", "thin:P4", "thin-neg:P4"]
+    with pytest.raises(ValueError, match="expected one of thin, thin-neg"):
+        thin_key("P4", "thick")
     with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):
         recipe.stage_locator_seed(tmp_path, ("P1",), 0)
     with pytest.raises(SystemExit, match="--seed-offset must be 1 or more"):

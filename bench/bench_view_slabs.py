@@ -44,7 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach, attach_bag, attach_thin
+from training.realct.members import THIN_VARIANTS, attach, attach_bag, attach_thin
 from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -136,19 +136,19 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
 
 
 def models(kinds: list[str], patients: list[str], members: bool = False, bag: bool = False, thin_mm: float = 0.0,
-           ) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
+           thin_variant: str = "thin") -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
     """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
     locator members (``training.realct.members``: the shipped model's "final", a held-out pair's its
     patient's) are put beside its locator; a model without any listed is refused. ``thin_mm``: each model
-    gets the thin-CT locator trained on the same patients, used on slabs of at most that many mm."""
+    gets the thin-CT locator trained on the same patients, used on slabs of at most that many mm (``thin_variant``: "thin" or "thin-neg", ``members.thin_key``)."""
     for kind in kinds:
         if kind == "shipped":
             entry = default_model()
             net, info = load_model(entry.path, sha256=entry.sha256)
             if members and not (attach_bag(info, "final") if bag else attach(info, "final")):
                 raise SystemExit("--members: no locator member is listed for the shipped model ('final')")
-            if thin_mm and not attach_thin(info, None, thin_mm):
-                raise SystemExit("--thin: no thin-CT locator is listed for the shipped model ('thin')")
+            if thin_mm and not attach_thin(info, None, thin_mm, thin_variant):
+                raise SystemExit(f"--thin: no thin-CT locator is listed for the shipped model ({thin_variant!r})")
             yield kind, None, net, info
         elif kind == "held":
             manifest = json.loads((HELD_DIR / "heldout.json").read_text())
@@ -157,7 +157,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
                     net, info = load_model(HELD_DIR / manifest[patient]["file"], sha256=manifest[patient]["sha256"])
                     if members and not (attach_bag(info, patient) if bag else attach(info, patient)):
                         raise SystemExit(f"--members: no locator member is listed for {patient}'s held-out pair")
-                    if thin_mm and not attach_thin(info, patient, thin_mm):
+                    if thin_mm and not attach_thin(info, patient, thin_mm, thin_variant):
                         print(f"--thin: no thin-CT locator is listed without {patient}: skipped", flush=True)
                         continue
                     yield kind, patient, net, info
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thin", type=float, default=0.0, metavar="MM",
                     help="give each model the thin-CT locator trained on its patients (training/realct/locator_members, "
                     "'thin' and 'thin:P'), used on slabs of at most MM mm head to foot")
+    ap.add_argument("--thin-variant", default="thin", choices=THIN_VARIANTS,
+                    help="with --thin: which thin-CT locator ('thin-neg': the variant with fewer patches on the spleen)")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':8s} {'scan':9s} {'mm':>4s} {'start':>6s} {'ref mL':>6s} {'located':>7s} {'mL':>6s} {'Dice':>6s} {'away':>5s}",
           flush=True)
-    for kind, only, net, info in models(args.models.split(","), patients, args.members, args.bag, args.thin):
+    for kind, only, net, info in models(args.models.split(","), patients, args.members, args.bag, args.thin,
+                                       args.thin_variant):
         for scan in scans:
             if only is not None and scan.patient != only:
                 continue
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
                 "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
                 "torch_threads": 1, "patients": patients, "locator_members": args.members, "bag": args.bag,
-                "thin_locator_max_mm": args.thin}
+                "thin_locator_max_mm": args.thin, **({"thin_variant": args.thin_variant} if args.thin else {})}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0

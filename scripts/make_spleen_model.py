@@ -50,7 +50,8 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    side by side, but let one write the manifest at a time (run the stage again once training is done:
    it only saves). 14-22 minutes each on one core. ``--thin`` (seed offset 0 allowed): the thin-CT
    locator instead, every patch a 24-96 mm slab (``THIN_LOCATOR_AUG``), listed as "thin" or "thin:P"
-   (README: "A locator for thin CTs"); 19-20 minutes.
+   (README: "A locator for thin CTs"); 19-20 minutes. ``--thin --thin-neg``: its variant with fewer
+   patches on the spleen (``THIN_NEG_FG_RATIO``), listed as "thin-neg" or "thin-neg:P".
 
 Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card|locator_seed]``.
 """
@@ -127,6 +128,12 @@ LOCATOR_AUG = replace(TRAIN_AUG, fov_end_prob=0.3)
 # the kidney or heart". The recipe's locator, trained on whole 192 mm patches, misses thin CTs (README
 # "How often the whole-CT view misses a spleen"); mixing slabs into its own patches cost it elsewhere.
 THIN_LOCATOR_AUG = replace(LOCATOR_AUG, slab_prob=1.0, slab_slices=(6, 24), slab_away=0.3)
+# ``--thin-neg`` (with ``--thin``; an experiment): the same thin-CT locator with half the share of patches
+# drawn on the spleen (0.2 instead of the locator's 0.4), so that four in five of its slabs lie anywhere in
+# the subjects (most of them spleen-free: pelvis, lower abdomen, chest). Held out, the thin locator called
+# two 40 mm slabs of P4's pelvis spleen; this asks whether more spleen-free slabs take that away without
+# losing the thin spleens it finds. Listed as "thin-neg" or "thin-neg:P".
+THIN_NEG_FG_RATIO = 0.2
 
 
 def main_config(epochs: int, iters: int = 20) -> TrainConfig:
@@ -400,23 +407,32 @@ def stage_final(out: Path, organ: bool = False) -> None:
     _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
-def locator_seed_configs(offset: int, thin: bool = False) -> tuple[TrainConfig, TrainConfig]:
+def locator_seed_configs(offset: int, thin: bool = False, neg: bool = False) -> tuple[TrainConfig, TrainConfig]:
     """The recipe's two locator stages with seed ``SEED + offset`` and nothing else changed (``thin``:
-    every patch a thin slab, ``THIN_LOCATOR_AUG``)."""
-    extra = {"seed": SEED + offset, **({"augment": THIN_LOCATOR_AUG} if thin else {})}
+    every patch a thin slab, ``THIN_LOCATOR_AUG``; ``neg``, with ``thin``: ``THIN_NEG_FG_RATIO`` of the
+    patches on the spleen instead of 0.4)."""
+    if neg and not thin:
+        raise ValueError("neg is a variant of the thin-CT locator: pass thin=True with it")
+    extra = {"seed": SEED + offset, **({"augment": THIN_LOCATOR_AUG} if thin else {}),
+             **({"fg_ratio": THIN_NEG_FG_RATIO} if neg else {})}
     return (TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, **extra}),
             TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, **extra}))
 
 
-def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: bool = False) -> Path:
+def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: bool = False,
+                       neg: bool = False) -> Path:
     """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
 
     ``without``: the patients left out; () for all five (as ``final``), one (as ``lopo``), or two (a
     leave-two-out locator, for bagging: the mean of locators trained on different patients, measured
     held out with the locators that leave out both the held-out patient and one more). An experiment,
     not part of ``all`` (README: "Several locators"). ``thin``: the thin-CT locator (``THIN_LOCATOR_AUG``),
-    listed as "thin" or "thin:P" (README: "A locator for thin CTs"). Returns the second stage's model file.
+    listed as "thin" or "thin:P" (README: "A locator for thin CTs"); ``neg`` with it: the variant with fewer
+    patches on the spleen (``THIN_NEG_FG_RATIO``), "thin-neg" or "thin-neg:P". Returns the second stage's
+    model file.
     """
+    if neg and not thin:
+        raise SystemExit("--thin-neg is a variant of the thin-CT locator: pass --thin with it")
     if len(without) > 2 or len(set(without)) != len(without) or not set(without) <= set(PATIENTS):
         raise SystemExit(f"--held/--without: at most two different patients of {', '.join(PATIENTS)}, got {without}")
     if offset < (0 if len(without) == 2 or thin else 1):
@@ -435,15 +451,16 @@ def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: b
         what = f"subjects of {', '.join(others)}; validation on {' and '.join(without)}'s real CTs"
         prefix = f"lopo_without_{'_'.join(without)}"
         task = write_task(out / "tasks" / prefix, pool_cases(out, subjects, others), val, what)
-    first_cfg, refine_cfg = locator_seed_configs(offset, thin)
-    kind = "thin" if thin else "seed"
+    first_cfg, refine_cfg = locator_seed_configs(offset, thin, neg)
+    kind = ("thinneg" if neg else "thin") if thin else "seed"
     first = _train(out, task, f"{prefix}_locator_{kind}{offset}", first_cfg)
     second = _train(out, task, f"{prefix}_locator_refine_{kind}{offset}", refine_cfg, init=first)
-    _save_member(second, without, offset, [first, second], thin)
+    _save_member(second, without, offset, [first, second], thin, neg)
     return second
 
 
-def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path], thin: bool = False) -> None:
+def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path], thin: bool = False,
+                 neg: bool = False) -> None:
     """The trained locator as its own float16 model file in ``MEMBERS_DIR``, listed in ``members.json``
     under "final" (all five), "P" (without P) or "P+Q" (without both), with its digest, seed and what it
     was trained on, so that the experiment can be measured again without retraining
@@ -453,16 +470,17 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     from vnetseg.checkpoint import save_model
 
     key = "+".join(without) or "final"
+    kind = "thin-neg" if neg else "thin"
     if thin:
-        key = "thin" + (f":{key}" if without else "")
+        key = kind + (f":{key}" if without else "")
     net, info = load_model(model_path)
     info = _with_patch(info, INFERENCE_PATCH)
     trained_on = [p for p in PATIENTS if p not in without]
     minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
     command = "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
-    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}" + (" --thin" if thin else "")
+    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}" + (" --thin" if thin else "") + (" --thin-neg" if neg else "")
     info.card = {
-        "name": f"locator_{'thin' if thin else 'seed'}{offset}_{key}",
+        "name": f"locator_{kind.replace('-', '') if thin else 'seed'}{offset}_{key}",
         "role": ("locator for thin CTs (experiment): not a model to use" if thin
                  else "locator member (seed and bagging experiment): not a model to use"),
         "seed": SEED + offset,
@@ -474,11 +492,12 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     MEMBERS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"locator_seed{offset}_{key.replace('+', '_')}.pt"
     if thin:
-        name = f"locator_thin{offset}" + (f"_{'_'.join(without)}" if without else "") + ".pt"
+        name = f"locator_{kind.replace('-', '')}{offset}" + (f"_{'_'.join(without)}" if without else "") + ".pt"
     sha = save_model(MEMBERS_DIR / name, net, info, half=True)
     manifest_path = MEMBERS_DIR / "members.json"  # one writer at a time: save members one after the other
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest.setdefault(key, {})[str(offset)] = {"file": name, "sha256": sha, "seed": SEED + offset, "thin": thin,
+                                                 **({"fg_ratio": THIN_NEG_FG_RATIO} if neg else {}),
                                                  "trained_on": trained_on, "train_minutes": round(minutes, 1)}
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
     log(f"locator member {key} seed {SEED + offset}: {MEMBERS_DIR / name} (sha256 {sha})")
@@ -548,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without", help="locator_seed stage: one or two patients to leave out (e.g. P1,P3)")
     parser.add_argument("--thin", action="store_true",
                         help="locator_seed stage: the thin-CT locator (every patch a 24-96 mm slab; an experiment)")
+    parser.add_argument("--thin-neg", action="store_true",
+                        help=f"with --thin: the variant with {THIN_NEG_FG_RATIO} of its patches on the spleen instead "
+                        "of 0.4 (more spleen-free slabs; listed as 'thin-neg' or 'thin-neg:P')")
     parser.add_argument("--seed-offset", type=int, default=1,
                         help="locator_seed stage: train the locator with seed SEED + this (1 or more); with --held P "
                         "without patient P, otherwise on all five")
@@ -601,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_card(args.out, args.weights_dir, args.held)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
-            stage_locator_seed(args.out, without, args.seed_offset, args.thin)
+            stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)

@@ -68,21 +68,27 @@ def attach_bag(info: ModelInfo, key: str) -> int:
     return attach(info, bag_keys(key))
 
 
-def thin_key(patient: str | None) -> str:
-    """The manifest key of the thin-CT locator trained without ``patient`` ("thin:P2"), or on all five ("thin")."""
-    return "thin" if patient in (None, "final") else f"thin:{patient}"
+THIN_VARIANTS = ("thin", "thin-neg")
 
 
-def attach_thin(info: ModelInfo, patient: str | None, max_mm: float) -> bool:
+def thin_key(patient: str | None, variant: str = "thin") -> str:
+    """The manifest key of the thin-CT locator trained without ``patient`` ("thin:P2"), or on all five ("thin");
+    ``variant`` "thin-neg": its variant with fewer patches on the spleen ("thin-neg:P2")."""
+    if variant not in THIN_VARIANTS:
+        raise ValueError(f"thin-CT locator variant {variant!r}: expected one of {', '.join(THIN_VARIANTS)}")
+    return variant if patient in (None, "final") else f"{variant}:{patient}"
+
+
+def attach_thin(info: ModelInfo, patient: str | None, max_mm: float, variant: str = "thin") -> bool:
     """Give ``info`` the thin-CT locator trained without ``patient`` (None: on all five), used on CTs of at
-    most ``max_mm`` head to foot; False when none is listed.
+    most ``max_mm`` head to foot (``variant``: see :func:`thin_key`); False when none is listed.
 
     Raises:
         ValueError: when ``info`` has no locator (the thin one replaces it on thin CTs only).
     """
     if info.locator is None:
         raise ValueError("a thin-CT locator goes beside a locator, and this model file has none")
-    found = load_members(thin_key(patient))
+    found = load_members(thin_key(patient, variant))
     if not found:
         return False
     info.thin_locator, info.thin_locator_max_mm = found[0], float(max_mm)
