@@ -223,6 +223,31 @@ def test_inconsistent_locator_members_are_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "alone.pt")
 
 
+def test_the_locator_rule_travels_with_the_members_and_is_checked(tmp_path: Path) -> None:
+    """"max" is written beside the members and read back; "mean" (bagging) is what a file without the entry
+    means, so files written before the rule existed read as they did; an unknown rule, or a rule without
+    members, is refused on save and on load."""
+    net, info, locator, member = _model(0), _info(), (_model(1), _locator_info()), (_model(2), _locator_info())
+    save_model(tmp_path / "max.pt", net, info, locator=locator, locator_members=[member], locator_rule="max")
+    loaded = load_model(tmp_path / "max.pt")[1]
+    assert loaded.locator_rule == "max" and loaded.format_version == 2
+    assert "with 1 more beside it (the whole-CT view is the voxel-wise maximum of 2)" in describe(loaded)
+    save_model(tmp_path / "mean.pt", net, info, locator=locator, locator_members=[member])
+    assert load_model(tmp_path / "mean.pt")[1].locator_rule == "mean"
+    assert "locator_rule" not in torch.load(tmp_path / "mean.pt", weights_only=True)
+    with pytest.raises(ValueError, match="locator_rule 'median': expected one of mean, max"):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_members=[member], locator_rule="median")
+    with pytest.raises(ValueError, match="combines a locator with its members: pass locator_members="):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_rule="max")
+    assert not (tmp_path / "bad.pt").exists()
+    _rewrite_payload(tmp_path / "max.pt", tmp_path / "odd.pt", lambda p: p.update(locator_rule="median"))
+    with pytest.raises(ModelFileError, match="has locator rule 'median': expected one of mean, max"):
+        load_model(tmp_path / "odd.pt")
+    _rewrite_payload(tmp_path / "max.pt", tmp_path / "alone.pt", lambda p: p.pop("locator_members"))
+    with pytest.raises(ModelFileError, match="has locator rule 'max' without locator members"):
+        load_model(tmp_path / "alone.pt")
+
+
 def test_a_thin_ct_locator_round_trips_in_a_version_2_file_and_is_checked(tmp_path: Path) -> None:
     """The thin-CT locator travels with its head-foot limit, verified like the locator; a file with it is
     version 2, and an inconsistent one is refused with what to do."""

@@ -165,6 +165,28 @@ def test_locator_members_are_averaged_into_one_whole_ct_view() -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "full"])
+def test_the_max_rule_lets_a_second_locator_find_what_the_first_misses(mode: str) -> None:
+    """``locator_rule`` "max": the view is the voxel-wise maximum of the locators' probabilities, so a member
+    that sees the spleen where the locator sees nothing gives the spleen (the mean of the two, 0.5, does
+    not), with the mask the member alone would give; two that see nothing still say "no spleen"."""
+    ct, spleen, heart = _two_organs()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator, info.locator_members = (NeverNet(), loc_info), [(BandNet(), loc_info)]
+    mean = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not mean.report.found and not mean.labelmap.any()
+    info.locator_rule = "max"
+    largest = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert largest.report.found and dice(largest.labelmap > 0, spleen) > 0.97 and not (largest.labelmap > 0)[heart].any()
+    alone = ModelInfo(info.config, info.preprocessing)
+    alone.locator = (BandNet(), loc_info)
+    by_itself = predict_volume(ct, ThresholdNet(), alone, InferenceOptions(device="cpu", mode=mode))
+    assert np.array_equal(largest.labelmap, by_itself.labelmap) and largest.located_ml == by_itself.located_ml
+    info.locator_members = [(NeverNet(), loc_info)]
+    assert not predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode)).report.found
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
 def test_a_thin_ct_locator_decides_on_thin_cts_only(mode: str) -> None:
     """``ModelInfo.thin_locator`` replaces the locator (and its members) on a CT reaching at most
     ``thin_locator_max_mm`` head to foot, run centred in a window of its trained depth and cut back to the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -261,9 +262,10 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
     listed = manifest()
     # "final" (all five), "P" (without P) or "P+Q" (without both: the leave-two-out locators for bagging);
     # "thin" or "thin:P": the thin-CT locator experiment (every patch a slab), on all five or without P;
-    # "thin-neg" or "thin-neg:P": its variant with fewer patches on the spleen
+    # "thin-neg" or "thin-neg:P": its variant with fewer patches on the spleen; "organ" or "organ:P": the
+    # multi-organ locator with today's locator recipe
     def variant_of(key: str) -> str:
-        return key.partition(":")[0] if key.partition(":")[0] in THIN_VARIANTS else ""
+        return key.partition(":")[0] if key.partition(":")[0] in (*THIN_VARIANTS, "organ") else ""
 
     def left_out_of(key: str) -> list[str]:
         rest = key.removeprefix(variant_of(key)).removeprefix(":")
@@ -278,17 +280,23 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
             _net, info = load_model(MEMBERS_DIR / entry["file"], sha256=entry["sha256"])
             files.add(entry["file"])
             left_out = left_out_of(key)
-            thin = key.startswith("thin")
+            thin, organ = key.startswith("thin"), key.startswith("organ")
+            assert entry.get("organ", False) == organ and ("multi-organ" in info.card["role"]) == organ
             assert entry["seed"] == info.card["seed"] == 20260 + int(offset) and entry.get("thin", False) == thin
             # the variant's own share of patches on the spleen is in its entry, and in no other
             assert ("fg_ratio" in entry) == (variant_of(key) == "thin-neg")
             assert ("--thin-neg" in info.card["command"]) == (variant_of(key) == "thin-neg")
             assert ("thin CTs" in info.card["role"]) == thin
             # seed 20260 alone is the recipe's own locator (a thin one is another recipe)
-            assert int(offset) >= (0 if len(left_out) == 2 or thin else 1)
+            assert int(offset) >= (0 if len(left_out) == 2 or thin or organ else 1)
             expected = [p for p in ("P1", "P2", "P3", "P4", "P5") if p not in left_out]
             assert entry["trained_on"] == info.card["trained_on"] == expected
-            assert info.preprocessing == ship_info.locator[1].preprocessing and info.config == ship_info.locator[1].config
+            assert info.preprocessing == ship_info.locator[1].preprocessing
+            if organ:  # the same network with one output per organ class, the spleen among them
+                assert info.config.out_channels == 7 and "spleen" in [lab.name.lower() for lab in info.labels]
+                assert replace(info.config, out_channels=2) == ship_info.locator[1].config
+            else:
+                assert info.config == ship_info.locator[1].config
         n = attach(ship_info, key)
         assert n == len(seeds) == len(ship_info.locator_members)
     assert files == {p.name for p in MEMBERS_DIR.glob("*.pt")}  # no file that the manifest does not list

@@ -314,6 +314,18 @@ def test_the_locator_seed_experiment_changes_only_the_seed(tmp_path) -> None:
         recipe.locator_seed_configs(1, neg=True)
     with pytest.raises(SystemExit, match="--thin-neg is a variant of the thin-CT locator"):
         recipe.stage_locator_seed(tmp_path, ("P1",), 1, thin=False, neg=True)
+    # the multi-organ locator with today's locator recipe (range-end patches included): only the model and the
+    # partial labels change
+    organ_first, organ_refine = recipe.locator_seed_configs(0, organ=True)
+    assert organ_first.model.out_channels == 7 and organ_first.partial_label == 255
+    assert organ_first.augment == shipped_first.augment and organ_first.augment.fov_end_prob == 0.3
+    assert {**asdict(organ_first), "model": None, "partial_label": 0, "fg_classes": ()} == {
+        **asdict(shipped_first), "model": None, "seed": recipe.SEED}
+    assert organ_refine.lr == shipped_refine.lr and organ_refine.model == organ_first.model
+    with pytest.raises(ValueError, match="not with thin"):
+        recipe.locator_seed_configs(0, thin=True, organ=True)
+    with pytest.raises(SystemExit, match="one experiment at a time"):
+        recipe.stage_locator_seed(tmp_path, ("P1",), 0, thin=True, organ=True)
     from training.realct.members import thin_key
 
     assert [thin_key(p, v) for p in (None, "final", "P4") for v in ("thin", "thin-neg")] == [

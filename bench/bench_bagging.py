@@ -19,9 +19,14 @@ Cases: each real CT; its spleen-free crops, range ends and pelvis crop; and axia
 at least half of it lies on the reference (resampled to the 4 mm grid); a spleen-free case is
 **false** when a part of ``--rule-ml`` or more is located. The main network, which segments the
 located part at 1.5 mm, is not run: ``bench_locator_members.py --bag`` runs both modes end to end.
-One torch thread. Usage::
+One torch thread.
 
-    python bench/bench_bagging.py [--models shipped,held] [--patients P1,P4] [--thresholds 0.5,0.4,0.35,0.3,0.25] [--name bagging]
+``--organ``: instead of the bag, the multi-organ locator trained on the same patients (``--stage
+locator_seed --organ-locator``: "organ" beside the shipped locator, "organ:P" beside P's held-out pair)
+goes beside the model's own locator, and two more views are read off: ``organ`` (its spleen channel
+alone) and ``max`` (the larger of the two spleen probabilities, voxel by voxel). Usage::
+
+    python bench/bench_bagging.py [--models shipped,held] [--patients P1,P4] [--thresholds 0.5,0.4,0.35,0.3,0.25] [--organ] [--name bagging]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import benchlib
 from bench_view_slabs import slabs
 
 sys.path.insert(0, str(benchlib.REPO))
-from training.realct.members import HELD_DIR, attach_bag, bag_keys
+from training.realct.members import HELD_DIR, attach, attach_bag, bag_keys, manifest
 from training.realct.sources import load_scans, pelvis_parts, range_end_parts, spleen_free_parts
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -69,8 +74,10 @@ def locator_maps(image: vio.Image, info: ModelInfo) -> tuple[Any, BodyView, list
     return coarse, anatomy, maps
 
 
-def judge(image: vio.Image, reference: np.ndarray | None, info: ModelInfo, thresholds: list[float]) -> dict[str, Any]:
-    """Each view's located part (mL) and, with a reference, the share of it on the reference."""
+def judge(image: vio.Image, reference: np.ndarray | None, info: ModelInfo, thresholds: list[float],
+          organ: bool = False) -> dict[str, Any]:
+    """Each view's located part (mL) and, with a reference, the share of it on the reference (``organ``: the
+    second locator is the multi-organ one, read alone and as the voxel-wise maximum with the first too)."""
     coarse, anatomy, maps = locator_maps(image, info)
     ref = None
     if reference is not None and reference.any():
@@ -79,7 +86,8 @@ def judge(image: vio.Image, reference: np.ndarray | None, info: ModelInfo, thres
     views: dict[str, Any] = {}
     # locate() takes the parts over 0.5; scaling by 0.5 / t takes those over t and keeps which part
     # holds the most probability mass (a uniform scale)
-    for name, probs in [("one", maps[0])] + [(f"mean>{t:g}", mean * (0.5 / t)) for t in thresholds]:
+    pairs = [("one", maps[0])] + ([("organ", maps[1]), ("max", np.maximum(maps[0], maps[1]))] if organ else [])
+    for name, probs in pairs + [(f"mean>{t:g}", mean * (0.5 / t)) for t in thresholds]:
         where = locate(probs, coarse, FLOOR_ML, anatomy)
         view = {"located_ml": round(where.volume_ml if where.found else 0.0, 1)}
         if ref is not None and where.found:
@@ -135,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thickness", default="40,64,96,128,160,192,256", help="slab thicknesses, mm")
     ap.add_argument("--rule-ml", type=float, default=MIN_LOCATED_ML, help="the smallest located part (mL)")
     ap.add_argument("--min-ref-ml", type=float, default=20.0)
+    ap.add_argument("--organ", action="store_true",
+                    help="beside each model's locator the multi-organ locator trained on its patients ('organ', "
+                    "'organ:P' in training/realct/locator_members) instead of the bag; adds the views organ and max")
     ap.add_argument("--name", default="bagging")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -142,18 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     thresholds = [float(t) for t in args.thresholds.split(",")]
     thickness = [float(t) for t in args.thickness.split(",")]
-    views = ["one"] + [f"mean>{t:g}" for t in thresholds]
+    views = ["one"] + (["organ", "max"] if args.organ else []) + [f"mean>{t:g}" for t in thresholds]
     scans = load_scans()
     jobs: list[tuple[str, str | None, ModelInfo]] = []
     for kind in args.models.split(","):
         if kind == "shipped":
             entry = default_model()
             _net, info = load_model(entry.path, sha256=entry.sha256)
-            attach_bag(info, "final")
+            if args.organ:
+                if not attach(info, "organ"):
+                    raise SystemExit("--organ: no multi-organ locator trained on all five is listed ('organ')")
+            else:
+                attach_bag(info, "final")
             jobs.append((kind, None, info))
         elif kind == "held":
             listed = json.loads((HELD_DIR / "heldout.json").read_text())
             for patient in sorted(p for p in listed if p in args.patients.split(",")):
+                if args.organ:
+                    if f"organ:{patient}" not in manifest():
+                        print(f"held {patient}: no multi-organ locator without {patient} is listed: skipped")
+                        continue
+                    _net, info = load_model(HELD_DIR / listed[patient]["file"], sha256=listed[patient]["sha256"])
+                    attach(info, f"organ:{patient}")
+                    jobs.append((kind, patient, info))
+                    continue
                 if len(bag_keys(patient)) < len(listed) - 1:
                     print(f"held {patient}: {len(bag_keys(patient))} of its {len(listed) - 1} leave-two-out locators "
                           "are committed: skipped")
@@ -172,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             for part, image, reference in cases(scan, thickness):
                 ref_ml = 0.0 if reference is None else round(float(reference.sum()) * image.voxel_volume_ml, 1)
                 row = {"model": kind, "patient": scan.patient, "scan": scan.name, "part": part, "reference_ml": ref_ml,
-                       "locators": 1 + len(info.locator_members), **judge(image, reference, info, thresholds)}
+                       "locators": 1 + len(info.locator_members), **judge(image, reference, info, thresholds, args.organ)}
                 rows.append(row)
                 print(f"{kind:7s} {scan.name:9s} {part:24s} {ref_ml:6.1f} | "
                       + " ".join(f"{row[v]['located_ml']:9.1f}" for v in views), flush=True)
@@ -190,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model:7s} {group:18s} " + " ".join(f"{c:>14s}" for c in cells))
     settings = {"thresholds": thresholds, "thickness_mm": thickness, "every_mm": 30.0, "rule_ml": args.rule_ml,
                 "floor_ml": FLOOR_ML, "min_ref_ml": args.min_ref_ml, "torch_threads": 1,
-                "held_bags": {p: bag_keys(p) for k, p, _ in jobs if k == "held"}}
+                "organ": args.organ,
+                "held_bags": {} if args.organ else {p: bag_keys(p) for k, p, _ in jobs if k == "held"}}
     benchlib.write_result(args.name, "bagging", started, settings,
                           {"model_sha256": default_model().sha256, "rows": rows, "summary": summary}, args.note)
     return 0

@@ -407,20 +407,23 @@ def stage_final(out: Path, organ: bool = False) -> None:
     _train_networks(out, task, "final_main", BUDGET["final"], organ_task)
 
 
-def locator_seed_configs(offset: int, thin: bool = False, neg: bool = False) -> tuple[TrainConfig, TrainConfig]:
+def locator_seed_configs(offset: int, thin: bool = False, neg: bool = False,
+                         organ: bool = False) -> tuple[TrainConfig, TrainConfig]:
     """The recipe's two locator stages with seed ``SEED + offset`` and nothing else changed (``thin``:
     every patch a thin slab, ``THIN_LOCATOR_AUG``; ``neg``, with ``thin``: ``THIN_NEG_FG_RATIO`` of the
-    patches on the spleen instead of 0.4)."""
+    patches on the spleen instead of 0.4; ``organ``: the multi-organ locator of ``locator_config``)."""
     if neg and not thin:
         raise ValueError("neg is a variant of the thin-CT locator: pass thin=True with it")
+    if organ and thin:
+        raise ValueError("the multi-organ locator is trained on the recipe's patches: not with thin")
     extra = {"seed": SEED + offset, **({"augment": THIN_LOCATOR_AUG} if thin else {}),
              **({"fg_ratio": THIN_NEG_FG_RATIO} if neg else {})}
-    return (TrainConfig(**{**locator_config(BUDGET["locator"]).__dict__, **extra}),
-            TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"]).__dict__, **extra}))
+    return (TrainConfig(**{**locator_config(BUDGET["locator"], organ=organ).__dict__, **extra}),
+            TrainConfig(**{**locator_refine_config(BUDGET["locator_refine"], organ=organ).__dict__, **extra}))
 
 
 def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: bool = False,
-                       neg: bool = False) -> Path:
+                       neg: bool = False, organ: bool = False) -> Path:
     """One more locator (both of its stages) trained as the recipe trains it, with seed ``SEED + offset``.
 
     ``without``: the patients left out; () for all five (as ``final``), one (as ``lopo``), or two (a
@@ -429,13 +432,16 @@ def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: b
     not part of ``all`` (README: "Several locators"). ``thin``: the thin-CT locator (``THIN_LOCATOR_AUG``),
     listed as "thin" or "thin:P" (README: "A locator for thin CTs"); ``neg`` with it: the variant with fewer
     patches on the spleen (``THIN_NEG_FG_RATIO``), "thin-neg" or "thin-neg:P". Returns the second stage's
-    model file.
+    model file. ``organ`` (``--organ-locator``): the multi-organ locator with today's locator recipe,
+    listed as "organ" or "organ:P" (README: "A multi-organ locator").
     """
     if neg and not thin:
         raise SystemExit("--thin-neg is a variant of the thin-CT locator: pass --thin with it")
+    if organ and thin:
+        raise SystemExit("--organ-locator and --thin: one experiment at a time")
     if len(without) > 2 or len(set(without)) != len(without) or not set(without) <= set(PATIENTS):
         raise SystemExit(f"--held/--without: at most two different patients of {', '.join(PATIENTS)}, got {without}")
-    if offset < (0 if len(without) == 2 or thin else 1):
+    if offset < (0 if len(without) == 2 or thin or organ else 1):
         raise SystemExit("--seed-offset must be 1 or more (0 is the recipe's own locator) unless two patients are left out")
     scans = load_scans()
     real = write_real_cases(out, scans)
@@ -445,22 +451,24 @@ def stage_locator_seed(out: Path, without: tuple[str, ...], offset: int, thin: b
         val = {n: p for n, p in real.items() if n == "real_p2_dicom"}
         what = "subjects of all five patients; validation on P2's real CT (a training-set check)"
         prefix = "final"
-        task = write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what)
+        task = (_organ_task(out, "all", subjects, PATIENTS, val, what) if organ
+                else write_task(out / "tasks" / "all", pool_cases(out, subjects, PATIENTS), val, what))
     else:
         val = {n: p for n, p in real.items() if any(n.startswith(f"real_{w.lower()}") for w in without)}
         what = f"subjects of {', '.join(others)}; validation on {' and '.join(without)}'s real CTs"
         prefix = f"lopo_without_{'_'.join(without)}"
-        task = write_task(out / "tasks" / prefix, pool_cases(out, subjects, others), val, what)
-    first_cfg, refine_cfg = locator_seed_configs(offset, thin, neg)
-    kind = ("thinneg" if neg else "thin") if thin else "seed"
+        task = (_organ_task(out, prefix, subjects, others, val, what) if organ
+                else write_task(out / "tasks" / prefix, pool_cases(out, subjects, others), val, what))
+    first_cfg, refine_cfg = locator_seed_configs(offset, thin, neg, organ)
+    kind = ("thinneg" if neg else "thin") if thin else ("organ" if organ else "seed")
     first = _train(out, task, f"{prefix}_locator_{kind}{offset}", first_cfg)
     second = _train(out, task, f"{prefix}_locator_refine_{kind}{offset}", refine_cfg, init=first)
-    _save_member(second, without, offset, [first, second], thin, neg)
+    _save_member(second, without, offset, [first, second], thin, neg, organ)
     return second
 
 
 def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: list[Path], thin: bool = False,
-                 neg: bool = False) -> None:
+                 neg: bool = False, organ: bool = False) -> None:
     """The trained locator as its own float16 model file in ``MEMBERS_DIR``, listed in ``members.json``
     under "final" (all five), "P" (without P) or "P+Q" (without both), with its digest, seed and what it
     was trained on, so that the experiment can be measured again without retraining
@@ -470,18 +478,19 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     from vnetseg.checkpoint import save_model
 
     key = "+".join(without) or "final"
-    kind = "thin-neg" if neg else "thin"
-    if thin:
+    kind = ("thin-neg" if neg else "thin") if thin else "organ"
+    if thin or organ:
         key = kind + (f":{key}" if without else "")
     net, info = load_model(model_path)
     info = _with_patch(info, INFERENCE_PATCH)
     trained_on = [p for p in PATIENTS if p not in without]
     minutes = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
     command = "python scripts/make_spleen_model.py --out runs/spleen_model --stage locator_seed "
-    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}" + (" --thin" if thin else "") + (" --thin-neg" if neg else "")
+    command += (f"--without {','.join(without)} " if without else "") + f"--seed-offset {offset}" + (" --thin" if thin else "") + (" --thin-neg" if neg else "") + (" --organ-locator" if organ else "")
     info.card = {
-        "name": f"locator_{kind.replace('-', '') if thin else 'seed'}{offset}_{key}",
+        "name": f"locator_{kind.replace('-', '') if thin or organ else 'seed'}{offset}_{key}",
         "role": ("locator for thin CTs (experiment): not a model to use" if thin
+                 else "multi-organ locator (experiment): not a model to use" if organ
                  else "locator member (seed and bagging experiment): not a model to use"),
         "seed": SEED + offset,
         "trained_on": trained_on,
@@ -491,12 +500,13 @@ def _save_member(model_path: Path, without: tuple[str, ...], offset: int, runs: 
     }
     MEMBERS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"locator_seed{offset}_{key.replace('+', '_')}.pt"
-    if thin:
+    if thin or organ:
         name = f"locator_{kind.replace('-', '')}{offset}" + (f"_{'_'.join(without)}" if without else "") + ".pt"
     sha = save_model(MEMBERS_DIR / name, net, info, half=True)
     manifest_path = MEMBERS_DIR / "members.json"  # one writer at a time: save members one after the other
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest.setdefault(key, {})[str(offset)] = {"file": name, "sha256": sha, "seed": SEED + offset, "thin": thin,
+                                                 **({"organ": True} if organ else {}),
                                                  **({"fg_ratio": THIN_NEG_FG_RATIO} if neg else {}),
                                                  "trained_on": trained_on, "train_minutes": round(minutes, 1)}
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
@@ -597,11 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         "--organ-locator",
         action="store_true",
         help="lopo and final stages: train and score the multi-organ locator (an experiment; its held-out "
-        "records go to lopo_P_organ.json, and the bundle keeps the shipped recipe's locator)",
+        "records go to lopo_P_organ.json, and the bundle keeps the shipped recipe's locator); locator_seed: the "
+        "multi-organ locator alone, listed as 'organ' or 'organ:P'",
     )
     args = parser.parse_args(argv)
-    if args.organ_locator and args.stage not in ("lopo", "final"):
-        parser.error("--organ-locator is for --stage lopo or --stage final (the bundle ships the spleen-only locator)")
+    if args.organ_locator and args.stage not in ("lopo", "final", "locator_seed"):
+        parser.error("--organ-locator is for --stage lopo, final or locator_seed (the bundle ships the spleen-only locator)")
     for item in args.budget:
         key, _, value = item.partition("=")
         if key not in BUDGET or not value.isdigit():
@@ -623,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_card(args.out, args.weights_dir, args.held)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
-            stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg)
+            stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg, args.organ_locator)
         else:
             log("bundling the model file")
             write_outputs(args.out, args.weights_dir, SEED, budget=BUDGET, per_kind=PER_KIND, log=log)

@@ -12,7 +12,8 @@ read with ``torch.load(weights_only=True)``: loading never executes pickled code
 * optionally ``locator``: a small network that finds the organ in the whole CT (fast mode, and the
   anatomical decision of both modes), packed like the model (its own metadata, digest and weights);
 * optionally ``locator_members`` (format version 2): more locators on the locator's grid, packed the
-  same way; the whole-CT view is then the mean of all their organ probabilities (bagging);
+  same way; the whole-CT view is then the mean of all their organ probabilities (bagging), or with
+  ``locator_rule`` "max" their voxel-wise maximum (a second locator that sees what the first misses);
 * optionally ``thin_locator`` (format version 2): a locator trained on thin axial slabs, packed the same
   way with ``max_mm``; it replaces the locator (and its members) on a CT that reaches at most that
   many mm head to foot.
@@ -41,6 +42,8 @@ FORMAT_NAME = "vnetseg-model"
 FORMAT_VERSION = 2
 # the format version that introduced locator members
 MEMBERS_VERSION = 2
+# how the whole-CT view combines a locator with its members: their mean (bagging) or their maximum
+LOCATOR_RULES = ("mean", "max")
 
 
 class ModelFileError(ValueError):
@@ -125,6 +128,9 @@ class ModelInfo:
     # whole-CT view is the mean of all their organ probabilities. Read from a version-2 file by
     # load_model (``save_model(locator_members=...)``), or attached in memory by an experiment
     locator_members: list[tuple[VNet, ModelInfo]] = field(default_factory=list, repr=False, compare=False)
+    # how the locator and its members are combined (LOCATOR_RULES): "mean", or "max", the voxel-wise
+    # maximum of their organ probabilities; written to the file only with members and only when "max"
+    locator_rule: str = field(default="mean", compare=False)
     # a locator for thin CTs (format version 2): trained on axial slabs only, it replaces ``locator``
     # (and its members) on a CT whose field of view reaches at most ``thin_locator_max_mm`` head to foot
     thin_locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
@@ -204,6 +210,7 @@ def save_model(
     locator: tuple[VNet, ModelInfo] | None = None,
     locator_members: list[tuple[VNet, ModelInfo]] | None = None,
     thin_locator: tuple[VNet, ModelInfo, float] | None = None,
+    locator_rule: str = "mean",
 ) -> str:
     """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
 
@@ -217,6 +224,8 @@ def save_model(
         locator_members: more locators beside ``locator`` (each on its spacing and naming the model's
             organ); the whole-CT view becomes the mean of all of them. A file with members is format
             version 2, one without is version 1.
+        locator_rule: "mean" (the default) or "max": the whole-CT view is the voxel-wise maximum of the
+            locator's and its members' probabilities instead of their mean (needs members).
         thin_locator: (network, info, max_mm): a locator on ``locator``'s grid that replaces it on CTs
             reaching at most ``max_mm`` (> 0) head to foot; version 2 as well.
 
@@ -225,6 +234,10 @@ def save_model(
             locator, a member on another grid or without the model's organ).
     """
     members = list(locator_members or [])
+    if locator_rule not in LOCATOR_RULES:
+        raise ValueError(f"locator_rule {locator_rule!r}: expected one of {', '.join(LOCATOR_RULES)}")
+    if locator_rule != "mean" and not members:
+        raise ValueError(f"locator_rule {locator_rule!r} combines a locator with its members: pass locator_members= as well")
     if members:
         if locator is None:
             raise ValueError("locator members go beside a locator: pass locator= as well")
@@ -242,6 +255,8 @@ def save_model(
         payload["locator"] = _pack(locator[0], locator[1], half)
     if members:
         payload["locator_members"] = [_pack(m_net, m_info, half) for m_net, m_info in members]
+        if locator_rule != "mean":
+            payload["locator_rule"] = locator_rule
     if thin_locator is not None:
         payload["thin_locator"] = {**_pack(thin_locator[0], thin_locator[1], half), "max_mm": float(thin_locator[2])}
     dest = Path(path)
@@ -358,6 +373,15 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
             except ValueError as exc:
                 raise ModelFileError(f"{p}: {exc}") from None
             info.locator_members.append((_build(m_info, m_state, p), m_info))
+    rule = payload.get("locator_rule")
+    if rule is not None:
+        if rule not in LOCATOR_RULES or not info.locator_members:
+            raise ModelFileError(
+                f"{p} has locator rule {rule!r}"
+                f"{'' if info.locator_members else ' without locator members'}: expected one of "
+                f"{', '.join(LOCATOR_RULES)} beside members; the file is inconsistent: re-export it"
+            )
+        info.locator_rule = rule
     thin = payload.get("thin_locator")
     if thin is not None:
         max_mm = thin.get("max_mm") if isinstance(thin, dict) else None
@@ -408,7 +432,8 @@ def _fast_mode_text(info: ModelInfo) -> str:
         if len(loc.labels) > 1:  # multi-organ: its other classes say what the organ is not
             text += f" (classes {', '.join(lab.name for lab in loc.labels)}; the decision reads {info.labels[0].name})"
         if info.locator_members:
-            text += f", with {len(info.locator_members)} more beside it (the whole-CT view is the mean of {len(info.locator_members) + 1})"
+            how = "the voxel-wise maximum" if info.locator_rule == "max" else "the mean"
+            text += f", with {len(info.locator_members)} more beside it (the whole-CT view is {how} of {len(info.locator_members) + 1})"
         if info.thin_locator is not None:
             text += f"; a thin-CT locator on CTs of at most {info.thin_locator_max_mm:g} mm head to foot"
         return text

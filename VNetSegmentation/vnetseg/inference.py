@@ -493,12 +493,13 @@ def whole_ct_view(
         found = _run_network(image.array, coarse, loc_net, loc_info, opts, device, progress, cancel, notes, True, hu)
     # the model at its coarse spacing: all its foreground; a locator: its channel of the main model's organ
     organ = found.sum(0) if loc_info is info else found[_organ_channel(loc_info, info)]
-    for m_net, m_info in members:  # the mean of several locators' organ probabilities
+    largest = info.locator_rule == "max"
+    for m_net, m_info in members:  # the mean (or the maximum) of several locators' organ probabilities
         check_member(m_info, loc_info, info)
         more = _run_network(image.array, coarse, m_net.to(device).eval(), m_info, opts, device, None, cancel, notes,
                             True, raw.copy())
-        organ = organ + more[_organ_channel(m_info, info)]
-    if members:
+        organ = np.maximum(organ, more[_organ_channel(m_info, info)]) if largest else organ + more[_organ_channel(m_info, info)]
+    if members and not largest:
         organ = organ / (1 + len(members))
     location = locate(organ, coarse, opts.min_located_ml, anatomy)  # left of the midline, not above lung
     location.body = anatomy.body
