@@ -248,6 +248,38 @@ def test_the_locator_rule_travels_with_the_members_and_is_checked(tmp_path: Path
         load_model(tmp_path / "alone.pt")
 
 
+def test_a_locator_check_round_trips_in_a_version_2_file_and_is_checked(tmp_path: Path) -> None:
+    """The locator check travels with its smallest mean probability, verified like the locator; a file with
+    it is version 2, and an inconsistent one is refused with what to do."""
+    net, info, locator, check = _model(0), _info(), (_model(1), _locator_info()), _model(2)
+    sha = save_model(tmp_path / "check.pt", net, info, half=True, locator=locator, locator_check=(check, _locator_info(), 0.1))
+    _loaded, info2 = load_model(tmp_path / "check.pt", sha256=sha)
+    assert info2.format_version == 2 and info2.locator_check is not None and info2.locator_check_min == 0.1
+    assert info2.locator_members == [] and info2.thin_locator is None
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        assert (torch.softmax(check(x), 1) - torch.softmax(info2.locator_check[0](x), 1)).abs().max() < 1e-2
+    assert "checked by a second network (a located part needs its mean probability 0.1 or more)" in describe(info2)
+    assert load_model(tmp_path / "check.pt")[1].locator_check is not None
+    with pytest.raises(ValueError, match="a locator check goes beside a locator"):
+        save_model(tmp_path / "bad.pt", net, info, locator_check=(check, _locator_info(), 0.1))
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"needs a smallest mean probability in \(0, 1\)"):
+            save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_check=(check, _locator_info(), bad))
+    with pytest.raises(ValueError, match=r"works at \(6.0, 6.0, 6.0\) mm"):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_check=(check, _locator_info((6.0, 6.0, 6.0)), 0.1))
+    assert not (tmp_path / "bad.pt").exists()
+    _rewrite_payload(tmp_path / "check.pt", tmp_path / "t.pt", lambda p: _nudge_a_weight(p["locator_check"]))
+    with pytest.raises(ModelFileError, match="the locator check weights do not match their recorded digest"):
+        load_model(tmp_path / "t.pt")
+    _rewrite_payload(tmp_path / "check.pt", tmp_path / "v1.pt", lambda p: p.update(format_version=1))
+    with pytest.raises(ModelFileError, match="has a locator check in a version 1 file"):
+        load_model(tmp_path / "v1.pt")
+    _rewrite_payload(tmp_path / "check.pt", tmp_path / "nomin.pt", lambda p: p["locator_check"].pop("min_probability"))
+    with pytest.raises(ModelFileError, match="without its smallest mean probability"):
+        load_model(tmp_path / "nomin.pt")
+
+
 def test_a_thin_ct_locator_round_trips_in_a_version_2_file_and_is_checked(tmp_path: Path) -> None:
     """The thin-CT locator travels with its head-foot limit, verified like the locator; a file with it is
     version 2, and an inconsistent one is refused with what to do."""

@@ -186,6 +186,45 @@ def test_the_max_rule_lets_a_second_locator_find_what_the_first_misses(mode: str
     assert not predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode)).report.found
 
 
+class BrightNet(torch.nn.Module):
+    """A stand-in locator that takes everything over 76 HU for the spleen: the 'heart' too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = VNetConfig(widths=(4, 8, 16, 32, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 40.0 * (x - 0.6)], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_the_locator_check_vetoes_a_part_the_second_network_does_not_call_spleen(mode: str) -> None:
+    """``ModelInfo.locator_check``: a locator that calls the larger 'heart' spleen picks it; a check that
+    calls only the 100 HU organ spleen vetoes the heart, so the spleen is located instead (the note says
+    what was vetoed); a check that calls nothing spleen turns the answer into "no spleen", saying why."""
+    ct, spleen, heart = _two_organs()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BrightNet(), loc_info)
+    unchecked = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert unchecked.report.found and dice(unchecked.labelmap > 0, heart) > 0.97  # the heart holds more mass
+    info.locator_check, info.locator_check_min = (BandNet(), loc_info), 0.5
+    checked = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert checked.report.found and dice(checked.labelmap > 0, spleen) > 0.97 and not (checked.labelmap > 0)[heart].any()
+    assert checked.located_ml < unchecked.located_ml
+    (note,) = [n for n in checked.notes if "locator check did not confirm" in n]
+    assert note.startswith(f"whole-CT view: the locator check did not confirm 1 part(s) ({round(unchecked.located_ml, 1):g} mL)")
+    info.locator_check = (NeverNet(), loc_info)
+    none = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not none.report.found and not none.labelmap.any() and none.located_ml == 0.0
+    assert none.report.message.startswith("no spleen found in the field of view (the whole-CT view's candidates, up to")
+    assert "where the locator check does not confirm a spleen (its mean probability under 0.5)" in none.report.message
+    # the check must share the locator's grid
+    info.locator_check = (BandNet(), ModelInfo(FAST.config, Preprocessing(target_spacing=(6.0, 6.0, 6.0), patch_size=(48, 48, 48))))
+    with pytest.raises(ValueError, match=r"works at \(6.0, 6.0, 6.0\) mm"):
+        predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+
+
 @pytest.mark.parametrize("mode", ["fast", "full"])
 def test_a_thin_ct_locator_decides_on_thin_cts_only(mode: str) -> None:
     """``ModelInfo.thin_locator`` replaces the locator (and its members) on a CT reaching at most

@@ -256,7 +256,16 @@ def test_a_lower_smallest_located_part_finds_a_spleen_that_a_short_scan_range_cu
 def test_committed_locator_members_load_with_their_digests_and_were_trained_without_their_patient() -> None:
     """The seed experiment's locators (``training/realct/locator_members``): each file is what its manifest
     says (digest, seed, patients), works on the shipped locator's grid, and goes only beside a locator."""
-    from training.realct.members import MEMBERS_DIR, THIN_VARIANTS, attach, attach_bag, attach_thin, bag_keys, manifest
+    from training.realct.members import (
+        MEMBERS_DIR,
+        THIN_VARIANTS,
+        attach,
+        attach_bag,
+        attach_check,
+        attach_thin,
+        bag_keys,
+        manifest,
+    )
     from vnetseg.checkpoint import ModelInfo
 
     listed = manifest()
@@ -314,6 +323,13 @@ def test_committed_locator_members_load_with_their_digests_and_were_trained_with
         assert attach_thin(info, (left_out_of(key) or [None])[0], 100.0, variant_of(key))
         assert info.thin_locator_max_mm == 100.0
         assert info.locator_members == [] and info.thin_locator is not None
+    for key in (k for k in listed if k.startswith("organ")):  # the multi-organ locator as a locator check
+        info = ModelInfo(ship_info.config)
+        info.locator = ship_info.locator
+        assert attach_check(info, (left_out_of(key) or [None])[0], 0.1) and info.locator_check_min == 0.1
+        assert info.locator_check is not None and info.locator_members == [] and info.thin_locator is None
+        with pytest.raises(ValueError, match="a locator check goes beside a locator"):
+            attach_check(ModelInfo(ship_info.config), (left_out_of(key) or [None])[0], 0.1)
     # bagging with the shipped model: the held-out pairs' own locators, each trained without one patient
     assert attach_bag(ship_info, "final") == len(MANIFEST) == len(ship_info.locator_members)
     for patient, (m_net, m_info) in zip(sorted(MANIFEST), ship_info.locator_members):

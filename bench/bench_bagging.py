@@ -24,7 +24,9 @@ One torch thread.
 ``--organ``: instead of the bag, the multi-organ locator trained on the same patients (``--stage
 locator_seed --organ-locator``: "organ" beside the shipped locator, "organ:P" beside P's held-out pair)
 goes beside the model's own locator, and two more views are read off: ``organ`` (its spleen channel
-alone) and ``max`` (the larger of the two spleen probabilities, voxel by voxel). Usage::
+alone) and ``max`` (the larger of the two spleen probabilities, voxel by voxel); each part that the
+model's own locator finds gets the multi-organ locator's mean probability of every class over it
+(``organ_means``: what it takes that part for). Usage::
 
     python bench/bench_bagging.py [--models shipped,held] [--patients P1,P4] [--thresholds 0.5,0.4,0.35,0.3,0.25] [--organ] [--name bagging]
 """
@@ -59,8 +61,10 @@ FLOOR_ML = 0.5  # every part located at this size or more is kept, so that the r
 BANDS = ((0, 64, "slabs 40-64 mm"), (65, 128, "slabs 96-128 mm"), (129, 10_000, "slabs 160-256 mm"))
 
 
-def locator_maps(image: vio.Image, info: ModelInfo) -> tuple[Any, BodyView, list[np.ndarray]]:
-    """The coarse grid, the CT's anatomy on it, and each locator's spleen probability (own locator first)."""
+def locator_maps(image: vio.Image, info: ModelInfo, channels: dict[str, np.ndarray] | None = None,
+                 ) -> tuple[Any, BodyView, list[np.ndarray]]:
+    """The coarse grid, the CT's anatomy on it, and each locator's spleen probability (own locator first).
+    ``channels``: filled with every class probability of the last multi-organ locator ("background" too)."""
     assert info.locator is not None
     locators = [info.locator, *info.locator_members]
     coarse = make_grid_map(image.shape, image.affine, info.locator[1].preprocessing.target_spacing)
@@ -71,6 +75,10 @@ def locator_maps(image: vio.Image, info: ModelInfo) -> tuple[Any, BodyView, list
     for net, loc_info in locators:
         found = _run_network(image.array, coarse, net.eval(), loc_info, opts, device, None, None, [], True, hu.copy())
         maps.append(found[_organ_channel(loc_info, info)])
+        if channels is not None and len(loc_info.labels) > 1:
+            channels.clear()
+            channels["background"] = 1.0 - found.sum(0)
+            channels.update({lab.name: found[i] for i, lab in enumerate(loc_info.labels)})
     return coarse, anatomy, maps
 
 
@@ -78,7 +86,8 @@ def judge(image: vio.Image, reference: np.ndarray | None, info: ModelInfo, thres
           organ: bool = False) -> dict[str, Any]:
     """Each view's located part (mL) and, with a reference, the share of it on the reference (``organ``: the
     second locator is the multi-organ one, read alone and as the voxel-wise maximum with the first too)."""
-    coarse, anatomy, maps = locator_maps(image, info)
+    channels: dict[str, np.ndarray] = {}
+    coarse, anatomy, maps = locator_maps(image, info, channels if organ else None)
     ref = None
     if reference is not None and reference.any():
         ref = to_model_grid(reference.astype(np.float32), coarse) > 0.5
@@ -92,6 +101,8 @@ def judge(image: vio.Image, reference: np.ndarray | None, info: ModelInfo, thres
         view = {"located_ml": round(where.volume_ml if where.found else 0.0, 1)}
         if ref is not None and where.found:
             view["on_reference"] = round(float((where.mask & ref).sum()) / float(where.mask.sum()), 3)
+        if organ and name == "one" and where.found:  # what the multi-organ locator takes the located part for
+            view["organ_means"] = {k: round(float(v[where.mask].mean()), 3) for k, v in channels.items()}
         views[name] = view
     if ref is not None and ref.any():  # how sure each locator was somewhere on the spleen
         views["max_on_reference"] = [round(float(m[ref].max()), 3) for m in maps]

@@ -21,7 +21,9 @@ slabs: ``bench/bench_view_slabs.py --members``. Usage::
 ``--timing-only`` skips the cases and times fast mode alone (one locator against the members, interleaved).
 ``--organ``: the member is the multi-organ locator trained on the same patients ("organ", "organ:P";
 ``--stage locator_seed --organ-locator``) and the view is the voxel-wise maximum of the two spleen
-probabilities (``ModelInfo.locator_rule`` "max"), not their mean.
+probabilities (``ModelInfo.locator_rule`` "max"), not their mean. ``--check P``: the same multi-organ
+locator as the locator check instead (``ModelInfo.locator_check``: a located part needs its mean spleen
+probability P or more), the "members" view being the model with its check.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import attach, attach_bag, bag_keys, manifest
+from training.realct.members import attach, attach_bag, attach_check, bag_keys, manifest, organ_key
 from training.realct.sources import load_scans, pelvis_parts, range_end_parts, spleen_free_parts
 from vnetseg.checkpoint import load_model
 from vnetseg.inference import InferenceOptions, predict_volume
@@ -67,7 +69,7 @@ def run_case(image, reference, net, info, mode: str) -> dict[str, Any]:
     return row
 
 
-def time_fast_mode(runs: int, bag: bool = False, organ: bool = False) -> dict[str, Any]:
+def time_fast_mode(runs: int, bag: bool = False, organ: bool = False, check: float = 0.0) -> dict[str, Any]:
     """End-to-end fast mode (in process, the model already loaded) on the benchmark CT, without and with the
     shipped model's members, interleaved; medians. The members cost one locator pass each."""
     from make_ct import make_benchmark_ct
@@ -80,9 +82,11 @@ def time_fast_mode(runs: int, bag: bool = False, organ: bool = False) -> dict[st
     times: dict[str, list[float]] = {"one": [], "with_members": []}
     for _ in range(runs):
         for view, seconds in times.items():
-            info.locator_members, info.locator_rule = [], "mean"
+            info.locator_members, info.locator_rule, info.locator_check = [], "mean", None
             if view == "with_members":
-                if organ:
+                if check:
+                    attach_check(info, None, check)
+                elif organ:
                     attach(info, "organ")
                     info.locator_rule = "max"
                 else:
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--organ", action="store_true",
                     help="the multi-organ locator trained on the same patients ('organ', 'organ:P') beside each locator, "
                     "combined by the voxel-wise maximum (locator_rule 'max')")
+    ap.add_argument("--check", type=float, default=0.0, metavar="P",
+                    help="the multi-organ locator trained on the same patients as the locator check (a located part "
+                    "needs its mean spleen probability P or more) instead of a member")
     ap.add_argument("--timing-runs", type=int, default=3,
                     help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
                     "this many interleaved runs each (0: none)")
@@ -132,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':7s} {'key':5s} {'scan':9s} {'part':13s} {'mode':4s} | {'one: mL':>8s} {'Dice':>6s} | {'members: mL':>11s} {'Dice':>6s}")
     for kind, key, own, net, info in jobs:
         keys: str | list[str] = (["held-out pairs' locators"] if kind == "shipped" else bag_keys(key)) if args.bag else key
-        if args.organ:
-            keys = "organ" if kind == "shipped" else f"organ:{key}"
+        if args.organ or args.check:
+            keys = organ_key(None if kind == "shipped" else key)
         if not keys or (isinstance(keys, str) and keys not in manifest()):
             print(f"{kind} {key}: no locator member listed, skipped")
             continue
@@ -143,19 +150,22 @@ def main(argv: list[str] | None = None) -> int:
                 crops = {**spleen_free_parts(scan), **range_end_parts(scan), **pelvis_parts(scan)}
                 cases += [(part, image, None, "fast") for part, image in crops.items()]
             for part, image, reference, mode in cases:
-                info.locator_members, info.locator_rule = [], "mean"
+                info.locator_members, info.locator_rule, info.locator_check = [], "mean", None
                 one = run_case(image, reference, net, info, mode)
-                n = attach_bag(info, key) if args.bag else attach(info, keys)
+                if args.check:
+                    n = int(attach_check(info, None if kind == "shipped" else key, args.check))
+                else:
+                    n = attach_bag(info, key) if args.bag else attach(info, keys)
                 info.locator_rule = "max" if args.organ else "mean"
                 both = run_case(image, reference, net, info, mode)
-                info.locator_members, info.locator_rule = [], "mean"
+                info.locator_members, info.locator_rule, info.locator_check = [], "mean", None
                 row = {"model": kind, "key": key, "scan": scan.name, "part": part, "members": n,
                        "member_keys": keys, "one": one, "with_members": both}
                 rows.append(row)
                 print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
                       f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
                       flush=True)
-    timing = time_fast_mode(args.timing_runs, args.bag, args.organ) if args.timing_runs else {}
+    timing = time_fast_mode(args.timing_runs, args.bag, args.organ, args.check) if args.timing_runs else {}
     summary = []
     for kind in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == kind]
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{timing['one_median_s']} s, with the final member(s) {timing['with_members_median_s']} s")
     settings = {"mode": "fast and full on the real CTs, fast on the crops", "torch_threads": args.threads, "away_mm": AWAY_MM,
                 "free_ml": FREE_ML, "members": manifest(), "bag": args.bag,
-                "organ": args.organ, "locator_rule": "max" if args.organ else "mean"}
+                "organ": args.organ, "locator_rule": "max" if args.organ else "mean", "locator_check_min": args.check}
     benchlib.write_result(args.name, "locator_members", started, settings,
                           {"model_sha256": default_model().sha256, "rows": rows, "summary": summary, "timing": timing},
                           args.note)

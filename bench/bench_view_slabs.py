@@ -44,7 +44,7 @@ import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
-from training.realct.members import THIN_VARIANTS, attach, attach_bag, attach_thin
+from training.realct.members import THIN_VARIANTS, attach, attach_bag, attach_check, attach_thin
 from training.realct.sources import PATIENTS, Scan, _crop_slices, load_scans
 from vnetseg import io as vio
 from vnetseg.checkpoint import ModelInfo, load_model
@@ -136,11 +136,12 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
 
 
 def models(kinds: list[str], patients: list[str], members: bool = False, bag: bool = False, thin_mm: float = 0.0,
-           thin_variant: str = "thin") -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
+           thin_variant: str = "thin", check: float = 0.0) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
     """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
     locator members (``training.realct.members``: the shipped model's "final", a held-out pair's its
     patient's) are put beside its locator; a model without any listed is refused. ``thin_mm``: each model
-    gets the thin-CT locator trained on the same patients, used on slabs of at most that many mm (``thin_variant``: "thin" or "thin-neg", ``members.thin_key``)."""
+    gets the thin-CT locator trained on the same patients, used on slabs of at most that many mm (``thin_variant``: "thin" or "thin-neg", ``members.thin_key``). ``check``: each model gets the
+    multi-organ locator trained on the same patients as its locator check, with that smallest mean probability."""
     for kind in kinds:
         if kind == "shipped":
             entry = default_model()
@@ -149,6 +150,8 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
                 raise SystemExit("--members: no locator member is listed for the shipped model ('final')")
             if thin_mm and not attach_thin(info, None, thin_mm, thin_variant):
                 raise SystemExit(f"--thin: no thin-CT locator is listed for the shipped model ({thin_variant!r})")
+            if check and not attach_check(info, None, check):
+                raise SystemExit("--check: no multi-organ locator is listed for the shipped model ('organ')")
             yield kind, None, net, info
         elif kind == "held":
             manifest = json.loads((HELD_DIR / "heldout.json").read_text())
@@ -159,6 +162,9 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
                         raise SystemExit(f"--members: no locator member is listed for {patient}'s held-out pair")
                     if thin_mm and not attach_thin(info, patient, thin_mm, thin_variant):
                         print(f"--thin: no thin-CT locator is listed without {patient}: skipped", flush=True)
+                        continue
+                    if check and not attach_check(info, patient, check):
+                        print(f"--check: no multi-organ locator is listed without {patient}: skipped", flush=True)
                         continue
                     yield kind, patient, net, info
         else:
@@ -184,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     "'thin' and 'thin:P'), used on slabs of at most MM mm head to foot")
     ap.add_argument("--thin-variant", default="thin", choices=THIN_VARIANTS,
                     help="with --thin: which thin-CT locator ('thin-neg': the variant with fewer patches on the spleen)")
+    ap.add_argument("--check", type=float, default=0.0, metavar="P",
+                    help="give each model the multi-organ locator trained on its patients ('organ', 'organ:P') as its "
+                    "locator check: a located part needs its mean spleen probability P or more")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':8s} {'scan':9s} {'mm':>4s} {'start':>6s} {'ref mL':>6s} {'located':>7s} {'mL':>6s} {'Dice':>6s} {'away':>5s}",
           flush=True)
     for kind, only, net, info in models(args.models.split(","), patients, args.members, args.bag, args.thin,
-                                       args.thin_variant):
+                                       args.thin_variant, args.check):
         for scan in scans:
             if only is not None and scan.patient != only:
                 continue
@@ -221,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"thickness_mm": thickness, "every_mm": args.every_mm, "rules_ml": rules, "floor_ml": FLOOR_ML,
                 "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
                 "torch_threads": 1, "patients": patients, "locator_members": args.members, "bag": args.bag,
-                "thin_locator_max_mm": args.thin, **({"thin_variant": args.thin_variant} if args.thin else {})}
+                "thin_locator_max_mm": args.thin, **({"thin_variant": args.thin_variant} if args.thin else {}),
+                "locator_check_min": args.check}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0

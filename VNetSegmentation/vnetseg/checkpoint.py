@@ -14,6 +14,10 @@ read with ``torch.load(weights_only=True)``: loading never executes pickled code
 * optionally ``locator_members`` (format version 2): more locators on the locator's grid, packed the
   same way; the whole-CT view is then the mean of all their organ probabilities (bagging), or with
   ``locator_rule`` "max" their voxel-wise maximum (a second locator that sees what the first misses);
+* optionally ``locator_check`` (format version 2): a second network on the locator's grid, packed the
+  same way with ``min_probability``; a part the locator finds is the organ only where the check's mean
+  probability of the organ over it is at least that (a multi-organ network that takes it for a kidney
+  says no);
 * optionally ``thin_locator`` (format version 2): a locator trained on thin axial slabs, packed the same
   way with ``max_mm``; it replaces the locator (and its members) on a CT that reaches at most that
   many mm head to foot.
@@ -135,6 +139,10 @@ class ModelInfo:
     # (and its members) on a CT whose field of view reaches at most ``thin_locator_max_mm`` head to foot
     thin_locator: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
     thin_locator_max_mm: float = 0.0
+    # the locator check (format version 2): a second network on the locator's grid (a multi-organ locator);
+    # a located part counts only where its mean probability of the organ is at least locator_check_min
+    locator_check: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
+    locator_check_min: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -211,6 +219,7 @@ def save_model(
     locator_members: list[tuple[VNet, ModelInfo]] | None = None,
     thin_locator: tuple[VNet, ModelInfo, float] | None = None,
     locator_rule: str = "mean",
+    locator_check: tuple[VNet, ModelInfo, float] | None = None,
 ) -> str:
     """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
 
@@ -226,6 +235,9 @@ def save_model(
             version 2, one without is version 1.
         locator_rule: "mean" (the default) or "max": the whole-CT view is the voxel-wise maximum of the
             locator's and its members' probabilities instead of their mean (needs members).
+        locator_check: (network, info, min_probability): a network on ``locator``'s grid naming the
+            model's organ; a located part counts only where its mean probability of the organ over the
+            part is at least ``min_probability`` (in (0, 1)); version 2 as well.
         thin_locator: (network, info, max_mm): a locator on ``locator``'s grid that replaces it on CTs
             reaching at most ``max_mm`` (> 0) head to foot; version 2 as well.
 
@@ -249,7 +261,13 @@ def save_model(
         check_member(thin_locator[1], locator[1], info)
         if not float(thin_locator[2]) > 0:
             raise ValueError(f"a thin-CT locator needs a positive head-foot limit in mm, got {thin_locator[2]!r}")
-    version = MEMBERS_VERSION if members or thin_locator is not None else 1
+    if locator_check is not None:
+        if locator is None:
+            raise ValueError("a locator check goes beside a locator: pass locator= as well")
+        check_member(locator_check[1], locator[1], info)
+        if not 0.0 < float(locator_check[2]) < 1.0:
+            raise ValueError(f"a locator check needs a smallest mean probability in (0, 1), got {locator_check[2]!r}")
+    version = MEMBERS_VERSION if members or thin_locator is not None or locator_check is not None else 1
     payload = {"format": FORMAT_NAME, "format_version": version, **_pack(model, info, half)}
     if locator is not None:
         payload["locator"] = _pack(locator[0], locator[1], half)
@@ -257,6 +275,9 @@ def save_model(
         payload["locator_members"] = [_pack(m_net, m_info, half) for m_net, m_info in members]
         if locator_rule != "mean":
             payload["locator_rule"] = locator_rule
+    if locator_check is not None:
+        payload["locator_check"] = {**_pack(locator_check[0], locator_check[1], half),
+                                    "min_probability": float(locator_check[2])}
     if thin_locator is not None:
         payload["thin_locator"] = {**_pack(thin_locator[0], thin_locator[1], half), "max_mm": float(thin_locator[2])}
     dest = Path(path)
@@ -396,6 +417,21 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
         except ValueError as exc:
             raise ModelFileError(f"{p}: the thin-CT locator: {exc}") from None
         info.thin_locator, info.thin_locator_max_mm = (_build(t_info, t_state, p), t_info), max_mm
+    check = payload.get("locator_check")
+    if check is not None:
+        least = check.get("min_probability") if isinstance(check, dict) else None
+        if (payload["format_version"] < MEMBERS_VERSION or info.locator is None or not isinstance(least, float)
+                or not 0.0 < least < 1.0):
+            raise ModelFileError(
+                f"{p} has a locator check in a version {payload['format_version']} file, without a locator or "
+                f"without its smallest mean probability; the file is inconsistent: re-export it"
+            )
+        c_info, c_state = _unpack(check, p, "locator check")
+        try:
+            check_member(c_info, info.locator[1], info)
+        except ValueError as exc:
+            raise ModelFileError(f"{p}: the locator check: {exc}") from None
+        info.locator_check, info.locator_check_min = (_build(c_info, c_state, p), c_info), least
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
     return info, state
@@ -421,6 +457,8 @@ def load_model(
         m_net.to(device)
     if info.thin_locator is not None:
         info.thin_locator[0].to(device)
+    if info.locator_check is not None:
+        info.locator_check[0].to(device)
     return _build(info, state, Path(path)).to(device), info
 
 
@@ -434,6 +472,8 @@ def _fast_mode_text(info: ModelInfo) -> str:
         if info.locator_members:
             how = "the voxel-wise maximum" if info.locator_rule == "max" else "the mean"
             text += f", with {len(info.locator_members)} more beside it (the whole-CT view is {how} of {len(info.locator_members) + 1})"
+        if info.locator_check is not None:
+            text += f"; checked by a second network (a located part needs its mean probability {info.locator_check_min:g} or more)"
         if info.thin_locator is not None:
             text += f"; a thin-CT locator on CTs of at most {info.thin_locator_max_mm:g} mm head to foot"
         return text

@@ -38,7 +38,7 @@ its probabilities there full mode's exactly; where that would cost more than
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -103,6 +103,8 @@ class Location:
         reason: why nothing was located ("" when found).
         body: (X, Y, Z) bool, the patient's body (:class:`BodyView`) on the same coarse grid, when
             known: full mode windows its box only (the air around the patient cannot hold a spleen).
+        unconfirmed_ml: parts of at least the smallest located size, on the patient's left and not
+            above lung, that the locator check did not confirm (mL, largest first).
     """
 
     found: bool
@@ -111,6 +113,7 @@ class Location:
     candidates_ml: list[float]
     reason: str = ""
     body: np.ndarray | None = None
+    unconfirmed_ml: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -198,7 +201,8 @@ def _ras_centroids(labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
 
 
 def locate(
-    probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, anatomy: BodyView | None = None
+    probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, anatomy: BodyView | None = None,
+    check: np.ndarray | None = None, check_min: float = 0.0,
 ) -> Location:
     """Pick the spleen among the coarse pass's parts: the one holding the most probability mass.
 
@@ -211,6 +215,10 @@ def locate(
             the right is the liver, or, in situs inversus, which this model does not handle, the
             spleen), and only parts with at most ``MAX_LUNG_BELOW_ML`` of lung straight below them
             (a part above lung is in the chest).
+        check: (X, Y, Z) float32, a second network's probability of the organ on the same grid (the
+            locator check, ``ModelInfo.locator_check``). When given, only parts over which its mean is at
+            least ``check_min`` can be the organ: a part the second network takes for something else
+            (a kidney, a muscle) is not located, and the next eligible part is taken instead.
     """
     voxel_ml = float(np.prod(coarse.model_spacing)) / 1000.0
     labels, n = ndimage.label(probs > 0.5, structure=ndimage.generate_binary_structure(3, 1))
@@ -225,14 +233,21 @@ def locate(
     if midline is not None:
         right = _ras_centroids(labels, n, coarse)[:, 0] >= midline
         chest = anatomy.lung_below_ml(labels, n, coarse) > MAX_LUNG_BELOW_ML  # type: ignore[union-attr]
-    eligible = ~right & ~chest
+    unconfirmed = np.zeros(n, bool)
+    if check is not None:
+        unconfirmed = ndimage.mean(check, labels, index) < check_min
+    eligible = ~right & ~chest & ~unconfirmed
+    vetoed = sorted((round(float(v) * voxel_ml, 1) for v in sizes[unconfirmed & ~right & ~chest] if v * voxel_ml >= min_ml),
+                    reverse=True)
     if not eligible.any():
         biggest = float(sizes.max()) * voxel_ml
+        vetoed_text = f"where the locator check does not confirm a spleen (its mean probability under {check_min:g})"
         where = " or ".join(w for w, hit in (("on the patient's right", right.any()),
-                                              ("in the chest, above lung", chest.any())) if hit)
+                                              ("in the chest, above lung", chest.any()),
+                                              (vetoed_text, (unconfirmed & ~right & ~chest).any())) if hit)
         return Location(
             False, np.zeros(probs.shape, bool), 0.0, [round(biggest, 1)],
-            f"{NO_SPLEEN} (the whole-CT view's candidates, up to {biggest:.1f} mL, all lie {where})",
+            f"{NO_SPLEEN} (the whole-CT view's candidates, up to {biggest:.1f} mL, all lie {where})", unconfirmed_ml=vetoed,
         )
     best = int(np.argmax(np.where(eligible, mass, -1.0)))
     volume = float(sizes[best]) * voxel_ml
@@ -242,8 +257,9 @@ def locate(
         return Location(
             False, np.zeros(probs.shape, bool), volume, candidates,
             f"{NO_SPLEEN} (the whole-CT view's best candidate is {volume:.1f} mL, under {min_ml:g} mL)",
+            unconfirmed_ml=vetoed,
         )
-    return Location(True, labels == best + 1, volume, candidates)
+    return Location(True, labels == best + 1, volume, candidates, unconfirmed_ml=vetoed)
 
 
 def grown(mask: np.ndarray, grid: GridMap, mm: float = LOCATED_GROW_MM) -> np.ndarray:

@@ -486,7 +486,8 @@ def whole_ct_view(
     if thin is not None:  # a thin CT: the locator trained on slabs decides alone
         loc_net, loc_info, members = thin[0].to(device).eval(), thin[1], []
         notes.append(f"whole-CT view: the thin-CT locator (the CT covers at most {info.thin_locator_max_mm:g} mm head to foot)")
-    raw = hu.copy() if members else None  # the network windows ``hu`` in place; each member needs the HU
+    check = info.locator_check if info.locator is not None else None
+    raw = hu.copy() if members or check is not None else None  # the network windows ``hu`` in place; the others need the HU
     if thin is not None:
         found = _run_thin(hu, coarse, loc_net, loc_info, opts, device, progress, cancel, notes)
     else:
@@ -501,7 +502,17 @@ def whole_ct_view(
         organ = np.maximum(organ, more[_organ_channel(m_info, info)]) if largest else organ + more[_organ_channel(m_info, info)]
     if members and not largest:
         organ = organ / (1 + len(members))
-    location = locate(organ, coarse, opts.min_located_ml, anatomy)  # left of the midline, not above lung
+    confirm = None
+    if check is not None:  # a second network must agree that the located part is the organ
+        check_member(check[1], loc_info, info)
+        confirm = _run_network(image.array, coarse, check[0].to(device).eval(), check[1], opts, device, None, cancel,
+                               notes, True, raw.copy())[_organ_channel(check[1], info)]
+    # left of the midline, not above lung (and confirmed by the check)
+    location = locate(organ, coarse, opts.min_located_ml, anatomy, confirm, info.locator_check_min)
+    if location.unconfirmed_ml:
+        parts = ", ".join(f"{v:g} mL" for v in location.unconfirmed_ml)
+        notes.append(f"whole-CT view: the locator check did not confirm {len(location.unconfirmed_ml)} part(s) ({parts}): "
+                     f"its mean {info.labels[0].name.lower()} probability over each is under {info.locator_check_min:g}")
     location.body = anatomy.body
     return location, coarse
 

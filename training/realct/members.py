@@ -107,3 +107,25 @@ def attach(info: ModelInfo, key: str | list[str]) -> int:
     keys = [key] if isinstance(key, str) else list(key)
     info.locator_members = [m for k in keys for m in load_members(k)]
     return len(info.locator_members)
+
+
+def organ_key(patient: str | None) -> str:
+    """The manifest key of the multi-organ locator trained without ``patient`` ("organ:P4"), or on all five ("organ")."""
+    return "organ" if patient in (None, "final") else f"organ:{patient}"
+
+
+def attach_check(info: ModelInfo, patient: str | None, min_probability: float) -> bool:
+    """Give ``info`` the multi-organ locator trained without ``patient`` (None: on all five) as its locator check
+    (``ModelInfo.locator_check``): a located part counts only where its mean spleen probability is at least
+    ``min_probability``. False when none is listed.
+
+    Raises:
+        ValueError: when ``info`` has no locator (the check confirms the locator's parts).
+    """
+    if info.locator is None:
+        raise ValueError("a locator check goes beside a locator, and this model file has none")
+    found = load_members(organ_key(patient))
+    if not found:
+        return False
+    info.locator_check, info.locator_check_min = found[0], float(min_probability)
+    return True
