@@ -280,6 +280,30 @@ def test_a_locator_check_round_trips_in_a_version_2_file_and_is_checked(tmp_path
         load_model(tmp_path / "nomin.pt")
 
 
+def test_a_locator_checks_rival_classes_travel_with_it_and_must_be_its_classes(tmp_path: Path) -> None:
+    from vnetseg.checkpoint import Label
+
+    net, info, locator = _model(0), _info(), (_model(1), _locator_info())
+    cfg3 = VNetConfig(widths=CFG.widths, out_channels=3)
+    organ = ModelInfo(cfg3, _locator_info().preprocessing, (Label(1, "Spleen"), Label(2, "Kidney")))
+    save_model(tmp_path / "r.pt", net, info, locator=locator, locator_check=(VNet(cfg3), organ, 0.0),
+               locator_check_rivals=("Kidney",))
+    loaded = load_model(tmp_path / "r.pt")[1]
+    assert loaded.locator_check_rivals == ("Kidney",) and loaded.locator_check_min == 0.0
+    assert "needs its mean probability 0 or more, and no larger mean of Kidney)" in describe(loaded)
+    for rivals, match in (((), "in \\[0, 1\\) with rivals"), (("Liver",), "rival 'Liver' is not one of its other classes"),
+                          (("Spleen",), "rival 'Spleen' is not one of its other classes")):
+        with pytest.raises(ValueError, match=match):
+            save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_check=(VNet(cfg3), organ, 0.0),
+                       locator_check_rivals=rivals)
+    with pytest.raises(ValueError, match="are classes of a locator check: pass locator_check="):
+        save_model(tmp_path / "bad.pt", net, info, locator=locator, locator_check_rivals=("Kidney",))
+    assert not (tmp_path / "bad.pt").exists()
+    _rewrite_payload(tmp_path / "r.pt", tmp_path / "odd.pt", lambda p: p["locator_check"].update(rivals=["Heart"]))
+    with pytest.raises(ModelFileError, match="the locator check: a locator check's rival 'Heart' is not one of"):
+        load_model(tmp_path / "odd.pt")
+
+
 def test_a_thin_ct_locator_round_trips_in_a_version_2_file_and_is_checked(tmp_path: Path) -> None:
     """The thin-CT locator travels with its head-foot limit, verified like the locator; a file with it is
     version 2, and an inconsistent one is refused with what to do."""

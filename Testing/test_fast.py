@@ -226,6 +226,27 @@ def test_the_locator_check_vetoes_a_part_the_second_network_does_not_call_spleen
 
 
 @pytest.mark.parametrize("mode", ["fast", "full"])
+def test_a_rival_class_of_the_locator_check_vetoes_the_part_it_claims(mode: str) -> None:
+    """``locator_check_rivals``: a multi-organ check (classes Heart, Spleen) with no floor but "Heart" as a
+    rival vetoes the part it takes for the heart (its Heart mean over it is larger than its Spleen mean), so
+    the spleen is located; with the spleen as its own rival nothing could ever be confirmed, so that is refused."""
+    ct, spleen, heart = _two_organs()
+    loc_info = ModelInfo(FAST.config, Preprocessing(target_spacing=(4.0, 4.0, 4.0), patch_size=(48, 48, 48)))
+    organ_info = ModelInfo(OrganBandNet().config, loc_info.preprocessing, (Label(1, "Heart"), Label(2, "Spleen")))
+    info = ModelInfo(FAST.config, Preprocessing(target_spacing=(1.5, 1.5, 2.0), patch_size=(48, 48, 48)))
+    info.locator = (BrightNet(), loc_info)
+    info.locator_check, info.locator_check_min, info.locator_check_rivals = (OrganBandNet(), organ_info), 0.0, ("Heart",)
+    res = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert res.report.found and dice(res.labelmap > 0, spleen) > 0.97 and not (res.labelmap > 0)[heart].any()
+    (note,) = [n for n in res.notes if "locator check did not confirm" in n]
+    assert note.endswith("its mean spleen probability over each is under its mean of Heart")
+    # no rival and no floor: the check confirms every part, and the heart (more mass) is located again
+    info.locator_check_rivals = ()
+    plain = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert plain.report.found and dice(plain.labelmap > 0, heart) > 0.97
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
 def test_a_thin_ct_locator_decides_on_thin_cts_only(mode: str) -> None:
     """``ModelInfo.thin_locator`` replaces the locator (and its members) on a CT reaching at most
     ``thin_locator_max_mm`` head to foot, run centred in a window of its trained depth and cut back to the

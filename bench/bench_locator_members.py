@@ -69,7 +69,8 @@ def run_case(image, reference, net, info, mode: str) -> dict[str, Any]:
     return row
 
 
-def time_fast_mode(runs: int, bag: bool = False, organ: bool = False, check: float = 0.0) -> dict[str, Any]:
+def time_fast_mode(runs: int, bag: bool = False, organ: bool = False, check: float = 0.0,
+                   rivals: tuple[str, ...] = ()) -> dict[str, Any]:
     """End-to-end fast mode (in process, the model already loaded) on the benchmark CT, without and with the
     shipped model's members, interleaved; medians. The members cost one locator pass each."""
     from make_ct import make_benchmark_ct
@@ -84,8 +85,8 @@ def time_fast_mode(runs: int, bag: bool = False, organ: bool = False, check: flo
         for view, seconds in times.items():
             info.locator_members, info.locator_rule, info.locator_check = [], "mean", None
             if view == "with_members":
-                if check:
-                    attach_check(info, None, check)
+                if check or rivals:
+                    attach_check(info, None, check, rivals)
                 elif organ:
                     attach(info, "organ")
                     info.locator_rule = "max"
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", type=float, default=0.0, metavar="P",
                     help="the multi-organ locator trained on the same patients as the locator check (a located part "
                     "needs its mean spleen probability P or more) instead of a member")
+    ap.add_argument("--check-rivals", default="", metavar="CLASSES",
+                    help="with --check: the check's classes (comma-separated, e.g. Kidney) that must not have a larger mean "
+                    "over a located part than the spleen (--check 0 with rivals: that rule alone)")
     ap.add_argument("--timing-runs", type=int, default=3,
                     help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
                     "this many interleaved runs each (0: none)")
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="locator_members")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    rivals = tuple(r for r in args.check_rivals.split(",") if r)
     torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     scans = [] if args.timing_only else load_scans()
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':7s} {'key':5s} {'scan':9s} {'part':13s} {'mode':4s} | {'one: mL':>8s} {'Dice':>6s} | {'members: mL':>11s} {'Dice':>6s}")
     for kind, key, own, net, info in jobs:
         keys: str | list[str] = (["held-out pairs' locators"] if kind == "shipped" else bag_keys(key)) if args.bag else key
-        if args.organ or args.check:
+        if args.organ or args.check or rivals:
             keys = organ_key(None if kind == "shipped" else key)
         if not keys or (isinstance(keys, str) and keys not in manifest()):
             print(f"{kind} {key}: no locator member listed, skipped")
@@ -152,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             for part, image, reference, mode in cases:
                 info.locator_members, info.locator_rule, info.locator_check = [], "mean", None
                 one = run_case(image, reference, net, info, mode)
-                if args.check:
-                    n = int(attach_check(info, None if kind == "shipped" else key, args.check))
+                if args.check or rivals:
+                    n = int(attach_check(info, None if kind == "shipped" else key, args.check, rivals))
                 else:
                     n = attach_bag(info, key) if args.bag else attach(info, keys)
                 info.locator_rule = "max" if args.organ else "mean"
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:7s} {key:5s} {scan.name:9s} {part:13s} {mode:4s} | {one['volume_ml']:8.1f} "
                       f"{one.get('dice', float('nan')):6.3f} | {both['volume_ml']:11.1f} {both.get('dice', float('nan')):6.3f}",
                       flush=True)
-    timing = time_fast_mode(args.timing_runs, args.bag, args.organ, args.check) if args.timing_runs else {}
+    timing = time_fast_mode(args.timing_runs, args.bag, args.organ, args.check, rivals) if args.timing_runs else {}
     summary = []
     for kind in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == kind]
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{timing['one_median_s']} s, with the final member(s) {timing['with_members_median_s']} s")
     settings = {"mode": "fast and full on the real CTs, fast on the crops", "torch_threads": args.threads, "away_mm": AWAY_MM,
                 "free_ml": FREE_ML, "members": manifest(), "bag": args.bag,
-                "organ": args.organ, "locator_rule": "max" if args.organ else "mean", "locator_check_min": args.check}
+                "organ": args.organ, "locator_rule": "max" if args.organ else "mean", "locator_check_min": args.check,
+                "locator_check_rivals": list(rivals)}
     benchlib.write_result(args.name, "locator_members", started, settings,
                           {"model_sha256": default_model().sha256, "rows": rows, "summary": summary, "timing": timing},
                           args.note)

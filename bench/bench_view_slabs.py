@@ -136,7 +136,7 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
 
 
 def models(kinds: list[str], patients: list[str], members: bool = False, bag: bool = False, thin_mm: float = 0.0,
-           thin_variant: str = "thin", check: float = 0.0) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
+           thin_variant: str = "thin", check: float = 0.0, rivals: tuple[str, ...] = ()) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
     """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
     locator members (``training.realct.members``: the shipped model's "final", a held-out pair's its
     patient's) are put beside its locator; a model without any listed is refused. ``thin_mm``: each model
@@ -150,7 +150,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
                 raise SystemExit("--members: no locator member is listed for the shipped model ('final')")
             if thin_mm and not attach_thin(info, None, thin_mm, thin_variant):
                 raise SystemExit(f"--thin: no thin-CT locator is listed for the shipped model ({thin_variant!r})")
-            if check and not attach_check(info, None, check):
+            if (check or rivals) and not attach_check(info, None, check, rivals):
                 raise SystemExit("--check: no multi-organ locator is listed for the shipped model ('organ')")
             yield kind, None, net, info
         elif kind == "held":
@@ -163,7 +163,7 @@ def models(kinds: list[str], patients: list[str], members: bool = False, bag: bo
                     if thin_mm and not attach_thin(info, patient, thin_mm, thin_variant):
                         print(f"--thin: no thin-CT locator is listed without {patient}: skipped", flush=True)
                         continue
-                    if check and not attach_check(info, patient, check):
+                    if (check or rivals) and not attach_check(info, patient, check, rivals):
                         print(f"--check: no multi-organ locator is listed without {patient}: skipped", flush=True)
                         continue
                     yield kind, patient, net, info
@@ -193,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", type=float, default=0.0, metavar="P",
                     help="give each model the multi-organ locator trained on its patients ('organ', 'organ:P') as its "
                     "locator check: a located part needs its mean spleen probability P or more")
+    ap.add_argument("--check-rivals", default="", metavar="CLASSES",
+                    help="with --check: the check's classes (e.g. Kidney) that must not have a larger mean over a located "
+                    "part than the spleen (--check 0 with rivals: that rule alone)")
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    rivals = tuple(r for r in args.check_rivals.split(",") if r)
     torch.set_num_threads(1)
     rules = [float(v) for v in args.rules.split(",")]
     if min(rules) < FLOOR_ML:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':8s} {'scan':9s} {'mm':>4s} {'start':>6s} {'ref mL':>6s} {'located':>7s} {'mL':>6s} {'Dice':>6s} {'away':>5s}",
           flush=True)
     for kind, only, net, info in models(args.models.split(","), patients, args.members, args.bag, args.thin,
-                                       args.thin_variant, args.check):
+                                       args.thin_variant, args.check, rivals):
         for scan in scans:
             if only is not None and scan.patient != only:
                 continue
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min_ref_ml": args.min_ref_ml, "false_ml": args.false_ml, "away_mm": AWAY_MM, "mode": "fast",
                 "torch_threads": 1, "patients": patients, "locator_members": args.members, "bag": args.bag,
                 "thin_locator_max_mm": args.thin, **({"thin_variant": args.thin_variant} if args.thin else {}),
-                "locator_check_min": args.check}
+                "locator_check_min": args.check, "locator_check_rivals": list(rivals)}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "view_slabs", started, settings, body, args.note)
     return 0

@@ -16,8 +16,8 @@ read with ``torch.load(weights_only=True)``: loading never executes pickled code
   ``locator_rule`` "max" their voxel-wise maximum (a second locator that sees what the first misses);
 * optionally ``locator_check`` (format version 2): a second network on the locator's grid, packed the
   same way with ``min_probability``; a part the locator finds is the organ only where the check's mean
-  probability of the organ over it is at least that (a multi-organ network that takes it for a kidney
-  says no);
+  probability of the organ over it is at least that, and, with ``rivals`` (class names), no rival class
+  has a larger mean there (a multi-organ network that takes it for a kidney says no);
 * optionally ``thin_locator`` (format version 2): a locator trained on thin axial slabs, packed the same
   way with ``max_mm``; it replaces the locator (and its members) on a CT that reaches at most that
   many mm head to foot.
@@ -143,6 +143,9 @@ class ModelInfo:
     # a located part counts only where its mean probability of the organ is at least locator_check_min
     locator_check: tuple[VNet, ModelInfo] | None = field(default=None, repr=False, compare=False)
     locator_check_min: float = 0.0
+    # classes of the check that the organ is not: a part where one of them has a larger mean than the organ is
+    # not confirmed ("Kidney": the part a multi-organ check takes for a kidney is not the spleen)
+    locator_check_rivals: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -220,6 +223,7 @@ def save_model(
     thin_locator: tuple[VNet, ModelInfo, float] | None = None,
     locator_rule: str = "mean",
     locator_check: tuple[VNet, ModelInfo, float] | None = None,
+    locator_check_rivals: tuple[str, ...] = (),
 ) -> str:
     """Write ``model`` and ``info`` to ``path`` atomically and return the file's SHA-256.
 
@@ -237,7 +241,9 @@ def save_model(
             locator's and its members' probabilities instead of their mean (needs members).
         locator_check: (network, info, min_probability): a network on ``locator``'s grid naming the
             model's organ; a located part counts only where its mean probability of the organ over the
-            part is at least ``min_probability`` (in (0, 1)); version 2 as well.
+            part is at least ``min_probability`` (in [0, 1); 0 needs rivals); version 2 as well.
+        locator_check_rivals: class names of the check (not the organ) that must not have a larger mean
+            probability over a located part than the organ.
         thin_locator: (network, info, max_mm): a locator on ``locator``'s grid that replaces it on CTs
             reaching at most ``max_mm`` (> 0) head to foot; version 2 as well.
 
@@ -265,8 +271,9 @@ def save_model(
         if locator is None:
             raise ValueError("a locator check goes beside a locator: pass locator= as well")
         check_member(locator_check[1], locator[1], info)
-        if not 0.0 < float(locator_check[2]) < 1.0:
-            raise ValueError(f"a locator check needs a smallest mean probability in (0, 1), got {locator_check[2]!r}")
+        _check_rule(float(locator_check[2]), tuple(locator_check_rivals), locator_check[1], info)
+    elif locator_check_rivals:
+        raise ValueError("locator_check_rivals are classes of a locator check: pass locator_check= as well")
     version = MEMBERS_VERSION if members or thin_locator is not None or locator_check is not None else 1
     payload = {"format": FORMAT_NAME, "format_version": version, **_pack(model, info, half)}
     if locator is not None:
@@ -277,12 +284,25 @@ def save_model(
             payload["locator_rule"] = locator_rule
     if locator_check is not None:
         payload["locator_check"] = {**_pack(locator_check[0], locator_check[1], half),
-                                    "min_probability": float(locator_check[2])}
+                                    "min_probability": float(locator_check[2]), "rivals": list(locator_check_rivals)}
     if thin_locator is not None:
         payload["thin_locator"] = {**_pack(thin_locator[0], thin_locator[1], half), "max_mm": float(thin_locator[2])}
     dest = Path(path)
     save_atomically(payload, dest)
     return file_sha256(dest)
+
+
+def _check_rule(least: float, rivals: tuple[str, ...], check: ModelInfo, info: ModelInfo) -> None:
+    """Refuse a locator check's rule that cannot work: a floor outside [0, 1), no rule at all, or a rival
+    that is not one of the check's classes (or is the organ itself)."""
+    if not 0.0 <= least < 1.0 or not (least > 0.0 or rivals):
+        raise ValueError(f"a locator check needs a smallest mean probability in (0, 1), or in [0, 1) with rivals; "
+                         f"got {least!r} with rivals {list(rivals)}")
+    names = [lab.name.lower() for lab in check.labels]
+    organ = info.labels[0].name.lower()
+    for rival in rivals:
+        if rival.lower() not in names or rival.lower() == organ:
+            raise ValueError(f"a locator check's rival {rival!r} is not one of its other classes {names}")
 
 
 def check_member(member: ModelInfo, locator: ModelInfo, info: ModelInfo) -> None:
@@ -420,8 +440,9 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
     check = payload.get("locator_check")
     if check is not None:
         least = check.get("min_probability") if isinstance(check, dict) else None
+        rivals = check.get("rivals", []) if isinstance(check, dict) else None
         if (payload["format_version"] < MEMBERS_VERSION or info.locator is None or not isinstance(least, float)
-                or not 0.0 < least < 1.0):
+                or not isinstance(rivals, list)):
             raise ModelFileError(
                 f"{p} has a locator check in a version {payload['format_version']} file, without a locator or "
                 f"without its smallest mean probability; the file is inconsistent: re-export it"
@@ -429,9 +450,11 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
         c_info, c_state = _unpack(check, p, "locator check")
         try:
             check_member(c_info, info.locator[1], info)
+            _check_rule(least, tuple(rivals), c_info, info)
         except ValueError as exc:
             raise ModelFileError(f"{p}: the locator check: {exc}") from None
         info.locator_check, info.locator_check_min = (_build(c_info, c_state, p), c_info), least
+        info.locator_check_rivals = tuple(rivals)
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
     return info, state
@@ -473,7 +496,8 @@ def _fast_mode_text(info: ModelInfo) -> str:
             how = "the voxel-wise maximum" if info.locator_rule == "max" else "the mean"
             text += f", with {len(info.locator_members)} more beside it (the whole-CT view is {how} of {len(info.locator_members) + 1})"
         if info.locator_check is not None:
-            text += f"; checked by a second network (a located part needs its mean probability {info.locator_check_min:g} or more)"
+            text += f"; checked by a second network (a located part needs its mean probability {info.locator_check_min:g} or more"
+            text += f", and no larger mean of {', '.join(info.locator_check_rivals)})" if info.locator_check_rivals else ")"
         if info.thin_locator is not None:
             text += f"; a thin-CT locator on CTs of at most {info.thin_locator_max_mm:g} mm head to foot"
         return text

@@ -202,7 +202,7 @@ def _ras_centroids(labels: np.ndarray, n: int, grid: GridMap) -> np.ndarray:
 
 def locate(
     probs: np.ndarray, coarse: GridMap, min_ml: float = MIN_LOCATED_ML, anatomy: BodyView | None = None,
-    check: np.ndarray | None = None, check_min: float = 0.0,
+    check: np.ndarray | None = None, check_min: float = 0.0, rivals: tuple[np.ndarray, ...] = (),
 ) -> Location:
     """Pick the spleen among the coarse pass's parts: the one holding the most probability mass.
 
@@ -219,6 +219,8 @@ def locate(
             locator check, ``ModelInfo.locator_check``). When given, only parts over which its mean is at
             least ``check_min`` can be the organ: a part the second network takes for something else
             (a kidney, a muscle) is not located, and the next eligible part is taken instead.
+        rivals: the same network's probabilities of classes the organ is not (a kidney): a part over
+            which any of them has a larger mean than ``check`` is not confirmed either.
     """
     voxel_ml = float(np.prod(coarse.model_spacing)) / 1000.0
     labels, n = ndimage.label(probs > 0.5, structure=ndimage.generate_binary_structure(3, 1))
@@ -235,13 +237,18 @@ def locate(
         chest = anatomy.lung_below_ml(labels, n, coarse) > MAX_LUNG_BELOW_ML  # type: ignore[union-attr]
     unconfirmed = np.zeros(n, bool)
     if check is not None:
-        unconfirmed = ndimage.mean(check, labels, index) < check_min
+        organ_mean = np.asarray(ndimage.mean(check, labels, index))
+        unconfirmed = organ_mean < check_min
+        for rival in rivals:
+            unconfirmed |= np.asarray(ndimage.mean(rival, labels, index)) > organ_mean
     eligible = ~right & ~chest & ~unconfirmed
     vetoed = sorted((round(float(v) * voxel_ml, 1) for v in sizes[unconfirmed & ~right & ~chest] if v * voxel_ml >= min_ml),
                     reverse=True)
     if not eligible.any():
         biggest = float(sizes.max()) * voxel_ml
-        vetoed_text = f"where the locator check does not confirm a spleen (its mean probability under {check_min:g})"
+        floor = [f"under {check_min:g}"] if check_min > 0 else []
+        vetoed_text = ("where the locator check does not confirm a spleen (its mean probability "
+                       + " or ".join(floor + (["under another class's"] if rivals else [])) + ")")
         where = " or ".join(w for w, hit in (("on the patient's right", right.any()),
                                               ("in the chest, above lung", chest.any()),
                                               (vetoed_text, (unconfirmed & ~right & ~chest).any())) if hit)

@@ -505,14 +505,21 @@ def whole_ct_view(
     confirm = None
     if check is not None:  # a second network must agree that the located part is the organ
         check_member(check[1], loc_info, info)
-        confirm = _run_network(image.array, coarse, check[0].to(device).eval(), check[1], opts, device, None, cancel,
-                               notes, True, raw.copy())[_organ_channel(check[1], info)]
+        said = _run_network(image.array, coarse, check[0].to(device).eval(), check[1], opts, device, None, cancel,
+                            notes, True, raw.copy())
+        names = [lab.name.lower() for lab in check[1].labels]
+        confirm = said[_organ_channel(check[1], info)]
+        rivals = tuple(said[names.index(r.lower())] for r in info.locator_check_rivals)
     # left of the midline, not above lung (and confirmed by the check)
-    location = locate(organ, coarse, opts.min_located_ml, anatomy, confirm, info.locator_check_min)
+    location = locate(organ, coarse, opts.min_located_ml, anatomy, confirm, info.locator_check_min,
+                      rivals if check is not None else ())
     if location.unconfirmed_ml:
         parts = ", ".join(f"{v:g} mL" for v in location.unconfirmed_ml)
         notes.append(f"whole-CT view: the locator check did not confirm {len(location.unconfirmed_ml)} part(s) ({parts}): "
-                     f"its mean {info.labels[0].name.lower()} probability over each is under {info.locator_check_min:g}")
+                     f"its mean {info.labels[0].name.lower()} probability over each is under "
+                     + " or under ".join([*([f"{info.locator_check_min:g}"] if info.locator_check_min > 0 else []),
+                                          *([f"its mean of {', '.join(info.locator_check_rivals)}"]
+                                            if info.locator_check_rivals else [])]))
     location.body = anatomy.body
     return location, coarse
 

@@ -114,10 +114,10 @@ def organ_key(patient: str | None) -> str:
     return "organ" if patient in (None, "final") else f"organ:{patient}"
 
 
-def attach_check(info: ModelInfo, patient: str | None, min_probability: float) -> bool:
+def attach_check(info: ModelInfo, patient: str | None, min_probability: float, rivals: tuple[str, ...] = ()) -> bool:
     """Give ``info`` the multi-organ locator trained without ``patient`` (None: on all five) as its locator check
     (``ModelInfo.locator_check``): a located part counts only where its mean spleen probability is at least
-    ``min_probability``. False when none is listed.
+    ``min_probability`` and no class of ``rivals`` ("Kidney") has a larger mean over it. False when none is listed.
 
     Raises:
         ValueError: when ``info`` has no locator (the check confirms the locator's parts).
@@ -127,5 +127,5 @@ def attach_check(info: ModelInfo, patient: str | None, min_probability: float) -
     found = load_members(organ_key(patient))
     if not found:
         return False
-    info.locator_check, info.locator_check_min = found[0], float(min_probability)
+    info.locator_check, info.locator_check_min, info.locator_check_rivals = found[0], float(min_probability), tuple(rivals)
     return True
