@@ -99,6 +99,28 @@ def test_held_out_pair_reproduces_the_shipped_cards_record_of_its_patient(patien
     _same_record(_rows(patient, ct_dir), shipped_card["leave_one_patient_out"][patient]["cases"])
 
 
+@pytest.mark.parametrize("patient", sorted(MANIFEST))
+def test_held_out_pair_with_its_locator_check_keeps_its_record_and_the_card_says_which_check(patient, ct_dir,
+                                                                                             shipped_card) -> None:
+    """v2.4.0's held-out records were made with each pair's locator check (the multi-organ locator trained
+    without its patient, the kidney rule): with it the pair gives the same masks as without it on its patient's
+    real CTs, and the card's record names that check."""
+    from training.realct.members import attach_check
+    from training.realct.ship import CHECK_MIN, CHECK_RIVALS
+
+    net, info = _pair(patient)
+    assert attach_check(info, patient, CHECK_MIN, CHECK_RIVALS)
+    scans = [s for s in load_scans(ct_dir) if s.patient == patient]
+    _same_record([evaluate_scan(scan, net, info, mode="fast") for scan in scans], _rows_cache(patient, ct_dir))
+    record = shipped_card["leave_one_patient_out"][patient]
+    assert record["locator_check"] == {"min_probability": CHECK_MIN, "rivals": list(CHECK_RIVALS), "network": f"organ:{patient}"}
+
+
+def _rows_cache(patient: str, ct_dir) -> list[dict]:
+    """The pair's own fast-mode rows in the shape of a card's cases (scan, mode, volume, Dice)."""
+    return [{**row, "mode": "fast"} for row in _rows(patient, ct_dir)]
+
+
 @pytest.mark.parametrize("patient", _patients(KNOWN_BELOW_TARGET))
 def test_held_out_pair_meets_the_target_on_its_own_patient(patient, ct_dir) -> None:
     for row in _rows(patient, ct_dir):

@@ -142,7 +142,13 @@ def test_guard_refuses_a_worse_model_and_force_installs_it_without_training_agai
     assert main([*args, "--force"]) == EXIT_OK
     assert out.is_file() and "although it scores worse" in capsys.readouterr().out
     assert len((tmp_path / "worse_finetune" / "log.csv").read_text().splitlines()) == log_lines  # no new steps
-    assert load_model(out)[1].card["installed_although_worse"] is True
+    written = load_model(out)[1]
+    assert written.card["installed_although_worse"] is True
+    # the base's locator check (v2.4.0) travels with the fine-tuned model, unchanged
+    base = load_model(default_model().path)[1]
+    assert written.locator_check is not None and written.locator_check_rivals == base.locator_check_rivals == ("Kidney",)
+    assert all(torch.equal(a, b) for a, b in zip(written.locator_check[0].state_dict().values(),
+                                                 base.locator_check[0].state_dict().values()))
 
 
 def _bad_input(kind: str, tmp_path: Path, model: Path) -> tuple[Path, Path, str]:

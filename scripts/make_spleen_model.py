@@ -53,7 +53,13 @@ What it does (each stage reuses what an earlier, interrupted run left in ``--out
    (README: "A locator for thin CTs"); 19-20 minutes. ``--thin --thin-neg``: its variant with fewer
    patches on the spleen (``THIN_NEG_FG_RATIO``), listed as "thin-neg" or "thin-neg:P".
 
-Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card|locator_seed]``.
+9. ``check`` (not part of ``all``; v2.4.0): the shipped file written again with the same networks and the
+   multi-organ locator trained on all five ("organ", from ``--stage locator_seed --organ-locator
+   --seed-offset 0``) as its locator check (``training/realct/ship.py: CHECK_RIVALS``), its held-out records
+   made again from the committed pairs each with the check trained without its patient ("organ:P"), and its
+   own results scored with it. About 7 minutes.
+
+Usage: ``python scripts/make_spleen_model.py --out DIR [--stage all|pool|lopo|final|bundle|trials|card|locator_seed|check]``.
 """
 
 from __future__ import annotations
@@ -564,11 +570,52 @@ def stage_card(out: Path, weights_dir: Path, only: str | None = None) -> None:
                  out=out, log=log, shipped=shipped)
 
 
+def stage_check(out: Path, weights_dir: Path, version: str) -> None:
+    """The shipped file with a locator check (the multi-organ locator trained on all five, "organ" in
+    ``members.json``; ``CHECK_MIN`` and ``CHECK_RIVALS``), its held-out records made again from the committed pairs each with
+    the check trained without its patient, and its own results scored with it; the same networks
+    otherwise. Not part of ``all``: the check networks come from ``--stage locator_seed --organ-locator``."""
+    from training.realct.members import load_members, organ_key
+    from training.realct.ship import (
+        CHECK_MIN,
+        CHECK_RIVALS,
+        INFERENCE_PATCH,
+        _with_patch,
+        held_out_record,
+        rescore_shipped,
+        rewrite_card,
+    )
+
+    found = load_members(organ_key(None))
+    if not found:
+        raise SystemExit("--stage check: no multi-organ locator trained on all five is listed ('organ'): train it with "
+                         "--stage locator_seed --organ-locator --seed-offset 0")
+    c_net, c_info = found[0]
+    card = {**c_info.card, "role": "locator check",
+            "description": ("multi-organ locator (spleen, liver, kidney, stomach, bowel, muscle; partial labels) at 4 mm, "
+                            "trained on all five patients with the locator's recipe; a part the locator finds is the spleen "
+                            f"only where this network's mean {' and '.join(CHECK_RIVALS).lower()} probability over it is "
+                            "not larger than its mean spleen probability")}
+    check = (c_net.eval(), _with_patch(c_info, INFERENCE_PATCH, card), CHECK_MIN)
+    records = {}
+    for held in PATIENTS:
+        log(f"held-out record of {held} with its locator check (organ:{held})")
+        records[held] = held_out_record(held, log=lambda m: log("  " + m), check=True)
+        (out / f"lopo_{held}_check.json").write_text(json.dumps(records[held], indent=1))
+    log("the shipped networks with the locator check on every real CT, part and range end")
+    shipped = rescore_shipped(weights_dir, log=lambda m: log("  " + m), check=check)
+    rewrite_card(weights_dir, records, version,
+                 "a locator check: the multi-organ locator trained on all five (today's locator recipe) must not give a "
+                 "located part a larger mean kidney than spleen probability; the held-out records made again "
+                 "from the committed pairs, each with the check trained without its patient; the same networks",
+                 out=out, log=log, shipped=shipped, check=check)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
     parser.add_argument("--stage", default="all",
-                        choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed"))
+                        choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed", "check"))
     parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
         "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
@@ -632,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
             stage_trials(args.out, args.trial)
         elif stage == "card":
             stage_card(args.out, args.weights_dir, args.held)
+        elif stage == "check":
+            from training.realct.ship import VERSION
+
+            stage_check(args.out, args.weights_dir, VERSION)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
             stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg, args.organ_locator)

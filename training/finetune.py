@@ -332,6 +332,10 @@ def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn |
     # reference), so the fine-tuned network's mask is its own
     new_info = ModelInfo(info.config, info.preprocessing, info.labels, {})
     new_info.locator = locator
+    # the base's locator check (v2.4.0: a multi-organ network that vetoes a located kidney) is not trained
+    # here and judges the located part, not the new mask, so the new model keeps it as it is
+    new_info.locator_check = info.locator_check if locator is not None else None
+    new_info.locator_check_min, new_info.locator_check_rivals = info.locator_check_min, info.locator_check_rivals
     emit({"event": "progress", "fraction": 0.9, "phase": "score", "message": "scoring the new model"})
     new_rows = score_model(net, new_info, inputs.dataset, inputs.val, infer)
     comparison = Comparison(base_rows, new_rows, inputs.on_training_cases, infer.mode, opts.tolerance)
@@ -347,7 +351,9 @@ def finetune(opts: FinetuneOptions, emit: Emit | None = None, cancel: CancelFn |
     if locator is not None:
         loc_info = replace(locator[1], card={**locator[1].card, "fine_tuned_steps": locator_steps, "note": note})
         loc_arg = (locator[0], loc_info)
-    sha = save_model(opts.out, net, new_info, half=info.weights_dtype == "float16", locator=loc_arg)
+    check = None if new_info.locator_check is None else (*new_info.locator_check, new_info.locator_check_min)
+    sha = save_model(opts.out, net, new_info, half=info.weights_dtype == "float16", locator=loc_arg,
+                     locator_check=check, locator_check_rivals=new_info.locator_check_rivals if check else ())
     for name in ("state_main.pth", "state_locator.pth"):
         (opts.work / name).unlink(missing_ok=True)
     shutil.rmtree(opts.work / "cache", ignore_errors=True)

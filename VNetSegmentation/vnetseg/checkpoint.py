@@ -431,12 +431,7 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
                 f"{p} has a thin-CT locator in a version {payload['format_version']} file, without a locator or "
                 f"without its head-foot limit; the file is inconsistent: re-export it"
             )
-        t_info, t_state = _unpack(thin, p, "thin-CT locator")
-        try:
-            check_member(t_info, info.locator[1], info)
-        except ValueError as exc:
-            raise ModelFileError(f"{p}: the thin-CT locator: {exc}") from None
-        info.thin_locator, info.thin_locator_max_mm = (_build(t_info, t_state, p), t_info), max_mm
+        info.thin_locator, info.thin_locator_max_mm = _read_beside(thin, p, "thin-CT locator", info), max_mm
     check = payload.get("locator_check")
     if check is not None:
         least = check.get("min_probability") if isinstance(check, dict) else None
@@ -447,17 +442,26 @@ def read_model_info(path: str | os.PathLike[str], sha256: str | None = None) -> 
                 f"{p} has a locator check in a version {payload['format_version']} file, without a locator or "
                 f"without its smallest mean probability; the file is inconsistent: re-export it"
             )
-        c_info, c_state = _unpack(check, p, "locator check")
-        try:
-            check_member(c_info, info.locator[1], info)
-            _check_rule(least, tuple(rivals), c_info, info)
-        except ValueError as exc:
-            raise ModelFileError(f"{p}: the locator check: {exc}") from None
-        info.locator_check, info.locator_check_min = (_build(c_info, c_state, p), c_info), least
+        info.locator_check = _read_beside(check, p, "locator check", info,
+                                          lambda c_info: _check_rule(least, tuple(rivals), c_info, info))
+        info.locator_check_min = least
         info.locator_check_rivals = tuple(rivals)
     info.format_version = int(payload["format_version"])
     info.sha256 = actual
     return info, state
+
+
+def _read_beside(entry: dict, path: Path, what: str, info: ModelInfo, also=None) -> tuple[VNet, ModelInfo]:
+    """A network packed beside the locator (thin-CT locator, locator check): verified, on the locator's grid
+    and naming the model's organ (``also``: one more check of its info), built."""
+    e_info, e_state = _unpack(entry, path, what)
+    try:
+        check_member(e_info, info.locator[1], info)  # type: ignore[index]
+        if also is not None:
+            also(e_info)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: the {what}: {exc}") from None
+    return _build(e_info, e_state, path), e_info
 
 
 def _build(info: ModelInfo, state: dict[str, torch.Tensor], path: Path) -> VNet:

@@ -40,7 +40,13 @@ SCORED_CODE = ("inference.py", "fast.py", "preprocess.py", "postprocess.py")
 # same accuracy against the pseudo-labels. 32 slices deep as in training: deeper windows over thin
 # slabs (20-slice P2) add padding it never saw.
 INFERENCE_PATCH = (256, 256, 32)
-VERSION = "2.3.1"
+VERSION = "2.4.0"
+# the locator check (v2.4.0, ``--stage check``): the multi-organ locator trained on the same patients
+# ("organ", "organ:P" in training/realct/locator_members) must not give a located part a larger mean kidney
+# than spleen probability (no floor on the spleen's: a floor of 0.1 vetoed right spleens; README "The
+# multi-organ locator again")
+CHECK_MIN = 0.0
+CHECK_RIVALS = ("Kidney",)
 # the native-CT growth measured for this recipe's networks (vnetseg.postprocess.grow_native)
 SHIPPED_POSTPROCESSING = {"native_grow_probability": GROW_PROBABILITY}
 
@@ -386,19 +392,29 @@ def build_card(
 HELD_OUT_DIR = Path(__file__).parent / "heldout"
 
 
-def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Path = HELD_OUT_DIR) -> dict[str, Any]:
+def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Path = HELD_OUT_DIR,
+                    check: bool = False) -> dict[str, Any]:
     """The card's leave-one-patient-out record of ``patient``, made again from its committed pair.
 
     The pair (``heldout/heldout_P.pt``, its SHA-256 checked against ``heldout.json``) is scored as the
     ``lopo`` stage scores a pair it has just trained (:func:`score_all` on the patient's CTs, parts and
     range ends), so the record is the one the regeneration command writes, without an hour of training.
 
+    ``check``: the pair gets the multi-organ locator trained without its patient as its locator check
+    (``training.realct.members.attach_check``, ``CHECK_MIN``, ``CHECK_RIVALS``), as the shipped file has the
+    one trained on all five.
+
     Raises:
         ValueError: when the pair's masks are no longer the ones saved in its own file (the inference
             changed since it was scored): a card must not mix records of two inferences.
     """
+    from .members import attach_check
+
     entry = json.loads((folder / "heldout.json").read_text())[patient]
     net, info = load_model(folder / entry["file"], sha256=entry["sha256"])
+    if check and not attach_check(info, patient, CHECK_MIN, CHECK_RIVALS):
+        raise ValueError(f"no multi-organ locator trained without {patient} is listed: train it with --stage "
+                         f"locator_seed --organ-locator --without {patient} --seed-offset 0")
     scores = score_all(net, info, log=log, patients=(patient,))
     saved = {(c["scan"], c["mode"]): c for c in info.card["cases"]}
     for case in scores["cases"]:
@@ -409,8 +425,11 @@ def held_out_record(patient: str, log: Callable[[str], None] = print, folder: Pa
                 f"({case['volume_ml']} mL) against {old['dice']} ({old['volume_ml']} mL) saved in the file: "
                 "the inference changed since it was scored; retrain the pair (--stage lopo) instead"
             )
-    return {"trained_on": info.card["trained_on"], "steps": info.card["steps"],
-            "train_minutes": info.card["train_minutes"], **scores}
+    record = {"trained_on": info.card["trained_on"], "steps": info.card["steps"],
+              "train_minutes": info.card["train_minutes"], **scores}
+    if check:
+        record["locator_check"] = {"min_probability": CHECK_MIN, "rivals": list(CHECK_RIVALS), "network": f"organ:{patient}"}
+    return record
 
 
 def _load_shipped(weights_dir: Path) -> tuple[VNet, ModelInfo]:
@@ -419,14 +438,21 @@ def _load_shipped(weights_dir: Path) -> tuple[VNet, ModelInfo]:
     return load_model(weights_dir / MODEL_FILE, sha256=registry["sha256"])
 
 
-def rescore_shipped(weights_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The shipped file's own results (:func:`score_all` on every real CT, part and range end) with today's inference."""
-    return score_all(*_load_shipped(weights_dir), log)
+def rescore_shipped(weights_dir: Path, log: Callable[[str], None] = print,
+                    check: tuple[VNet, ModelInfo, float] | None = None) -> dict[str, Any]:
+    """The shipped file's own results (:func:`score_all` on every real CT, part and range end) with today's
+    inference (``check``: with that locator check, as the file will carry it)."""
+    net, info = _load_shipped(weights_dir)
+    if check is not None:
+        info.locator_check, info.locator_check_min = (check[0], check[1]), float(check[2])
+        info.locator_check_rivals = CHECK_RIVALS
+    return score_all(net, info, log)
 
 
 def rewrite_card(
     weights_dir: Path, records: dict[str, dict[str, Any]], version: str, change: str, out: Path | None = None,
     log: Callable[[str], None] = print, shipped: dict[str, Any] | None = None,
+    check: tuple[VNet, ModelInfo, float] | None = None,
 ) -> str:
     """Write the shipped file again with the same networks and ``records`` as its held-out records.
 
@@ -434,12 +460,19 @@ def rewrite_card(
     entry for the same version, and with ``shipped``
     the shipped model's own results, from :func:`rescore_shipped`); every weight is checked bit for
     bit against the file it replaces. Returns the new file's SHA-256; registry.json and MODEL_CARD.md
-    are written again (and ``out/README_SECTION.md`` when ``out`` is given).
+    are written again (and ``out/README_SECTION.md`` when ``out`` is given). ``check``: (network, info,
+    smallest mean probability), the locator check the file carries from now on (a file that has one keeps
+    it); its weights are checked against the network given.
     """
     path = weights_dir / MODEL_FILE
     net, info = _load_shipped(weights_dir)
     assert info.locator is not None
     before = {**net.state_dict(), **{f"loc.{k}": v for k, v in info.locator[0].state_dict().items()}}
+    if check is not None:
+        info.locator_check, info.locator_check_min = (check[0], check[1]), float(check[2])
+        info.locator_check_rivals = CHECK_RIVALS
+    if info.locator_check is not None:
+        before.update({f"check.{k}": v for k, v in info.locator_check[0].state_dict().items()})
     card = dict(info.card)
     lopo = {**card["leave_one_patient_out"], **records}
     card["leave_one_patient_out"] = {p: lopo[p] for p in PATIENTS if p in lopo}
@@ -452,9 +485,13 @@ def rewrite_card(
     card["version"] = version
     card["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info.card = card
-    sha = save_model(path, net, info, half=True, locator=info.locator)
+    kept = None if info.locator_check is None else (*info.locator_check, info.locator_check_min)
+    sha = save_model(path, net, info, half=True, locator=info.locator, locator_check=kept,
+                     locator_check_rivals=info.locator_check_rivals)
     net2, info2 = load_model(path, sha256=sha)
     after = {**net2.state_dict(), **{f"loc.{k}": v for k, v in info2.locator[0].state_dict().items()}}
+    if info2.locator_check is not None:
+        after.update({f"check.{k}": v for k, v in info2.locator_check[0].state_dict().items()})
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     if changed or set(before) != set(after):
         raise RuntimeError(f"rewriting the card changed weights: {changed[:5]}")
