@@ -290,7 +290,7 @@ def test_a_locator_checks_rival_classes_travel_with_it_and_must_be_its_classes(t
                locator_check_rivals=("Kidney",))
     loaded = load_model(tmp_path / "r.pt")[1]
     assert loaded.locator_check_rivals == ("Kidney",) and loaded.locator_check_min == 0.0
-    assert "needs its mean probability 0 or more, and no larger mean of Kidney)" in describe(loaded)
+    assert "checked by a second network (a located part needs no larger mean of Kidney than of spleen)" in describe(loaded)
     for rivals, match in (((), "in \\[0, 1\\) with rivals"), (("Liver",), "rival 'Liver' is not one of its other classes"),
                           (("Spleen",), "rival 'Spleen' is not one of its other classes")):
         with pytest.raises(ValueError, match=match):

@@ -240,6 +240,11 @@ def test_a_rival_class_of_the_locator_check_vetoes_the_part_it_claims(mode: str)
     assert res.report.found and dice(res.labelmap > 0, spleen) > 0.97 and not (res.labelmap > 0)[heart].any()
     (note,) = [n for n in res.notes if "locator check did not confirm" in n]
     assert note.endswith("its mean spleen probability over each is under its mean of Heart")
+    # with the heart alone in view, the answer says why nothing was located
+    heart_only = Image(np.where(heart, 160.0, -50.0).astype(np.float32), ct.affine)
+    none = predict_volume(heart_only, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))
+    assert not none.report.found and none.report.message.endswith(
+        "all lie where the locator check does not confirm a spleen (another of its classes more probable there))")
     # no rival and no floor: the check confirms every part, and the heart (more mass) is located again
     info.locator_check_rivals = ()
     plain = predict_volume(ct, ThresholdNet(), info, InferenceOptions(device="cpu", mode=mode))

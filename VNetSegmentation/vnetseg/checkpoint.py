@@ -500,8 +500,10 @@ def _fast_mode_text(info: ModelInfo) -> str:
             how = "the voxel-wise maximum" if info.locator_rule == "max" else "the mean"
             text += f", with {len(info.locator_members)} more beside it (the whole-CT view is {how} of {len(info.locator_members) + 1})"
         if info.locator_check is not None:
-            text += f"; checked by a second network (a located part needs its mean probability {info.locator_check_min:g} or more"
-            text += f", and no larger mean of {', '.join(info.locator_check_rivals)})" if info.locator_check_rivals else ")"
+            needs = [f"its mean probability {info.locator_check_min:g} or more"] if info.locator_check_min > 0 else []
+            if info.locator_check_rivals:
+                needs.append(f"no larger mean of {', '.join(info.locator_check_rivals)} than of {info.labels[0].name.lower()}")
+            text += f"; checked by a second network (a located part needs {' and '.join(needs)})"
         if info.thin_locator is not None:
             text += f"; a thin-CT locator on CTs of at most {info.thin_locator_max_mm:g} mm head to foot"
         return text

@@ -246,9 +246,9 @@ def locate(
                     reverse=True)
     if not eligible.any():
         biggest = float(sizes.max()) * voxel_ml
-        floor = [f"under {check_min:g}"] if check_min > 0 else []
-        vetoed_text = ("where the locator check does not confirm a spleen (its mean probability "
-                       + " or ".join(floor + (["under another class's"] if rivals else [])) + ")")
+        why = ([f"its mean probability under {check_min:g}"] if check_min > 0 else []) + (
+            ["another of its classes more probable there"] if rivals else [])
+        vetoed_text = f"where the locator check does not confirm a spleen ({' or '.join(why)})"
         where = " or ".join(w for w, hit in (("on the patient's right", right.any()),
                                               ("in the chest, above lung", chest.any()),
                                               (vetoed_text, (unconfirmed & ~right & ~chest).any())) if hit)
