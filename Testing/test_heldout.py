@@ -111,14 +111,9 @@ def test_held_out_pair_with_its_locator_check_keeps_its_record_and_the_card_says
     net, info = _pair(patient)
     assert attach_check(info, patient, CHECK_MIN, CHECK_RIVALS)
     scans = [s for s in load_scans(ct_dir) if s.patient == patient]
-    _same_record([evaluate_scan(scan, net, info, mode="fast") for scan in scans], _rows_cache(patient, ct_dir))
+    _same_record([evaluate_scan(scan, net, info, mode="fast") for scan in scans], _rows(patient, ct_dir))
     record = shipped_card["leave_one_patient_out"][patient]
     assert record["locator_check"] == {"min_probability": CHECK_MIN, "rivals": list(CHECK_RIVALS), "network": f"organ:{patient}"}
-
-
-def _rows_cache(patient: str, ct_dir) -> list[dict]:
-    """The pair's own fast-mode rows in the shape of a card's cases (scan, mode, volume, Dice)."""
-    return [{**row, "mode": "fast"} for row in _rows(patient, ct_dir)]
 
 
 @pytest.mark.parametrize("patient", _patients(KNOWN_BELOW_TARGET))

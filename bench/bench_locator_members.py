@@ -41,6 +41,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
+from bench_view_slabs import add_check_arguments, check_rivals
 
 sys.path.insert(0, str(benchlib.REPO))
 from training.realct.evaluate import mask_metrics
@@ -110,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--organ", action="store_true",
                     help="the multi-organ locator trained on the same patients ('organ', 'organ:P') beside each locator, "
                     "combined by the voxel-wise maximum (locator_rule 'max')")
-    ap.add_argument("--check", type=float, default=0.0, metavar="P",
-                    help="the multi-organ locator trained on the same patients as the locator check (a located part "
-                    "needs its mean spleen probability P or more) instead of a member")
-    ap.add_argument("--check-rivals", default="", metavar="CLASSES",
-                    help="with --check: the check's classes (comma-separated, e.g. Kidney) that must not have a larger mean "
-                    "over a located part than the spleen (--check 0 with rivals: that rule alone)")
+    add_check_arguments(ap)  # the multi-organ locator as the locator check instead of a member
     ap.add_argument("--timing-runs", type=int, default=3,
                     help="fast mode on the benchmark CT with one locator and with the shipped model's members, "
                     "this many interleaved runs each (0: none)")
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="locator_members")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
-    rivals = tuple(r for r in args.check_rivals.split(",") if r)
+    rivals = check_rivals(args)
     torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     scans = [] if args.timing_only else load_scans()

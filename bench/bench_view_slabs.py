@@ -135,6 +135,21 @@ def summarize(rows: list[dict[str, Any]], rules: list[float], min_ref_ml: float,
     return out
 
 
+def add_check_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--check P`` and ``--check-rivals CLASSES``: the multi-organ locator trained on each model's patients
+    ('organ', 'organ:P') as its locator check (``members.attach_check``); shared with bench_locator_members."""
+    ap.add_argument("--check", type=float, default=0.0, metavar="P",
+                    help="give each model the multi-organ locator trained on its patients ('organ', 'organ:P') as its "
+                    "locator check: a located part needs its mean spleen probability P or more")
+    ap.add_argument("--check-rivals", default="", metavar="CLASSES",
+                    help="with --check: the check's classes (comma-separated, e.g. Kidney) that must not have a larger "
+                    "mean over a located part than the spleen (--check 0 with rivals: that rule alone)")
+
+
+def check_rivals(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(r for r in args.check_rivals.split(",") if r)
+
+
 def models(kinds: list[str], patients: list[str], members: bool = False, bag: bool = False, thin_mm: float = 0.0,
            thin_variant: str = "thin", check: float = 0.0, rivals: tuple[str, ...] = ()) -> Iterator[tuple[str, str | None, VNet, ModelInfo]]:
     """(kind, the only patient it runs on or None for all, network, info). ``members``: each model's
@@ -190,16 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                     "'thin' and 'thin:P'), used on slabs of at most MM mm head to foot")
     ap.add_argument("--thin-variant", default="thin", choices=THIN_VARIANTS,
                     help="with --thin: which thin-CT locator ('thin-neg': the variant with fewer patches on the spleen)")
-    ap.add_argument("--check", type=float, default=0.0, metavar="P",
-                    help="give each model the multi-organ locator trained on its patients ('organ', 'organ:P') as its "
-                    "locator check: a located part needs its mean spleen probability P or more")
-    ap.add_argument("--check-rivals", default="", metavar="CLASSES",
-                    help="with --check: the check's classes (e.g. Kidney) that must not have a larger mean over a located "
-                    "part than the spleen (--check 0 with rivals: that rule alone)")
+    add_check_arguments(ap)
     ap.add_argument("--name", default="view_slabs")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
-    rivals = tuple(r for r in args.check_rivals.split(",") if r)
+    rivals = check_rivals(args)
     torch.set_num_threads(1)
     rules = [float(v) for v in args.rules.split(",")]
     if min(rules) < FLOOR_ML:

@@ -502,17 +502,17 @@ def whole_ct_view(
         organ = np.maximum(organ, more[_organ_channel(m_info, info)]) if largest else organ + more[_organ_channel(m_info, info)]
     if members and not largest:
         organ = organ / (1 + len(members))
-    confirm = None
+    confirm, rivals = None, ()
     if check is not None:  # a second network must agree that the located part is the organ
         check_member(check[1], loc_info, info)
+    if check is not None and (organ > 0.5).any():  # with no candidate part there is nothing to confirm
         said = _run_network(image.array, coarse, check[0].to(device).eval(), check[1], opts, device, None, cancel,
                             notes, True, raw.copy())
         names = [lab.name.lower() for lab in check[1].labels]
         confirm = said[_organ_channel(check[1], info)]
         rivals = tuple(said[names.index(r.lower())] for r in info.locator_check_rivals)
     # left of the midline, not above lung (and confirmed by the check)
-    location = locate(organ, coarse, opts.min_located_ml, anatomy, confirm, info.locator_check_min,
-                      rivals if check is not None else ())
+    location = locate(organ, coarse, opts.min_located_ml, anatomy, confirm, info.locator_check_min, rivals)
     if location.unconfirmed_ml:
         parts = ", ".join(f"{v:g} mL" for v in location.unconfirmed_ml)
         notes.append(f"whole-CT view: the locator check did not confirm {len(location.unconfirmed_ml)} part(s) ({parts}): "
