@@ -17,18 +17,26 @@ lies away from the reference, per change, against the CT as stored (measured in 
 * ``flipped storage``: the voxels stored in the reverse order along all three axes, with the
   affine that keeps every voxel where it was in the patient. Physically the same CT: the answer
   must be the same mask (``vs stored`` is Dice against the stored CT's result, mapped back).
+* ``thick ~8 mm``: as ``thick ~5 mm`` with 8 mm (MSD Task09 has series of up to about 8 mm).
+* ``spleen x1.25`` / ``spleen x1.45``: an enlarged spleen (``training.realct.enlarge.magnify``): the
+  region around the spleen magnified 1.25 or 1.45 times in every direction (its volume about 2 or 3
+  times, less where the field of view cuts it), the neighbours pushed aside; the reference magnified
+  with it. The five spleens here are 111-260 mL; splenomegaly is common in the clinic's CTs.
 
-Models: ``shipped`` (the model file in vnetseg/weights) on every CT, and with ``--runs`` each
-leave-one-patient-out pair (``lopo_without_P<N>_settle`` + ``..._locator_refine``, bundled in memory
-as the shipped file is) on its held-out patient's CTs only: the honest view of a CT the model has
-never seen. Fast mode on CPU, one torch thread. Usage::
+Models: ``shipped`` (the model file in vnetseg/weights) on every CT; ``heldout``: each committed
+leave-one-patient-out pair (``training/realct/heldout/heldout_P<N>.pt``, with the locator check trained
+without its patient, as the card scores it) on its held-out patient's CTs only: the honest view of a
+CT the model has never seen; ``lopo``: the same from a training run's folder (``--runs``: its
+``lopo_without_P<N>_settle`` + ``..._locator_refine``, bundled in memory as the shipped file is, no
+check). Fast mode on CPU, one torch thread; ``--changes`` picks some of the changes. Usage::
 
-    python bench/bench_acquisition.py [--runs runs/spleen_model/runs] [--models shipped,lopo] [--name acquisition]
+    python bench/bench_acquisition.py [--models shipped,heldout] [--changes "as stored,spleen x1.45"] [--name acquisition]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
 sys.path.insert(0, str(benchlib.REPO))
+from training.realct.enlarge import magnify
 from training.realct.evaluate import evaluate_scan
 from training.realct.sources import PATIENTS, SPLEEN, Scan, load_scans
 from vnetseg import io as vio
@@ -54,6 +63,9 @@ from vnetseg.postprocess import dice
 from vnetseg.registry import default_model
 
 THICK_MM = 5.0
+THICK_MM_MSD = 8.0
+ENLARGE = (1.25, 1.45)
+ENLARGE_MARGIN_MM = 60.0
 NOISE_HU = 25.0
 NOISE_SMOOTH_VOXELS = 0.7
 FOV_KEEP = 0.8
@@ -72,11 +84,11 @@ def _with(scan: Scan, array: np.ndarray, spleen: np.ndarray, affine: np.ndarray)
                    version="spleen")
 
 
-def thick_slices(scan: Scan) -> Scan:
-    """Average ``n`` consecutive slices into one (a ~5 mm reconstruction); the reference: the slab mean >= 0.5."""
+def thick_slices(scan: Scan, mm: float = THICK_MM) -> Scan:
+    """Average ``n`` consecutive slices into one (a ~``mm`` reconstruction); the reference: the slab mean >= 0.5."""
     axis = _z_axis(scan.image.affine)
     step = float(scan.image.spacing[axis])
-    n = max(2, round(THICK_MM / step))
+    n = max(2, round(mm / step))
     k = scan.image.shape[axis] // n
     def slabs(a: np.ndarray) -> np.ndarray:
         a = np.moveaxis(a, axis, -1)[..., : k * n].astype(np.float32)
@@ -124,12 +136,20 @@ def flipped_storage(scan: Scan) -> Scan:
     return _with(scan, scan.image.array[::-1, ::-1, ::-1], scan.spleen[::-1, ::-1, ::-1], affine)
 
 
+def enlarged(scan: Scan, factor: float) -> Scan:
+    """The region around the spleen magnified ``factor`` times (``magnify``), the reference with it."""
+    array, spleen, _ = magnify(scan.image.array, scan.spleen, scan.image.affine, factor, ENLARGE_MARGIN_MM)
+    return _with(scan, array, spleen, scan.image.affine)
+
+
 CHANGES: dict[str, Callable[[Scan], Scan]] = {
     "as stored": lambda s: s,
     "thick ~5 mm": thick_slices,
     "low dose": low_dose,
     "small FOV": small_fov,
     "flipped storage": flipped_storage,
+    f"thick ~{THICK_MM_MSD:g} mm": lambda s: thick_slices(s, THICK_MM_MSD),
+    **{f"spleen x{k:g}": (lambda s, k=k: enlarged(s, k)) for k in ENLARGE},
 }
 
 
@@ -147,6 +167,20 @@ def models(which: list[str], runs: Path | None) -> list[tuple[str, str | None, C
     out: list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]] = []
     if "shipped" in which:
         out.append(("shipped", None, lambda: load_model(default_model().path)))
+    if "heldout" in which:
+        from training.realct.members import attach_check
+        from training.realct.ship import CHECK_MIN, CHECK_RIVALS, HELD_OUT_DIR
+
+        entries = json.loads((HELD_OUT_DIR / "heldout.json").read_text())
+
+        def load_pair(p: str) -> tuple[VNet, ModelInfo]:
+            net, info = load_model(HELD_OUT_DIR / entries[p]["file"], sha256=entries[p]["sha256"])
+            if not attach_check(info, p, CHECK_MIN, CHECK_RIVALS):
+                raise SystemExit(f"no multi-organ locator trained without {p} is listed (organ:{p})")
+            return net, info
+
+        for p in PATIENTS:
+            out.append((f"heldout_{p}", p, lambda p=p: load_pair(p)))
     if "lopo" in which:
         if runs is None:
             raise SystemExit("--models lopo needs --runs (the folder with the lopo_without_P<N>_* training runs)")
@@ -163,7 +197,8 @@ def models(which: list[str], runs: Path | None) -> list[tuple[str, str | None, C
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="shipped", help="comma list: shipped, lopo")
+    ap.add_argument("--models", default="shipped", help="comma list: shipped, heldout, lopo")
+    ap.add_argument("--changes", default="", help="comma list of changes (default: all); 'as stored' is always run")
     ap.add_argument("--runs", type=Path, default=None, help="training runs folder (for --models lopo)")
     ap.add_argument("--scans", default="", help="comma list of scan names (default: all)")
     ap.add_argument("--name", default="acquisition")
@@ -172,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     names = tuple(s for s in args.scans.split(",") if s)
+    picked = [c.strip() for c in args.changes.split(",") if c.strip()]
+    unknown = [c for c in picked if c not in CHANGES]
+    if unknown:
+        raise SystemExit(f"unknown --changes {unknown}: choose from {list(CHANGES)}")
+    changes = {c: fn for c, fn in CHANGES.items() if not picked or c in picked or c == "as stored"}
     scans = load_scans(names=names) if names else load_scans()
     rows: list[dict[str, Any]] = []
     print(f"{'model':16s} {'scan':9s} {'change':16s} {'found':5s} {'Dice':>6s} {'mL':>6s} {'ref mL':>6s} "
@@ -182,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if held is not None and scan.patient != held:
                 continue
             stored_mask = None
-            for change, fn in CHANGES.items():
+            for change, fn in changes.items():
                 changed = fn(scan)
                 row, mask = run_one(changed, net, info)
                 if change == "as stored":
@@ -199,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDice change against 'as stored' (same model, same CT, same run):")
     for key, value in summary.items():
         print(f"  {key:40s} {value}")
-    settings = {"thick_mm": THICK_MM, "noise_hu": NOISE_HU, "noise_smooth_voxels": NOISE_SMOOTH_VOXELS,
+    settings = {"changes": list(changes), "thick_mm": [THICK_MM, THICK_MM_MSD], "enlarge": list(ENLARGE),
+                "enlarge_margin_mm": ENLARGE_MARGIN_MM, "noise_hu": NOISE_HU, "noise_smooth_voxels": NOISE_SMOOTH_VOXELS,
                 "fov_keep": FOV_KEEP, "seed": SEED, "mode": "fast", "torch_threads": 1}
     body = {"model_sha256": default_model().sha256 if "shipped" in args.models else "", "rows": rows, "summary": summary}
     benchlib.write_result(args.name, "acquisition", started, settings, body, args.note)
@@ -211,11 +252,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, str]:
     found as stored (a CT the model misses as stored has no change to measure), and any lost."""
     base = {(r["model"], r["scan"]): r["dice"] for r in rows if r["change"] == "as stored"}
     out: dict[str, str] = {}
-    for kind in ("shipped", "lopo"):
+    for kind in ("shipped", "heldout", "lopo"):
         for change in CHANGES:
             if change == "as stored":
                 continue
-            sel = [r for r in rows if r["change"] == change and (r["model"] == "shipped") == (kind == "shipped")]
+            sel = [r for r in rows if r["change"] == change and r["model"].split("_")[0] == kind]
             missed = sorted({r["scan"] for r in sel if base[(r["model"], r["scan"])] == 0.0})
             sel = [r for r in sel if base[(r["model"], r["scan"])] > 0.0]
             if not sel:

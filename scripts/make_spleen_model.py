@@ -252,7 +252,9 @@ def locator_config(epochs: int, iters: int = 20, organ: bool = False) -> TrainCo
 # "settle" is a fifth main stage at a lower rate: after the fourth, the native CTs (P1, P4) were still
 # segmented too small (Dice 0.84-0.89 on the training CTs).
 BUDGET = {"lopo": 30, "final": 50, "context": 20, "polish": 10, "locator": 40, "refine": 15, "locator_refine": 50,
-          "settle": 20}
+          "settle": 20, "big": 15, "big_locator": 20}
+# ``--stage big`` (an experiment): enlarged-spleen subjects per training scan (training/realct/enlarge.py)
+BIG_PER_SCAN = 8
 
 
 def log(message: str) -> None:
@@ -611,11 +613,77 @@ def stage_check(out: Path, weights_dir: Path, version: str) -> None:
                  out=out, log=log, shipped=shipped, check=check)
 
 
+def _network_file(path: Path, net, info) -> Path:
+    """One network of a bundle written alone (its weights as loaded), to start a training run from."""
+    from vnetseg.checkpoint import ModelInfo, save_model
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(path, net, ModelInfo(info.config, info.preprocessing, info.labels, {}))
+    return path
+
+
+def stage_big(out: Path, held: str | None) -> Path:
+    """Enlarged spleens (an experiment): both networks of a model file trained on, from its weights, with
+    the pool's subjects and ``BIG_PER_SCAN`` enlarged-spleen subjects per scan (``BUDGET["big"]`` and
+    ``["big_locator"]`` epochs at the last stages' rates); without ``held`` the shipped file on all five,
+    with it the committed held-out pair of ``held`` on the other four. Scored as the ``lopo`` stage scores
+    a pair (for ``held`` on its CTs), with the locator check trained without the same patient; the bundle
+    is written to ``OUT/big_<final|P>.pt`` and the scores to ``OUT/big_<final|P>.json``."""
+    from training.realct.enlarge import big_name, read_big_records, write_big_pool
+    from training.realct.members import attach_check
+    from training.realct.ship import CHECK_MIN, CHECK_RIVALS, HELD_OUT_DIR, MODEL_FILE, score_all
+    from vnetseg.checkpoint import save_model
+
+    key = held or "final"
+    patients = tuple(p for p in PATIENTS if p != held)
+    write_big_pool(out, BIG_PER_SCAN, SEED, load_scans(names=TRAIN_SCANS), log=lambda m: log("  " + m))
+    big = [r for r in read_big_records(out) if r["patient"] in patients]
+    pool = out / "pool"
+    train = {**pool_cases(out, _subjects(out), patients),
+             **{r["name"]: (pool / "imagesTr" / f"{r['name']}.nii.gz", pool / "labelsTr" / f"{r['name']}.nii.gz")
+                for r in big}}
+    real = write_real_cases(out, load_scans())
+    val = {n: p for n, p in real.items() if n.startswith(f"real_{held.lower()}")} if held else \
+        {n: p for n, p in real.items() if n == "real_p2_dicom"}
+    what = f"subjects of {', '.join(patients)} and {len(big)} with an enlarged spleen; validation on {list(val)}"
+    task = write_task(out / "tasks" / f"big_{key}", train, val, what)
+    if held:
+        entry = json.loads((HELD_OUT_DIR / "heldout.json").read_text())[held]
+        base, base_sha = HELD_OUT_DIR / entry["file"], entry["sha256"]
+    else:
+        base = REPO / "VNetSegmentation" / "vnetseg" / "weights" / MODEL_FILE
+        base_sha = None
+    net, info = load_model(base, sha256=base_sha)
+    init_main = _network_file(out / "big_init" / f"{key}_main.pt", net, info)
+    init_loc = _network_file(out / "big_init" / f"{key}_locator.pt", *info.locator)
+    main_cfg = TrainConfig(**{**refine_config(BUDGET["big"]).__dict__, "lr": 3e-4})
+    loc_cfg = TrainConfig(**{**locator_refine_config(BUDGET["big_locator"]).__dict__, "lr": 5e-4})
+    main = _train(out, task, f"big_{key}_main", main_cfg, init=init_main)
+    locator = _train(out, task, f"big_{key}_locator", loc_cfg, init=init_loc)
+    net, info = _bundle_in_memory(main, locator)
+    if not attach_check(info, held, CHECK_MIN, CHECK_RIVALS):
+        raise SystemExit(f"no multi-organ locator {'organ:' + held if held else 'organ'} is listed in members.json")
+    c_net, c_info, c_min = info.locator_check[0], info.locator_check[1], info.locator_check_min
+    bundle = out / f"big_{key}.pt"
+    save_model(bundle, net, info, half=True, locator=info.locator, locator_check=(c_net, c_info, c_min),
+               locator_check_rivals=info.locator_check_rivals)
+    scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,) if held else None)
+    result = {"base": str(base.relative_to(REPO)), "trained_on": list(patients), "big_subjects": [r["name"] for r in big],
+              "steps": f"main {_steps(main)}, locator {_steps(locator)}",
+              "train_minutes": round(sum(json.loads((p.parent / "train_time.json").read_text())["minutes"]
+                                         for p in (main, locator)), 1), **scores}
+    (out / f"big_{key}.json").write_text(json.dumps(result, indent=1))
+    log(f"wrote {bundle} and its scores {out / f'big_{key}.json'} ({big_name(patients[0], 0)}... {len(big)} enlarged subjects)")
+    return bundle
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
     parser.add_argument("--stage", default="all",
-                        choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed", "check"))
+                        choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed", "check",
+                                 "big"))
     parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
         "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
@@ -683,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
             from training.realct.ship import VERSION
 
             stage_check(args.out, args.weights_dir, VERSION)
+        elif stage == "big":
+            stage_big(args.out, args.held)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
             stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg, args.organ_locator)
