@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -162,9 +163,16 @@ def run_one(scan: Scan, net: VNet, info: ModelInfo) -> tuple[dict[str, Any], np.
     return row, mask
 
 
-def models(which: list[str], runs: Path | None) -> list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]]:
-    """(name, held-out patient or None, loader) per model to run."""
+def models(which: list[str], runs: Path | None, files: list[str] = ()) -> list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]]:
+    """(name, held-out patient or None, loader) per model to run; ``files``: "NAME=PATH" (run on every CT) or
+    "NAME=PATH@P" (a model trained without patient P: run on P's CTs only)."""
     out: list[tuple[str, str | None, Callable[[], tuple[VNet, ModelInfo]]]] = []
+    for item in files:
+        name, _, rest = item.partition("=")
+        path, _, patient = rest.partition("@")
+        if not name or not Path(path).is_file() or (patient and patient not in PATIENTS):
+            raise SystemExit(f"--file {item!r}: expected NAME=PATH or NAME=PATH@P with an existing model file")
+        out.append((name, patient or None, lambda path=path: load_model(path)))
     if "shipped" in which:
         out.append(("shipped", None, lambda: load_model(default_model().path)))
     if "heldout" in which:
@@ -198,6 +206,8 @@ def models(which: list[str], runs: Path | None) -> list[tuple[str, str | None, C
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="shipped", help="comma list: shipped, heldout, lopo")
+    ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH[@P]",
+                    help="a model file to run too (@P: trained without patient P, run on P's CTs only)")
     ap.add_argument("--changes", default="", help="comma list of changes (default: all); 'as stored' is always run")
     ap.add_argument("--runs", type=Path, default=None, help="training runs folder (for --models lopo)")
     ap.add_argument("--scans", default="", help="comma list of scan names (default: all)")
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'model':16s} {'scan':9s} {'change':16s} {'found':5s} {'Dice':>6s} {'mL':>6s} {'ref mL':>6s} "
           f"{'away':>5s} {'vs stored':>9s} {'s':>5s}", flush=True)
-    for name, held, load in models(args.models.split(","), args.runs):
+    for name, held, load in models([m for m in args.models.split(",") if m], args.runs, args.file):
         net, info = load()
         for scan in scans:
             if held is not None and scan.patient != held:
@@ -247,16 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def model_kind(name: str) -> str:
+    """What a row's model is summed up under: held-out models ("heldout_P1", "lopo_without_P1", a
+    --file "big_P1") by the name before the first "_", any other model by its own name."""
+    return name.split("_")[0] if re.search(r"_P[1-5]$", name) else name
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Per model kind and change: median and worst Dice change against the stored CT, over the CTs
     found as stored (a CT the model misses as stored has no change to measure), and any lost."""
     base = {(r["model"], r["scan"]): r["dice"] for r in rows if r["change"] == "as stored"}
     out: dict[str, str] = {}
-    for kind in ("shipped", "heldout", "lopo"):
+    kinds = list(dict.fromkeys(model_kind(r["model"]) for r in rows))
+    for kind in kinds:
         for change in CHANGES:
             if change == "as stored":
                 continue
-            sel = [r for r in rows if r["change"] == change and r["model"].split("_")[0] == kind]
+            sel = [r for r in rows if r["change"] == change and model_kind(r["model"]) == kind]
             missed = sorted({r["scan"] for r in sel if base[(r["model"], r["scan"])] == 0.0})
             sel = [r for r in sel if base[(r["model"], r["scan"])] > 0.0]
             if not sel:

@@ -623,19 +623,22 @@ def _network_file(path: Path, net, info) -> Path:
     return path
 
 
-def stage_big(out: Path, held: str | None) -> Path:
-    """Enlarged spleens (an experiment): both networks of a model file trained on, from its weights, with
-    the pool's subjects and ``BIG_PER_SCAN`` enlarged-spleen subjects per scan (``BUDGET["big"]`` and
-    ``["big_locator"]`` epochs at the last stages' rates); without ``held`` the shipped file on all five,
-    with it the committed held-out pair of ``held`` on the other four. Scored as the ``lopo`` stage scores
-    a pair (for ``held`` on its CTs), with the locator check trained without the same patient; the bundle
-    is written to ``OUT/big_<final|P>.pt`` and the scores to ``OUT/big_<final|P>.json``."""
+def stage_big(out: Path, held: str | None, with_locator: bool = False) -> Path:
+    """Enlarged spleens (an experiment): the main network of a model file trained on, from its weights,
+    with the pool's subjects and ``BIG_PER_SCAN`` enlarged-spleen subjects per scan (``BUDGET["big"]``
+    epochs at the last stage's rate), its locator kept (``with_locator``: the locator trained on the same
+    way too, ``BUDGET["big_locator"]`` epochs: held out on P1 that added a 110 mL false spleen to P1's lower
+    abdomen). Without ``held``: the shipped file on all five; with it: the committed held-out pair of
+    ``held`` on the other four. Scored as the ``lopo`` stage scores a pair (for ``held`` on its CTs), with
+    the locator check trained without the same patient; the bundle (its card: the record and the scored
+    cases) is written to ``OUT/big[loc]_<final|P>.pt`` and the record to ``OUT/big[loc]_<final|P>.json``."""
     from training.realct.enlarge import big_name, read_big_records, write_big_pool
     from training.realct.members import attach_check
     from training.realct.ship import CHECK_MIN, CHECK_RIVALS, HELD_OUT_DIR, MODEL_FILE, score_all
-    from vnetseg.checkpoint import save_model
+    from vnetseg.checkpoint import file_sha256, save_model
 
     key = held or "final"
+    tag = "bigloc" if with_locator else "big"
     patients = tuple(p for p in PATIENTS if p != held)
     write_big_pool(out, BIG_PER_SCAN, SEED, load_scans(names=TRAIN_SCANS), log=lambda m: log("  " + m))
     big = [r for r in read_big_records(out) if r["patient"] in patients]
@@ -660,21 +663,29 @@ def stage_big(out: Path, held: str | None) -> Path:
     main_cfg = TrainConfig(**{**refine_config(BUDGET["big"]).__dict__, "lr": 3e-4})
     loc_cfg = TrainConfig(**{**locator_refine_config(BUDGET["big_locator"]).__dict__, "lr": 5e-4})
     main = _train(out, task, f"big_{key}_main", main_cfg, init=init_main)
-    locator = _train(out, task, f"big_{key}_locator", loc_cfg, init=init_loc)
-    net, info = _bundle_in_memory(main, locator)
+    runs = [main]
+    if with_locator:
+        runs.append(_train(out, task, f"big_{key}_locator", loc_cfg, init=init_loc))
+        net, info = _bundle_in_memory(main, runs[1])
+    else:
+        net, info = _bundle_in_memory(main, init_loc)  # the base file's locator, as it was
     if not attach_check(info, held, CHECK_MIN, CHECK_RIVALS):
         raise SystemExit(f"no multi-organ locator {'organ:' + held if held else 'organ'} is listed in members.json")
-    c_net, c_info, c_min = info.locator_check[0], info.locator_check[1], info.locator_check_min
-    bundle = out / f"big_{key}.pt"
-    save_model(bundle, net, info, half=True, locator=info.locator, locator_check=(c_net, c_info, c_min),
-               locator_check_rivals=info.locator_check_rivals)
     scores = score_all(net, info, log=lambda m: log("  " + m), patients=(held,) if held else None)
-    result = {"base": str(base.relative_to(REPO)), "trained_on": list(patients), "big_subjects": [r["name"] for r in big],
-              "steps": f"main {_steps(main)}, locator {_steps(locator)}",
-              "train_minutes": round(sum(json.loads((p.parent / "train_time.json").read_text())["minutes"]
-                                         for p in (main, locator)), 1), **scores}
-    (out / f"big_{key}.json").write_text(json.dumps(result, indent=1))
-    log(f"wrote {bundle} and its scores {out / f'big_{key}.json'} ({big_name(patients[0], 0)}... {len(big)} enlarged subjects)")
+    more = sum(json.loads((p.parent / "train_time.json").read_text())["minutes"] for p in runs)
+    then = f"then {_steps(main)} main steps (128x128x32) with enlarged spleens" + (
+        f" and {_steps(runs[1])} locator steps" if with_locator else "")
+    result = {"base": str(base.relative_to(REPO)), "base_sha256": file_sha256(base), "trained_on": list(patients),
+              "big_subjects": [r["name"] for r in big],
+              "steps": f"{entry['steps']}; {then}" if held else then,
+              "train_minutes": round(more + (entry["train_minutes"] if held else 0.0), 1), **scores}
+    (out / f"{tag}_{key}.json").write_text(json.dumps(result, indent=1))
+    bundle = out / f"{tag}_{key}.pt"
+    info.card = {**result, "role": "model trained on from " + result["base"] + " with enlarged spleens"}
+    c_net, c_info = info.locator_check
+    save_model(bundle, net, info, half=True, locator=info.locator, locator_check=(c_net, c_info, info.locator_check_min),
+               locator_check_rivals=info.locator_check_rivals)
+    log(f"wrote {bundle} and its record {out / f'{tag}_{key}.json'} ({big_name(patients[0], 0)}... {len(big)} enlarged subjects)")
     return bundle
 
 
@@ -683,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "spleen_model", help="run folder (git-ignored)")
     parser.add_argument("--stage", default="all",
                         choices=("all", "pool", "lopo", "final", "bundle", "trials", "card", "locator_seed", "check",
-                                 "big"))
+                                 "big", "ship_big"))
     parser.add_argument("--trial", help="trials stage: only this variant of TRIALS (to run several in parallel)")
     parser.add_argument(
         "--held", choices=PATIENTS, help="lopo stage: only this held-out patient (to run several in parallel)"
@@ -725,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         "records go to lopo_P_organ.json, and the bundle keeps the shipped recipe's locator); locator_seed: the "
         "multi-organ locator alone, listed as 'organ' or 'organ:P'",
     )
+    parser.add_argument("--big-locator", action="store_true",
+                        help="big stage: train the locator on with enlarged spleens too (measured: worse held out)")
     args = parser.parse_args(argv)
     if args.organ_locator and args.stage not in ("lopo", "final", "locator_seed"):
         parser.error("--organ-locator is for --stage lopo, final or locator_seed (the bundle ships the spleen-only locator)")
@@ -752,7 +765,11 @@ def main(argv: list[str] | None = None) -> int:
 
             stage_check(args.out, args.weights_dir, VERSION)
         elif stage == "big":
-            stage_big(args.out, args.held)
+            stage_big(args.out, args.held, args.big_locator)
+        elif stage == "ship_big":
+            from training.realct.ship import VERSION, ship_enlarged
+
+            ship_enlarged(args.out, args.weights_dir, VERSION, log=log)
         elif stage == "locator_seed":
             without = tuple(p for p in (args.without or "").split(",") if p) or ((args.held,) if args.held else ())
             stage_locator_seed(args.out, without, args.seed_offset, args.thin, args.thin_neg, args.organ_locator)
